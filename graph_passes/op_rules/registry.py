@@ -1,0 +1,67 @@
+"""The per-op rule registry, keyed by (domain, op_type) with opset ranges.
+
+One rule object holds all knowledge of an op family: how channels flow through it
+(:meth:`OpRule.propagate`) and how to rewrite it when channels are removed
+(:meth:`OpRule.prune`). An op without a registered rule blocks every channel it touches; there is
+no other place in the code base that switches on op types.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import onnx
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import PropagationContext, PruneContext
+
+logger = logging.getLogger(__name__)
+
+
+class OpRule:
+    """Base rule: subclasses override :meth:`propagate`, and :meth:`prune` when they own constants."""
+
+    def propagate(self, name: str, node: onnx.NodeProto, ctx: "PropagationContext") -> None:
+        raise NotImplementedError
+
+    def prune(self, name: str, node: onnx.NodeProto, ctx: "PruneContext") -> None:
+        """Rewrite the node's constants/attributes for the removed channels (default: nothing)."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    first: int
+    last: int | None
+    rule: OpRule
+
+
+_REGISTRY: dict[tuple[str, str], list[_Entry]] = {}
+
+
+def register(*op_types: str, versions: tuple[int, int | None] = (1, None), domain: str = ""):
+    """Class decorator: instantiate the rule and register it for ``op_types`` in an opset range."""
+
+    def deco(cls: type[OpRule]) -> type[OpRule]:
+        rule = cls()
+        for op in op_types:
+            _REGISTRY.setdefault((domain, op), []).append(_Entry(versions[0], versions[1], rule))
+        return cls
+
+    return deco
+
+
+def find_rule(domain: str, op_type: str, opset: int) -> OpRule | None:
+    domain = "" if domain == "ai.onnx" else domain
+    for entry in _REGISTRY.get((domain, op_type), []):
+        if entry.first <= opset and (entry.last is None or opset <= entry.last):
+            return entry.rule
+    return None
+
+
+def registered_ops() -> list[str]:
+    return sorted(op for (_, op) in _REGISTRY)
+
+
+RuleFactory = Callable[[], OpRule]

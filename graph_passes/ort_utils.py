@@ -1,0 +1,124 @@
+"""onnxruntime helpers: sessions from in-memory models, random feeds, output comparison."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+logger = logging.getLogger(__name__)
+
+# protobuf cannot serialise a message of 2 GiB or more; above this we go through external data.
+_PROTO_LIMIT = 2**31 - 2**20
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def make_session(
+    model: onnx.ModelProto, optimize: bool = False, intra_threads: int | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session for an in-memory model (graph optimisations off by default)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.log_severity_level = 3
+    if intra_threads:
+        opts.intra_op_num_threads = intra_threads
+    if model.ByteSize() < _PROTO_LIMIT:
+        return ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+    with tempfile.TemporaryDirectory(prefix="prunequant-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save_model(
+            model, path, save_as_external_data=True, location="model.data", size_threshold=1024
+        )
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def random_feeds(
+    session: ort.InferenceSession, seed: int = 0, batch: int | None = None
+) -> dict[str, np.ndarray]:
+    """Random inputs matching the session's (fully static) input shapes and dtypes."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for inp in session.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+        if batch is not None and shape:
+            shape[0] = batch
+        dtype = _ORT_DTYPES.get(inp.type)
+        if dtype is None:
+            raise ValueError(f"input {inp.name!r} has unsupported type {inp.type}")
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[inp.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[inp.name] = rng.integers(0, 10, shape).astype(dtype)
+    return feeds
+
+
+def run(
+    model_or_session: onnx.ModelProto | ort.InferenceSession, feeds: Mapping[str, np.ndarray]
+) -> list[np.ndarray]:
+    sess = (
+        model_or_session
+        if isinstance(model_or_session, ort.InferenceSession)
+        else make_session(model_or_session)
+    )
+    return sess.run(None, dict(feeds))
+
+
+@dataclass
+class Comparison:
+    """Worst relative error over outputs: max|a-b| / max(max|b|, tiny), per output."""
+
+    max_rel_error: float
+    worst_output: int
+
+    def ok(self, rtol: float) -> bool:
+        return self.max_rel_error <= rtol
+
+
+def compare_outputs(got: list[np.ndarray], ref: list[np.ndarray]) -> Comparison:
+    """Compare output lists; the error of each output is scaled by that output's magnitude."""
+    if len(got) != len(ref):
+        raise ValueError(f"output count differs: {len(got)} vs {len(ref)}")
+    worst, worst_i = 0.0, 0
+    for i, (a, b) in enumerate(zip(got, ref)):
+        a = np.asarray(a)
+        b = np.asarray(b)
+        if a.shape != b.shape:
+            return Comparison(float("inf"), i)
+        if a.size == 0:
+            continue
+        if not np.issubdtype(b.dtype, np.floating):
+            err = 0.0 if np.array_equal(a, b) else float("inf")
+        else:
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            scale = max(float(np.max(np.abs(b64))), 1e-12)
+            err = float(np.max(np.abs(a64 - b64))) / scale
+            if not np.isfinite(err):
+                same_nan = np.array_equal(np.isnan(a64), np.isnan(b64))
+                err = 0.0 if same_nan and np.allclose(a64, b64, equal_nan=True) else float("inf")
+        if err > worst:
+            worst, worst_i = err, i
+    return Comparison(worst, worst_i)

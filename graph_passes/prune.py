@@ -1,0 +1,146 @@
+"""Structural pruning: physically remove channels of channel groups from a model.
+
+``prune_channels`` asks every op's rule to rewrite its constants and attributes (weights, biases,
+BN parameters, per-channel scales, split sizes, reshape targets, conv ``group``) for the removed
+channels, then drops stale shape annotations and re-runs shape inference and the checker.
+
+``zero_channels`` is the correctness oracle of the tests: it leaves the graph alone and zeroes
+the input slices of every consumer for the removed channels. Both must compute the same outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .channel_groups import ChannelAnalysis
+from .errors import PruningError
+from .graph import ModelGraph
+from .op_rules import PruneContext, find_rule
+from .ort_utils import compare_outputs, make_session, random_feeds
+
+logger = logging.getLogger(__name__)
+
+Removal = Mapping[str, Iterable[int]]
+
+
+def removal_mask(analysis: ChannelAnalysis, removal: Removal) -> np.ndarray:
+    """Bool per atom: True where the atom goes. Validates the request first."""
+    removed = np.zeros(len(analysis.atoms.sources), dtype=bool)
+    for group_id, channels in removal.items():
+        try:
+            group = analysis.group(group_id)
+        except KeyError:
+            raise PruningError(
+                f"unknown channel group '{group_id}'; run `prunequant inspect` to list the groups"
+            ) from None
+        idx = sorted({int(c) for c in channels})
+        if not idx:
+            continue
+        if not group.prunable:
+            raise PruningError(f"group '{group_id}' is not prunable: {group.reasons[0]}")
+        if idx[0] < 0 or idx[-1] >= group.size:
+            raise PruningError(
+                f"group '{group_id}' has channels 0..{group.size - 1}; got index {idx[0] if idx[0] < 0 else idx[-1]}"
+            )
+        if len(idx) >= group.size:
+            raise PruningError(
+                f"cannot remove all {group.size} channels of group '{group_id}'; keep at least one"
+            )
+        for c in idx:
+            removed[group.channel_atoms[c]] = True
+    return removed
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _finish(model: onnx.ModelProto, new_inits: Mapping[str, onnx.TensorProto]) -> onnx.ModelProto:
+    g = model.graph
+    kept = [t for t in g.initializer if t.name not in new_inits]
+    used = {i for n in g.node for i in n.input}
+    del g.initializer[:]
+    g.initializer.extend(t for t in kept if t.name in used)
+    g.initializer.extend(t for name, t in new_inits.items() if name in used)
+    del g.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    onnx.checker.check_model(model)
+    return model
+
+
+def prune_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, removal: Removal) -> onnx.ModelProto:
+    """A new model with the given group channels removed everywhere."""
+    removed = removal_mask(analysis, removal)
+    work = _copy(model)
+    graph = ModelGraph.build(work)
+    if list(graph.nodes) != list(analysis.graph.nodes):
+        raise PruningError("the model differs from the analysed one; analyse it again")
+    ctx = PruneContext(graph=graph, layouts=analysis.layouts, removed=removed)
+    for name, node in graph.nodes.items():
+        rule = find_rule(node.domain, node.op_type, graph.opset)
+        if rule is not None:
+            rule.prune(name, node, ctx)
+    n_removed = int(removed.sum())
+    logger.info("removed %d channel atoms from %d groups", n_removed, len(removal))
+    return _finish(work, ctx.initializer_protos())
+
+
+def _zero_conv_inputs(w: np.ndarray, groups: int, positions: np.ndarray) -> np.ndarray:
+    """Zero input channels of a (grouped) conv weight [Cout, Cin/groups, k...]."""
+    w = w.copy()
+    cin_g, cout_g = w.shape[1], w.shape[0] // groups
+    for p in positions.tolist():
+        g = p // cin_g
+        w[g * cout_g : (g + 1) * cout_g, p % cin_g] = 0
+    return w
+
+
+def zero_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, removal: Removal) -> onnx.ModelProto:
+    """The oracle: same graph, consumers' input slices for the removed channels set to zero."""
+    removed = removal_mask(analysis, removal)
+    work = _copy(model)
+    graph = ModelGraph.build(work)
+    inits = {t.name: t for t in work.graph.initializer}
+    for layer in analysis.layers:
+        layout = analysis.layouts.get(layer.input)
+        if layout is None:
+            continue
+        positions = np.flatnonzero(removed[layout.atoms])
+        if positions.size == 0:
+            continue
+        node = graph.nodes[layer.name]
+        trans_b = layer.op_type == "Gemm" and int(graph.attr(node, "transB", 0)) == 1
+        w = numpy_helper.to_array(inits[layer.weight]).copy()
+        if layer.op_type == "Conv":
+            w = _zero_conv_inputs(w, layer.groups, positions)
+        elif trans_b:
+            w[:, positions] = 0
+        else:  # ConvTranspose [Cin, ...], Gemm [K, N], MatMul [K, N]
+            w[positions] = 0
+        new_name = f"{layer.weight}__zeroed_{layer.name}"
+        work.graph.initializer.append(numpy_helper.from_array(w, new_name))
+        node.input[1] = new_name
+    return work
+
+
+def check_pruning(
+    model: onnx.ModelProto,
+    analysis: ChannelAnalysis,
+    removal: Removal,
+    feeds: Mapping[str, np.ndarray] | None = None,
+) -> float:
+    """Relative output error between the zeroed original and the pruned model (the oracle)."""
+    pruned = prune_channels(model, analysis, removal)
+    zeroed = zero_channels(model, analysis, removal)
+    ref_sess = make_session(zeroed)
+    feeds = dict(feeds) if feeds is not None else random_feeds(ref_sess)
+    ref = ref_sess.run(None, feeds)
+    got = make_session(pruned).run(None, feeds)
+    return compare_outputs(got, ref).max_rel_error
