@@ -11,6 +11,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +43,27 @@ def make_session(
     opts.log_severity_level = 3
     if intra_threads:
         opts.intra_op_num_threads = intra_threads
-    if model.ByteSize() < _PROTO_LIMIT:
+    if fits_in_protobuf(model):
         return ort.InferenceSession(
             model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
         )
     with tempfile.TemporaryDirectory(prefix="prunequant-") as tmp:
         path = os.path.join(tmp, "model.onnx")
+        work = onnx.ModelProto()  # save_model moves tensor data out: never do that to the caller's
+        work.CopyFrom(model)
         onnx.save_model(
-            model, path, save_as_external_data=True, location="model.data", size_threshold=1024
+            work, path, save_as_external_data=True, location="model.data", size_threshold=1024
         )
+        del work
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    """False when the model is too large to serialise as one protobuf message (> 2 GiB)."""
+    try:
+        return model.ByteSize() < _PROTO_LIMIT
+    except EncodeError:  # protobuf refuses to even measure messages over 2 GiB
+        return False
 
 
 def random_feeds(

@@ -1,0 +1,220 @@
+"""Input shapes: the ``--input-shape`` flag, pinning symbolic input dims, shape lookups.
+
+Syntax of the flag: ``NAME=D1xD2x...xDn`` (``input=1x3x224x224``). The name is everything before
+the *last* ``=``, so names such as ``input_1:0`` (TensorFlow exports) work unchanged. Every dim is
+a positive integer; a rank-0 input never needs pinning.
+
+A dim counts as static when it has a ``dim_value`` > 0. ``dim_param``, an unset dim and a
+``dim_value`` <= 0 (some exporters write -1 or 0 for "dynamic") all count as unknown: a zero-size
+input would make every later parity check vacuous.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Iterable, Mapping, Sequence
+
+import onnx
+
+from .errors import InputShapeError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+SYNTAX = "NAME=D1xD2x...xDn, e.g. --input-shape input=1x3x224x224"
+
+Dim = int | str  # an int is a static size; a str names an unknown dim ("batch", or "?")
+
+
+def parse_input_shape(text: str) -> tuple[str, list[int]]:
+    """Parse one ``--input-shape`` value, ``name=1x3x224x224``, into ``(name, dims)``."""
+    name, sep, dims_text = str(text).strip().rpartition("=")
+    name = name.strip()
+    if not sep:
+        raise InputShapeError(f"--input-shape {text!r} has no '='; write {SYNTAX}")
+    if not name:
+        raise InputShapeError(f"--input-shape {text!r} has no input name; write {SYNTAX}")
+    fields = dims_text.strip().lower().split("x")
+    if fields == [""]:
+        raise InputShapeError(f"--input-shape {text!r} has no dims after '='; write {SYNTAX}")
+    return name, [_parse_dim(field.strip(), text) for field in fields]
+
+
+def _parse_dim(field: str, text: str) -> int:
+    if not re.fullmatch(r"[+-]?\d+", field):
+        raise InputShapeError(
+            f"--input-shape {text!r}: dim {field!r} is not an integer; write {SYNTAX}"
+        )
+    value = int(field)
+    if value <= 0:
+        raise InputShapeError(
+            f"--input-shape {text!r}: dim {value} must be a positive integer; write {SYNTAX}"
+        )
+    return value
+
+
+def parse_input_shapes(texts: Iterable[str]) -> dict[str, list[int]]:
+    """Parse repeated ``--input-shape`` values; naming one input twice is an error."""
+    shapes: dict[str, list[int]] = {}
+    for text in texts:
+        name, dims = parse_input_shape(text)
+        if name in shapes:
+            raise InputShapeError(
+                f"--input-shape gives input {name!r} twice ({format_dims(shapes[name])} and "
+                f"{format_dims(dims)}); give it once"
+            )
+        shapes[name] = dims
+    return shapes
+
+
+def format_dims(dims: Sequence[Dim]) -> str:
+    """``[1, 'h', 3]`` -> ``'1xhx3'`` (the flag's syntax)."""
+    return "x".join(str(d) for d in dims)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs of the main graph (old IR versions also list initializers as inputs)."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [inp for inp in model.graph.input if inp.name not in initializers]
+
+
+def value_dims(value: onnx.ValueInfoProto) -> list[Dim] | None:
+    """Dims of a tensor value; unknown dims as their name (or '?'); None if rank is unknown."""
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return [_dim(d) for d in tensor_type.shape.dim]
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
+    if dim.HasField("dim_value") and dim.dim_value > 0:
+        return dim.dim_value
+    if dim.HasField("dim_param") and dim.dim_param:
+        return dim.dim_param
+    return "?" if not dim.HasField("dim_value") else str(dim.dim_value)
+
+
+def _is_static(dims: Sequence[Dim] | None) -> bool:
+    return dims is not None and all(isinstance(d, int) for d in dims)
+
+
+def tensor_shape(model: onnx.ModelProto, name: str) -> list[int] | None:
+    """Static shape of a main-graph tensor from inputs, value_info, outputs or initializers.
+
+    None when the tensor is unknown or its shape is not fully static.
+    """
+    graph = model.graph
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        if value.name == name and value.type.HasField("tensor_type"):
+            dims = value_dims(value)
+            if _is_static(dims):
+                return [int(d) for d in dims]  # type: ignore[union-attr]
+    for init in graph.initializer:
+        if init.name == name:
+            return list(init.dims)
+    return None
+
+
+def static_input_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Shape of every real graph input; raises InputShapeError if one is not fully static."""
+    require_static_inputs(model)
+    return {inp.name: [int(d) for d in value_dims(inp) or []] for inp in graph_inputs(model)}
+
+
+def pin_input_shapes(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    model_name: str = "the model",
+) -> None:
+    """Write the pinned dims into the model's inputs (in place), then require static inputs."""
+    inputs = {inp.name: inp for inp in graph_inputs(model)}
+    for name, dims in (input_shapes or {}).items():
+        if name not in inputs:
+            raise InputShapeError(
+                f"--input-shape names {name!r}, which is not an input of {model_name}; "
+                f"its inputs are {sorted(inputs)}"
+            )
+        _pin_one(inputs[name], [_checked_pin(name, d) for d in dims])
+        logger.debug("pinned input %r to %s", name, format_dims(dims))
+    require_static_inputs(model, model_name)
+
+
+def _checked_pin(name: str, dim: object) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise InputShapeError(
+            f"input shape for {name!r} has dim {dim!r}; every dim must be a positive integer"
+        )
+    return dim
+
+
+def _pin_one(value: onnx.ValueInfoProto, dims: list[int]) -> None:
+    _require_tensor(value)
+    current = value_dims(value)
+    pinned = f"--input-shape {value.name}={format_dims(dims)}"
+    if current is not None and len(current) != len(dims):
+        raise InputShapeError(
+            f"{pinned} has rank {len(dims)} but input {value.name!r} has rank {len(current)} "
+            f"(shape [{_shape_text(current)}]); give {len(current)} dims"
+        )
+    for axis, (have, want) in enumerate(zip(current or [], dims)):
+        if isinstance(have, int) and have != want:
+            raise InputShapeError(
+                f"{pinned} sets dim {axis} to {want} but the model fixes it to {have} "
+                f"(shape [{_shape_text(current or [])}]); use {have} there"
+            )
+    shape = value.type.tensor_type.shape
+    shape.ClearField("dim")
+    for size in dims:
+        shape.dim.add().dim_value = size
+
+
+def _require_tensor(value: onnx.ValueInfoProto) -> None:
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type":
+        raise UnsupportedModelError(
+            f"input {value.name!r} is a {kind or 'value of unknown type'}, not a tensor; "
+            "prunequant supports models whose inputs are tensors"
+        )
+
+
+def require_static_inputs(model: onnx.ModelProto, model_name: str = "the model") -> None:
+    """Raise InputShapeError naming every input with unknown dims, and how to pin them."""
+    problems, examples = [], []
+    for value in graph_inputs(model):
+        _require_tensor(value)
+        dims = value_dims(value)
+        if _is_static(dims):
+            continue
+        if dims is None:
+            problems.append(f"input {value.name!r} of {model_name} has unknown rank")
+            examples.append(f"--input-shape {value.name}=D1x...xDn")
+            continue
+        unknown = [d for d in dims if isinstance(d, str)]
+        problems.append(
+            f"input {value.name!r} has symbolic dims {unknown} (shape [{_shape_text(dims)}])"
+        )
+        examples.append(f"--input-shape {value.name}={_example(dims)}")
+    if problems:
+        raise InputShapeError(
+            "; ".join(problems) + "; pin them with " + " ".join(examples)
+            + " (use the sizes you deploy with)"
+        )
+
+
+def _shape_text(dims: Sequence[Dim]) -> str:
+    return ",".join(str(d) for d in dims)
+
+
+def _example(dims: Sequence[Dim]) -> str:
+    """A flag value for the message: batch-like axis 0 -> 1, other unknown dims upper-cased."""
+    parts = []
+    for axis, dim in enumerate(dims):
+        if isinstance(dim, int):
+            parts.append(str(dim))
+        elif axis == 0:
+            parts.append("1")
+        elif re.fullmatch(r"[A-Za-z_]\w{0,11}", dim):
+            parts.append(dim.upper())
+        else:
+            parts.append(f"D{axis}")
+    return "x".join(parts)
