@@ -1,0 +1,569 @@
+"""Fake quantizers for the joint pruning + channel-wise mixed-precision search.
+
+Every quantizer computes exactly what the exported ONNX model computes, so the fine-tuned torch
+model and the exported QDQ model agree bit for bit (given the same float32 scale):
+
+Weights (:func:`quantize_weight_per_channel`)
+    Symmetric, per output channel, zero point 0, *narrow* signed range
+    ``q in [-(2^(b-1) - 1), 2^(b-1) - 1]`` (INT8: [-127, 127], INT4: [-7, 7], INT2: [-1, 1]),
+    ``scale_c = max|W_c| / (2^(b-1) - 1)``, ``y = clamp(round(W / scale), -qmax, qmax) * scale``.
+    This is ONNX ``DequantizeLinear(q, scale_c, zero_point=0, axis=ch_axis)`` on an INT-b
+    initializer.
+
+    Deviation from DESIGN.md, which writes ``scale = 2 * max|W_c| / (2^b - 1)``: that formula
+    spreads 2^b levels over [-max, max], which no symmetric grid with an exact zero has. Under
+    it, ``max|W_c| / scale = 2^(b-1) - 0.5`` is a half-integer that rounds (half to even) to
+    2^(b-1), outside the symmetric range; clipping it back to 2^(b-1) - 1 shrinks the largest
+    weight by ``(2^b - 2) / (2^b - 1)`` (2/3 at 2 bits, where the levels would be
+    {-2max/3, 0, 2max/3}). With ``scale = 2 * max / (2^b - 2)`` the largest weight sits
+    exactly on the grid, the grid is symmetric and zero is exact, and the integers fit the
+    ONNX signed type with zero point 0. The -2^(b-1) code of the signed type is never used.
+
+Activations (:func:`pact_quantize`, :func:`symmetric_clip_quantize`)
+    PACT: ``scale = clip / (2^b - 1)``, ``y = clamp(round(x / scale), 0, 2^b - 1) * scale``
+    = ONNX ``QuantizeLinear``/``DequantizeLinear`` with zero point 0 and UINT8/UINT4/UINT2.
+    Deviation from DESIGN.md (``floor``): ``QuantizeLinear`` rounds half to even, as does
+    ``torch.round``; with floor the exported model would differ from the fine-tuned one by up
+    to one step everywhere. Symmetric clip: ``scale = clip / (2^(b-1) - 1)``, narrow signed
+    range, INT-b with zero point 0.
+
+Gradients: straight-through estimator for rounding (identity inside the clip range, zero
+outside). Weight scales are statistics of the weight and get no gradient. PACT's clip gets
+``dL/dclip = sum of dL/dy where x >= clip`` (Choi et al., 2018); the symmetric quantizer's clip
+gets ``+dL/dy`` where ``x >= clip`` and ``-dL/dy`` where ``x <= -clip``.
+
+Searchable quantizers' ``forward`` returns a plain tensor (usable with
+``torch.nn.utils.parametrize``); ``quant`` returns a :class:`QuantOutput`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHT_PRECISIONS: tuple[int, ...] = (0, 2, 4, 8)
+DEFAULT_ACTIVATION_PRECISIONS: tuple[int, ...] = (2, 4, 8)
+DEFAULT_INIT_CLIP = 6.0
+MAX_BITS = 16
+_MIN_CLIP = 1e-6
+
+
+class QuantOutput(NamedTuple):
+    """Uniform quantizer result (Brevitas style).
+
+    ``scale``/``zero_point``/``bit_width`` are per channel (shape ``[C]``) for weights and
+    0-d for activations. For searchable quantizers in search mode, ``scale`` and ``zero_point``
+    are those of the per-channel argmax precision and ``bit_width`` is the *expected*
+    bit-width ``sum_j theta_j * b_j`` (differentiable, float).
+    """
+
+    y: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    bit_width: Tensor
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_bits(bits: int, *, minimum: int, what: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not minimum <= bits <= MAX_BITS:
+        raise ValueError(f"{what}: bit-width must be an int in [{minimum}, {MAX_BITS}], got {bits!r}")
+    return bits
+
+
+def _check_precisions(precisions: Iterable[int], *, allow_zero: bool, what: str) -> tuple[int, ...]:
+    values = tuple(precisions)
+    if not values:
+        raise ValueError(f"{what}: the precision set is empty")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what}: duplicate precisions in {values}")
+    for bits in values:
+        if bits == 0 and not isinstance(bits, bool):
+            if allow_zero:
+                continue
+            raise ValueError(f"{what}: 0 bits (pruning) is not a valid precision here, got {values}")
+        _check_bits(bits, minimum=2, what=what)
+    if values == (0,):
+        raise ValueError(f"{what}: the precision set needs a non-zero bit-width, got {values}")
+    return values
+
+
+def _check_temperature(value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+class _SymmetricRoundSTE(torch.autograd.Function):
+    """``clamp(round(w / scale), -qmax, qmax) * scale``; gradient identity where unclipped.
+
+    "Unclipped" tests the rounded integer, so the largest weight (whose ``w / scale`` can
+    exceed qmax by an ulp) keeps its gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, scale: Tensor, qmax: Tensor) -> Tensor:  # type: ignore[override]
+        rounded = torch.round(w / scale)
+        ctx.save_for_backward(rounded.abs() <= qmax)
+        return torch.clamp(rounded, -qmax, qmax) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
+
+
+def _channel_view_shape(ndim: int, ch_axis: int, n_channels: int) -> list[int]:
+    shape = [1] * ndim
+    shape[ch_axis] = n_channels
+    return shape
+
+
+def _per_channel_absmax(w: Tensor, ch_axis: int) -> Tensor:
+    return w.detach().abs().movedim(ch_axis, 0).reshape(w.shape[ch_axis], -1).amax(dim=1)
+
+
+def _bits_tensor(bits: int | Sequence[int] | Tensor, n_channels: int, device: torch.device) -> Tensor:
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        if bits != 0:
+            _check_bits(bits, minimum=2, what="weight quantizer")
+        return torch.full((n_channels,), bits, dtype=torch.long, device=device)
+    out = torch.as_tensor(bits, device=device).reshape(-1)
+    if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:
+        raise ValueError(f"weight quantizer: bit-widths must be integers, got dtype {out.dtype}")
+    out = out.long()
+    if out.numel() != n_channels:
+        raise ValueError(f"weight quantizer: {out.numel()} bit-widths for {n_channels} channels")
+    bad = (out == 1) | (out < 0) | (out > MAX_BITS)
+    if bool(bad.any()):
+        raise ValueError(f"weight quantizer: bit-widths must be 0 or in [2, {MAX_BITS}], got {out.tolist()}")
+    return out
+
+
+def quantize_weight_per_channel(
+    w: Tensor, bits: int | Sequence[int] | Tensor, ch_axis: int = 0
+) -> QuantOutput:
+    """Symmetric per-channel fake quantization of a weight tensor (see the module docstring).
+
+    ``bits`` is one bit-width for all channels or one per channel (mixed widths in one
+    tensor); 0 means pruned: those channels are zero (no gradient) with scale 1. A channel
+    whose weights are all zero gets scale 1 (never 0 or NaN). Returns per-channel ``scale``
+    (same dtype as ``w``), ``zero_point`` (int zeros) and ``bit_width`` (long).
+    """
+    ch_axis = ch_axis % w.ndim
+    n_channels = w.shape[ch_axis]
+    bit_width = _bits_tensor(bits, n_channels, w.device)
+    kept = bit_width > 0
+    qmax = torch.where(kept, 2 ** (bit_width - 1).clamp_min(1) - 1, 1).to(w.dtype)
+    scale = _per_channel_absmax(w, ch_axis) / qmax
+    scale = torch.where(kept & (scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+    view = _channel_view_shape(w.ndim, ch_axis, n_channels)
+    y = _SymmetricRoundSTE.apply(w, scale.reshape(view), qmax.reshape(view))
+    y = torch.where(kept.reshape(view), y, torch.zeros_like(y))
+    zero_point = torch.zeros(n_channels, dtype=torch.int32, device=w.device)
+    return QuantOutput(y, scale, zero_point, bit_width)
+
+
+class SharedAlpha(nn.Module):
+    """NAS logits ``alpha[j, g]`` over ``precisions`` for ``n_channels`` group channels.
+
+    Held once per channel group (or activation site) and passed to every quantizer of the
+    group, so they all see the same theta. Initial ``alpha_j = b_j / max(b)``.
+    """
+
+    def __init__(self, precisions: Sequence[int], n_channels: int) -> None:
+        super().__init__()
+        self.precisions = _check_precisions(precisions, allow_zero=True, what="SharedAlpha")
+        if n_channels < 1:
+            raise ValueError(f"SharedAlpha: n_channels must be >= 1, got {n_channels}")
+        init = torch.tensor(self.precisions, dtype=torch.float32) / max(self.precisions)
+        self.alpha = nn.Parameter(init.unsqueeze(1).repeat(1, n_channels))
+
+    @property
+    def n_channels(self) -> int:
+        return self.alpha.shape[1]
+
+    def theta(self, temperature: float) -> Tensor:
+        """``softmax(alpha / T)`` over precisions, shape ``[len(precisions), n_channels]``."""
+        return torch.softmax(self.alpha / temperature, dim=0)
+
+
+class _SearchableBase(nn.Module):
+    """Temperature and frozen/unfrozen state shared by the searchable quantizers."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self._temperature = _check_temperature(temperature)
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = _check_temperature(value)
+
+    @property
+    def is_frozen(self) -> bool:
+        return getattr(self, "frozen_bits", None) is not None
+
+    def unfreeze(self) -> None:
+        """Back to search mode (the mixture over all precisions)."""
+        self.frozen_bits = None
+
+
+class SearchableWeightQuantizer(_SearchableBase):
+    """Mixture ``sum_j theta[j, c] * Q_{b_j}(W_c)`` over a per-channel precision choice.
+
+    ``alpha`` is an externally owned :class:`SharedAlpha` (shared by all layers of a channel
+    group) or None for a private one over ``precisions`` with one column per output channel.
+    ``channel_to_group_index[c]`` is the group channel (alpha column) of output channel ``c``;
+    None means the identity (needs ``alpha.n_channels == c_out``). Use precisions without 0
+    for a channel group that cannot be pruned.
+    """
+
+    frozen_bits: Tensor | None
+
+    def __init__(
+        self,
+        c_out: int,
+        precisions: Sequence[int] = DEFAULT_WEIGHT_PRECISIONS,
+        *,
+        ch_axis: int = 0,
+        alpha: SharedAlpha | None = None,
+        channel_to_group_index: Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__(temperature)
+        if c_out < 1:
+            raise ValueError(f"SearchableWeightQuantizer: c_out must be >= 1, got {c_out}")
+        self.c_out = c_out
+        self.ch_axis = ch_axis
+        self.precisions = _check_precisions(precisions, allow_zero=True, what="SearchableWeightQuantizer")
+        self.alpha = alpha if alpha is not None else SharedAlpha(self.precisions, c_out)
+        if self.alpha.precisions != self.precisions:
+            raise ValueError(
+                f"SearchableWeightQuantizer: shared alpha has precisions {self.alpha.precisions}, "
+                f"this quantizer {self.precisions}; build both from the same channel group"
+            )
+        index = self._index_map(channel_to_group_index)
+        self.register_buffer("channel_to_group_index", index, persistent=False)
+        self.register_buffer("frozen_bits", None, persistent=False)
+
+    def _index_map(self, index: Tensor | None) -> Tensor:
+        n_group = self.alpha.n_channels
+        if index is None:
+            if n_group != self.c_out:
+                raise ValueError(
+                    f"SearchableWeightQuantizer: alpha covers {n_group} group channels but the "
+                    f"layer has {self.c_out} output channels; pass channel_to_group_index"
+                )
+            return torch.arange(self.c_out)
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1).clone()
+        if index.numel() != self.c_out or bool((index < 0).any()) or bool((index >= n_group).any()):
+            raise ValueError(
+                f"SearchableWeightQuantizer: channel_to_group_index needs {self.c_out} entries "
+                f"in [0, {n_group}), got {index.tolist()}"
+            )
+        return index
+
+    def theta(self) -> Tensor:
+        """``softmax(alpha / T)`` per output channel, shape ``[len(precisions), c_out]``."""
+        return self.alpha.theta(self._temperature)[:, self.channel_to_group_index]
+
+    def c_out_eff(self) -> Tensor:
+        """Expected kept channels ``C_out - sum_c theta[0, c]`` (differentiable, 0-d)."""
+        if 0 not in self.precisions:
+            return self.alpha.alpha.new_tensor(float(self.c_out))
+        return self.c_out - self.theta()[self.precisions.index(0)].sum()
+
+    def expected_bit_width(self) -> Tensor:
+        """``sum_j theta[j, c] * b_j`` per output channel (differentiable)."""
+        theta = self.theta()
+        return (theta * theta.new_tensor(self.precisions)[:, None]).sum(dim=0)
+
+    def argmax_bits(self) -> list[int]:
+        """Per output channel, the precision with the largest theta (the discretised plan)."""
+        best = self.theta().detach().argmax(dim=0)
+        return [self.precisions[i] for i in best.tolist()]
+
+    def rescale_factor(self) -> Tensor:
+        """Per-channel ``1 / sum_{b != 0} theta_b`` (detached); 1 without a 0-bit option."""
+        theta = self.theta().detach()
+        kept = [j for j, b in enumerate(self.precisions) if b != 0]
+        return 1.0 / theta[kept].sum(dim=0)
+
+    @torch.no_grad()
+    def rescale_weight_(self, weight: Tensor) -> None:
+        """Multiply ``weight`` in place by :meth:`rescale_factor` (the search's initial step).
+
+        Per-channel quantization commutes with a positive per-channel factor, so afterwards
+        the mixture at the initial theta equals the theta-average of ``Q_b(W)`` over b != 0.
+        """
+        factor = self.rescale_factor().to(weight.dtype)
+        weight.mul_(factor.reshape(_channel_view_shape(weight.ndim, self.ch_axis % weight.ndim, self.c_out)))
+
+    def freeze(self, bits_per_channel: Sequence[int] | Tensor) -> None:
+        """Fix one bit-width per output channel (each in ``precisions``) for QAT."""
+        bits = torch.as_tensor(bits_per_channel, dtype=torch.long).reshape(-1)
+        if bits.numel() != self.c_out:
+            raise ValueError(f"freeze: {bits.numel()} bit-widths for {self.c_out} output channels")
+        unknown = sorted(set(bits.tolist()) - set(self.precisions))
+        if unknown:
+            raise ValueError(f"freeze: bit-widths {unknown} are not in the precision set {self.precisions}")
+        self.frozen_bits = bits.to(self.channel_to_group_index.device)
+        logger.debug("froze weight quantizer: %s", bits.tolist())
+
+    def quant(self, w: Tensor) -> QuantOutput:
+        if w.shape[self.ch_axis] != self.c_out:
+            raise ValueError(
+                f"SearchableWeightQuantizer: weight has {w.shape[self.ch_axis]} channels on axis "
+                f"{self.ch_axis}, expected {self.c_out}"
+            )
+        if self.frozen_bits is not None:
+            return quantize_weight_per_channel(w, self.frozen_bits, self.ch_axis)
+        return self._mixture(w)
+
+    def _mixture(self, w: Tensor) -> QuantOutput:
+        theta = self.theta().to(w.dtype)
+        view = _channel_view_shape(w.ndim, self.ch_axis % w.ndim, self.c_out)
+        outputs = [quantize_weight_per_channel(w, b, self.ch_axis) for b in self.precisions]
+        y = sum(theta[j].reshape(view) * out.y for j, out in enumerate(outputs))
+        best = theta.detach().argmax(dim=0)
+        scales = torch.stack([out.scale for out in outputs])
+        scale = scales.gather(0, best[None]).squeeze(0)
+        zero_point = torch.zeros(self.c_out, dtype=torch.int32, device=w.device)
+        return QuantOutput(y, scale, zero_point, self.expected_bit_width())
+
+    def forward(self, w: Tensor) -> Tensor:
+        return self.quant(w).y
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+class _PactSTE(torch.autograd.Function):
+    """PACT forward ``clamp(round(x / s), 0, n) * s`` with ``s = clip / n``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, clip: Tensor, n_levels: int) -> Tensor:  # type: ignore[override]
+        above = x >= clip
+        ctx.save_for_backward((x >= 0) & ~above, above)  # bool masks: 1 byte per element
+        ctx.clip_shape = clip.shape
+        scale = clip / n_levels
+        return torch.clamp(torch.round(x / scale), 0, n_levels) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        inside, above = ctx.saved_tensors
+        return grad * inside, (grad * above).sum().reshape(ctx.clip_shape), None
+
+
+class _SymmetricClipSTE(torch.autograd.Function):
+    """Forward ``clamp(round(x / s), -q, q) * s`` with ``s = clip / q``, ``q = 2^(b-1) - 1``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, clip: Tensor, qmax: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x >= clip, x <= -clip)  # bool masks: 1 byte per element
+        ctx.clip_shape = clip.shape
+        scale = clip / qmax
+        return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        above, below = ctx.saved_tensors
+        grad_clip = (grad * above).sum() - (grad * below).sum()
+        return grad * ~(above | below), grad_clip.reshape(ctx.clip_shape), None
+
+
+def _zero_point(x: Tensor) -> Tensor:
+    return torch.zeros((), dtype=torch.int32, device=x.device)
+
+
+def _positive_clip(clip: Tensor) -> Tensor:
+    """``clip`` unchanged when >= _MIN_CLIP; else _MIN_CLIP with the gradient kept flowing."""
+    return clip + (clip.clamp_min(_MIN_CLIP) - clip).detach()
+
+
+def pact_quantize(x: Tensor, clip: Tensor, bits: int) -> QuantOutput:
+    """Unsigned PACT fake quantization: UINT-b, zero point 0, ``scale = clip / (2^b - 1)``."""
+    n_levels = 2 ** _check_bits(bits, minimum=1, what="PACT") - 1
+    clip = _positive_clip(clip)
+    y = _PactSTE.apply(x, clip.to(x.dtype), n_levels)
+    scale = (clip / n_levels).detach()
+    return QuantOutput(y, scale, _zero_point(x), torch.tensor(bits, device=x.device))
+
+
+def symmetric_clip_quantize(x: Tensor, clip: Tensor, bits: int) -> QuantOutput:
+    """Signed learned-clip fake quantization: INT-b narrow range, zero point 0."""
+    qmax = 2 ** (_check_bits(bits, minimum=2, what="symmetric clip quantizer") - 1) - 1
+    clip = _positive_clip(clip)
+    y = _SymmetricClipSTE.apply(x, clip.to(x.dtype), qmax)
+    scale = (clip / qmax).detach()
+    return QuantOutput(y, scale, _zero_point(x), torch.tensor(bits, device=x.device))
+
+
+def _activation_quantize(x: Tensor, clip: Tensor, bits: int, signed: bool) -> QuantOutput:
+    return symmetric_clip_quantize(x, clip, bits) if signed else pact_quantize(x, clip, bits)
+
+
+class _ClipHolder(nn.Module):
+    """A module owning one learned clip parameter (excluded from weight decay)."""
+
+    clip: nn.Parameter
+
+    def _init_clip(self, init_clip: float) -> None:
+        if not math.isfinite(init_clip) or init_clip <= 0:
+            raise ValueError(f"{type(self).__name__}: init_clip must be a finite number > 0, got {init_clip!r}")
+        self.clip = nn.Parameter(torch.tensor(float(init_clip)))
+
+
+class PACTQuantizer(_ClipHolder):
+    """Fixed-precision PACT quantizer for non-negative activations (learned clip)."""
+
+    def __init__(self, bits: int, init_clip: float = DEFAULT_INIT_CLIP) -> None:
+        super().__init__()
+        self.bits = _check_bits(bits, minimum=1, what="PACTQuantizer")
+        self._init_clip(init_clip)
+
+    def quant(self, x: Tensor) -> QuantOutput:
+        return pact_quantize(x, self.clip, self.bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quant(x).y
+
+
+class SymmetricClipQuantizer(_ClipHolder):
+    """Fixed-precision learned-clip quantizer for activations that can be negative."""
+
+    def __init__(self, bits: int, init_clip: float = DEFAULT_INIT_CLIP) -> None:
+        super().__init__()
+        self.bits = _check_bits(bits, minimum=2, what="SymmetricClipQuantizer")
+        self._init_clip(init_clip)
+
+    def quant(self, x: Tensor) -> QuantOutput:
+        return symmetric_clip_quantize(x, self.clip, self.bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quant(x).y
+
+
+class SearchableActivationQuantizer(_SearchableBase, _ClipHolder):
+    """``sum_j theta_j * Q_{b_j}(x)`` over ``precisions`` with one shared learned clip.
+
+    ``signed`` picks the symmetric quantizer (inputs that can be negative) over PACT.
+    ``alpha`` may be an externally owned :class:`SharedAlpha` with one column.
+    """
+
+    frozen_bits: int | None
+
+    def __init__(
+        self,
+        precisions: Sequence[int] = DEFAULT_ACTIVATION_PRECISIONS,
+        *,
+        signed: bool = False,
+        init_clip: float = DEFAULT_INIT_CLIP,
+        alpha: SharedAlpha | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__(temperature)
+        self.precisions = _check_precisions(precisions, allow_zero=False, what="SearchableActivationQuantizer")
+        self.signed = signed
+        self._init_clip(init_clip)
+        self.alpha = alpha if alpha is not None else SharedAlpha(self.precisions, 1)
+        if self.alpha.precisions != self.precisions or self.alpha.n_channels != 1:
+            raise ValueError(
+                f"SearchableActivationQuantizer: shared alpha must have precisions {self.precisions} "
+                f"and one column, got {self.alpha.precisions} x {self.alpha.n_channels}"
+            )
+        self.frozen_bits = None
+
+    def theta(self) -> Tensor:
+        """``softmax(alpha / T)``, shape ``[len(precisions)]``."""
+        return self.alpha.theta(self._temperature)[:, 0]
+
+    def expected_bit_width(self) -> Tensor:
+        theta = self.theta()
+        return (theta * theta.new_tensor(self.precisions)).sum()
+
+    def argmax_bits(self) -> int:
+        return self.precisions[int(self.theta().detach().argmax())]
+
+    def freeze(self, bits: int) -> None:
+        """Fix the bit-width (one of ``precisions``) for QAT."""
+        if bits not in self.precisions or isinstance(bits, bool):
+            raise ValueError(f"freeze: bit-width {bits!r} is not in the precision set {self.precisions}")
+        self.frozen_bits = int(bits)
+
+    def quant(self, x: Tensor) -> QuantOutput:
+        if self.frozen_bits is not None:
+            return _activation_quantize(x, self.clip, self.frozen_bits, self.signed)
+        theta = self.theta().to(x.dtype)
+        outputs = [_activation_quantize(x, self.clip, b, self.signed) for b in self.precisions]
+        y = sum(theta[j] * out.y for j, out in enumerate(outputs))
+        best = outputs[int(theta.detach().argmax())]
+        return QuantOutput(y, best.scale, best.zero_point, self.expected_bit_width())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quant(x).y
+
+
+# ----------------------------------------------------------------------------- parameter groups
+
+
+def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for param in params:
+        if id(param) not in seen:
+            seen.add(id(param))
+            out.append(param)
+    return out
+
+
+def nas_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The architecture logits (every :class:`SharedAlpha`, each once)."""
+    return _unique(m.alpha for m in module.modules() if isinstance(m, SharedAlpha))
+
+
+def clip_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Learned activation clip values (train with the weights, but without weight decay)."""
+    return _unique(m.clip for m in module.modules() if isinstance(m, _ClipHolder))
+
+
+def net_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Every parameter that is not an architecture logit (weights, biases, clips)."""
+    nas = {id(p) for p in nas_parameters(module)}
+    return [p for p in _unique(module.parameters()) if id(p) not in nas]
+
+
+def net_param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, object]]:
+    """Optimiser groups for the network: decayed weights, then clips with no decay."""
+    clips = {id(p) for p in clip_parameters(module)}
+    net = net_parameters(module)
+    return [
+        {"params": [p for p in net if id(p) not in clips], "weight_decay": weight_decay},
+        {"params": [p for p in net if id(p) in clips], "weight_decay": 0.0},
+    ]
+
+
+def set_temperature(module: nn.Module, temperature: float) -> int:
+    """Set the softmax temperature of every searchable quantizer; returns how many."""
+    count = 0
+    for sub in module.modules():
+        if isinstance(sub, _SearchableBase):
+            sub.temperature = temperature
+            count += 1
+    return count
