@@ -1,0 +1,75 @@
+"""`prunequant inspect`: load, normalise, analyse (and optionally bridge) a model; write nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Sequence
+
+import onnx
+
+from graph_passes.channel_groups import ChannelAnalysis, analyse
+from graph_passes.errors import PrunequantError
+from graph_passes.loading import check_runnable, load_model
+from graph_passes.normalise import NormaliseResult, normalise
+from graph_passes.shapes import parse_input_shapes, static_input_shapes
+
+from .inspect_report import InspectReport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PreparedModel:
+    """A loaded, verified, normalised and analysed model: the start of every command."""
+
+    source: str
+    original: onnx.ModelProto
+    normalised: NormaliseResult
+    analysis: ChannelAnalysis
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self.normalised.model
+
+
+def prepare_model(source: str | onnx.ModelProto, input_shapes: Sequence[str] | dict = (),
+                  verify: bool = True) -> PreparedModel:
+    shapes = input_shapes if isinstance(input_shapes, dict) else parse_input_shapes(input_shapes)
+    original = load_model(source, shapes or None)
+    if verify:
+        check_runnable(original)
+    result = normalise(original, verify=verify)
+    analysis = analyse(result.model)
+    label = source if isinstance(source, str) else "<model>"
+    return PreparedModel(label, original, result, analysis)
+
+
+def _bridge_summary(model: onnx.ModelProto) -> dict:
+    """Convert to torch and measure parity; failures are reported, not raised."""
+    try:
+        from .bridge import check_parity, convert  # torch is imported only here
+
+        bridged = convert(model)
+        error = check_parity(model, bridged)
+        return {"ok": True, "max_rel_error": error}
+    except PrunequantError as exc:
+        return {"ok": False, "error": str(exc)}
+
+
+def build_inspect_report(source: str, input_shapes: Sequence[str], verify: bool = True,
+                         bridge: bool = True) -> InspectReport:
+    prepared = prepare_model(source, input_shapes, verify=verify)
+    stats = prepared.normalised.stats
+    normalisation = dataclasses.asdict(stats) if stats is not None else {}
+    normalisation["max_rel_error"] = prepared.normalised.max_rel_error
+    opset = next((o.version for o in prepared.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return InspectReport(
+        model=os.fspath(source),
+        opset=opset,
+        inputs=static_input_shapes(prepared.model),
+        normalisation=normalisation,
+        analysis=prepared.analysis,
+        bridge=_bridge_summary(prepared.model) if bridge else None,
+    )
