@@ -53,7 +53,56 @@ def removal_mask(analysis: ChannelAnalysis, removal: Removal) -> np.ndarray:
             )
         for c in idx:
             removed[group.channel_atoms[c]] = True
+    emptied = emptied_tensors(analysis, removed)
+    if emptied:
+        raise PruningError(
+            f"removing these channels would leave tensor '{emptied[0]}' with no channels "
+            f"({len(emptied)} tensor(s) in all); keep at least one of its channels "
+            "(graph_passes.prune.repair_removal does that)"
+        )
     return removed
+
+
+def emptied_tensors(analysis: ChannelAnalysis, removed: np.ndarray) -> list[str]:
+    """Tensors that would lose every channel (e.g. a Slice holding only removed channels)."""
+    return [t for t, layout in analysis.layouts.items() if layout.size and removed[layout.atoms].all()]
+
+
+def repair_removal(
+    analysis: ChannelAnalysis, removal: Removal, score: Mapping[str, np.ndarray] | None = None
+) -> dict[str, list[int]]:
+    """Give back channels until no tensor is emptied and no group loses all its channels.
+
+    For each emptied tensor the channel given back is the one with the highest ``score``
+    (per group, indexed by group channel; default: the lowest index).
+    """
+    result = {g: sorted({int(c) for c in chans}) for g, chans in removal.items()}
+    for _ in range(len(analysis.layouts) + 1):
+        removed = np.zeros(len(analysis.atoms.sources), dtype=bool)
+        for group_id, chans in result.items():
+            for c in chans:
+                removed[analysis.group(group_id).channel_atoms[c]] = True
+        for group_id, chans in result.items():
+            if len(chans) >= analysis.group(group_id).size:
+                _give_back(result, group_id, chans, score)
+                break
+        else:
+            emptied = emptied_tensors(analysis, removed)
+            if not emptied:
+                return result
+            atoms = analysis.layouts[emptied[0]].atoms
+            group_index = int(analysis.atom_group[atoms[0]])
+            group = analysis.groups[group_index]
+            candidates = [c for c in result.get(group.id, [])
+                          if np.isin(group.channel_atoms[c], atoms).any()]
+            _give_back(result, group.id, candidates, score)
+    raise PruningError("could not repair the pruning request")
+
+
+def _give_back(result: dict, group_id: str, candidates: list[int], score) -> None:
+    values = score.get(group_id) if score is not None else None
+    best = max(candidates, key=lambda c: values[c]) if values is not None else min(candidates)
+    result[group_id] = [c for c in result[group_id] if c != best]
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -118,6 +118,10 @@ class PruneContext:
     def layout(self, tensor: str) -> Layout | None:
         return self.layouts.get(tensor) if tensor else None
 
+    @property
+    def opset(self) -> int:
+        return self.graph.opset
+
     def keep_mask(self, tensor: str) -> np.ndarray | None:
         """Bool mask over the tensor's channel positions, or None if it loses nothing."""
         layout = self.layout(tensor)
