@@ -112,5 +112,14 @@ def inspect(model: str, input_shapes: tuple[str, ...], as_json: bool, no_verify:
         click.echo(report.to_text(max_rows=max_rows))
 
 
+def _register_commands() -> None:
+    from .cmd_evaluate import evaluate_command
+
+    main.add_command(evaluate_command)
+
+
+_register_commands()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
