@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from networkx.utils import UnionFind
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from .graph import ModelGraph
 from .layers import ActivationSite, WeightLayer, activation_sites, describe_weight_layer
@@ -131,52 +132,64 @@ def _propagate(graph: ModelGraph) -> PropagationContext:
     return ctx
 
 
+def _components(n: int, edges: list[np.ndarray]) -> np.ndarray:
+    """Connected-component label of each of n atoms under the given edges (scipy, in C)."""
+    if not edges:
+        return np.arange(n, dtype=np.int64)
+    pairs = np.concatenate(edges)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
+def _same_source_edges(atoms: AtomTable) -> list[np.ndarray]:
+    """Edges joining consecutive atoms of one producer: its channels form one group."""
+    batch = atoms.batch_of()
+    same = np.flatnonzero(batch[1:] == batch[:-1])
+    return [np.stack([same, same + 1], axis=1)] if same.size else []
+
+
 def _form_groups(ctx: PropagationContext) -> tuple[list[ChannelGroup], np.ndarray, np.ndarray]:
-    """Group channels (tied sets) joined by shared producers into groups."""
+    """Group channels (tied sets) joined by shared producers into groups.
+
+    Returns the groups, and per atom its group index and its group-channel index."""
     atoms = ctx.atoms
-    n = len(atoms.sources)
-    root = np.array([atoms.ties[a] for a in range(n)], dtype=np.int64)
-    by_source = UnionFind()
-    first_by_node: dict[str, int] = {}
-    for a, src in enumerate(atoms.sources):
-        by_source[int(root[a])]
-        if src.node in first_by_node:
-            by_source.union(int(root[first_by_node[src.node]]), int(root[a]))
-        else:
-            first_by_node[src.node] = a
-    group_root = np.array([by_source[int(r)] for r in root], dtype=np.int64)
-    # deterministic order: groups and their channels by the smallest atom they hold
-    group_index: dict[int, int] = {}
-    channel_index: dict[int, int] = {}
-    channel_lists: list[list[int]] = []
-    atom_group = np.full(n, -1, dtype=np.int64)
-    atom_channel = np.full(n, -1, dtype=np.int64)
-    for a in range(n):
-        g = group_index.setdefault(int(group_root[a]), len(group_index))
-        if g == len(channel_lists):
-            channel_lists.append([])
-        r = int(root[a])
-        if r not in channel_index:
-            channel_index[r] = len(channel_lists[g])
-            channel_lists[g].append(r)
-        atom_group[a], atom_channel[a] = g, channel_index[r]
-    order = np.argsort(root, kind="stable")
-    cuts = np.flatnonzero(np.diff(root[order])) + 1
-    atoms_of_root = {int(root[chunk[0]]): chunk for chunk in np.split(order, cuts) if chunk.size}
-    groups = []
-    for g, roots in enumerate(channel_lists):
-        members_atoms = [atoms_of_root[r] for r in roots]
-        reasons: list[str] = []
-        weight_producer = False
-        for arr in members_atoms:
-            for a in arr.tolist():
-                weight_producer |= atoms.sources[a].is_weight_layer
-                for why in atoms.blocked.get(a, []):
-                    if why not in reasons:
-                        reasons.append(why)
-        if not weight_producer and not reasons:
-            reasons.append("no weight layer produces these channels")
-        groups.append(ChannelGroup(f"g{g}", len(roots), not reasons, reasons, [], members_atoms))
+    n = atoms.count
+    tied = _components(n, atoms.tie_edges)
+    grouped = _components(n, atoms.tie_edges + _same_source_edges(atoms))
+    # deterministic order: groups, and channels within a group, by the smallest atom they hold
+    first_atom_of_tied = np.full(n, n, dtype=np.int64)
+    np.minimum.at(first_atom_of_tied, tied, np.arange(n))
+    first_atom_of_group = np.full(n, n, dtype=np.int64)
+    np.minimum.at(first_atom_of_group, grouped, np.arange(n))
+    group_rank = np.unique(first_atom_of_group[grouped], return_inverse=True)[1].ravel()
+    channel_key = first_atom_of_tied[tied]
+    order = np.lexsort((channel_key, group_rank))  # atoms sorted by (group, channel)
+    new_channel = np.ones(n, dtype=bool)
+    new_channel[1:] = (group_rank[order][1:] != group_rank[order][:-1]) | (
+        channel_key[order][1:] != channel_key[order][:-1])
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = group_rank[order][1:] != group_rank[order][:-1]
+    channel_global = np.cumsum(new_channel) - 1  # running channel number over all groups
+    group_first_channel = channel_global[new_group]
+    atom_channel = np.empty(n, dtype=np.int64)
+    atom_channel[order] = channel_global - np.repeat(group_first_channel, np.diff(
+        np.append(np.flatnonzero(new_group), n)))
+    atom_group = group_rank.astype(np.int64)
+    n_groups = int(group_rank.max()) + 1 if n else 0
+    reasons: list[list[str]] = [[] for _ in range(n_groups)]
+    for blocked_atoms, why in atoms.blocks:
+        for g in np.unique(atom_group[blocked_atoms]).tolist():
+            if why not in reasons[g]:
+                reasons[g].append(why)
+    has_weight = np.bincount(atom_group, weights=atoms.is_weight(), minlength=n_groups) > 0
+    chunks = np.split(order, np.flatnonzero(new_channel)[1:])
+    groups, start = [], 0
+    sizes = np.bincount(atom_group[order][new_channel], minlength=n_groups)
+    for g in range(n_groups):
+        why = reasons[g] or ([] if has_weight[g] else ["no weight layer produces these channels"])
+        channel_atoms = chunks[start : start + int(sizes[g])]
+        start += int(sizes[g])
+        groups.append(ChannelGroup(f"g{g}", int(sizes[g]), not why, why, [], channel_atoms))
     return groups, atom_group, atom_channel
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from networkx.utils import UnionFind
 
 
 @dataclass
@@ -35,46 +34,53 @@ class Layout:
 
 
 @dataclass
-class AtomSource:
-    """Where an atom was born: output channel ``channel`` of node ``node`` (or a graph input)."""
-
-    node: str
-    channel: int
-    is_weight_layer: bool
-
-
-@dataclass
 class AtomTable:
-    """Atoms, their sources, the ties between them and the reasons some are blocked."""
+    """Atoms (numbered 0..count-1, born in batches, one batch per producing node), the ties
+    between them (edges, resolved into components once propagation is over) and the reasons some
+    of them are blocked. Kept as arrays: a large model has tens of thousands of atoms."""
 
-    sources: list[AtomSource] = field(default_factory=list)
-    ties: UnionFind = field(default_factory=UnionFind)
-    blocked: dict[int, list[str]] = field(default_factory=dict)
+    batch_node: list[str] = field(default_factory=list)
+    batch_start: list[int] = field(default_factory=list)
+    batch_is_weight: list[bool] = field(default_factory=list)
+    count: int = 0
+    tie_edges: list[np.ndarray] = field(default_factory=list)
+    blocks: list[tuple[np.ndarray, str]] = field(default_factory=list)
 
     def new(self, node: str, count: int, is_weight_layer: bool) -> np.ndarray:
-        start = len(self.sources)
-        self.sources.extend(AtomSource(node, c, is_weight_layer) for c in range(count))
-        ids = np.arange(start, start + count, dtype=np.int64)
-        for a in ids.tolist():
-            self.ties[a]  # register the singleton
+        self.batch_node.append(node)
+        self.batch_start.append(self.count)
+        self.batch_is_weight.append(is_weight_layer)
+        ids = np.arange(self.count, self.count + count, dtype=np.int64)
+        self.count += count
         return ids
 
     def tie(self, a: np.ndarray, b: np.ndarray) -> None:
         """Tie two equally long atom arrays position by position."""
         if a.shape != b.shape:
             raise ValueError(f"cannot tie layouts of sizes {a.shape} and {b.shape}")
-        for x, y in zip(a.tolist(), b.tolist()):
-            if x != y:
-                self.ties.union(x, y)
+        self.tie_edges.append(np.stack([a, b], axis=1))
 
     def tie_all(self, atoms: np.ndarray) -> None:
         """Tie every atom of the array to every other (they go as one unit)."""
-        flat = atoms.ravel().tolist()
-        if len(flat) > 1:
-            self.ties.union(*flat)
+        flat = atoms.ravel()
+        if flat.size > 1:
+            self.tie_edges.append(np.stack([flat[:-1], flat[1:]], axis=1))
 
     def block(self, atoms: np.ndarray, reason: str) -> None:
-        for a in np.unique(atoms).tolist():
-            reasons = self.blocked.setdefault(a, [])
-            if reason not in reasons:
-                reasons.append(reason)
+        if atoms.size:
+            self.blocks.append((np.unique(atoms), reason))
+
+    # --- read side, after propagation ------------------------------------------------------
+    def batch_of(self) -> np.ndarray:
+        """Batch index of every atom."""
+        sizes = np.diff(np.asarray(self.batch_start + [self.count], dtype=np.int64))
+        return np.repeat(np.arange(len(self.batch_start), dtype=np.int64), sizes)
+
+    def is_weight(self) -> np.ndarray:
+        return np.asarray(self.batch_is_weight, dtype=bool)[self.batch_of()] if self.count else np.zeros(0, bool)
+
+    def blocked_mask(self) -> np.ndarray:
+        mask = np.zeros(self.count, dtype=bool)
+        for atoms, _ in self.blocks:
+            mask[atoms] = True
+        return mask

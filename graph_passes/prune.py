@@ -30,7 +30,7 @@ Removal = Mapping[str, Iterable[int]]
 
 def removal_mask(analysis: ChannelAnalysis, removal: Removal) -> np.ndarray:
     """Bool per atom: True where the atom goes. Validates the request first."""
-    removed = np.zeros(len(analysis.atoms.sources), dtype=bool)
+    removed = np.zeros(analysis.atoms.count, dtype=bool)
     for group_id, channels in removal.items():
         try:
             group = analysis.group(group_id)
@@ -78,7 +78,7 @@ def repair_removal(
     """
     result = {g: sorted({int(c) for c in chans}) for g, chans in removal.items()}
     for _ in range(len(analysis.layouts) + 1):
-        removed = np.zeros(len(analysis.atoms.sources), dtype=bool)
+        removed = np.zeros(analysis.atoms.count, dtype=bool)
         for group_id, chans in result.items():
             for c in chans:
                 removed[analysis.group(group_id).channel_atoms[c]] = True
