@@ -78,11 +78,13 @@ def load_model(
     *,
     check: bool = True,
     base_dir: str | os.PathLike | None = None,
+    batch: int | None = None,
 ) -> onnx.ModelProto:
     """Load, validate and shape-infer a model; never mutates a ``ModelProto`` passed in.
 
     ``input_shapes`` pins symbolic input dims; ``check=False`` skips the onnx checker;
-    ``base_dir`` is where external data lives when ``source`` is bytes or a ModelProto.
+    ``base_dir`` is where external data lives when ``source`` is bytes or a ModelProto;
+    ``batch`` pins a symbolic *leading* dim of otherwise static inputs (see pin_input_shapes).
     """
     src = _read_source(source, base_dir)
     model = src.model
@@ -91,7 +93,7 @@ def load_model(
     if check:
         _run_checker(model, src)
     declared = [_copy(v) for v in model.graph.input] if input_shapes else None
-    pin_input_shapes(model, input_shapes, src.label)
+    pin_input_shapes(model, input_shapes, src.label, batch=batch)
     inferred = _infer_shapes(model, src.label, declared)
     logger.info("loaded %s: %d nodes, opsets %s", src.label, len(inferred.graph.node),
                 _opsets(inferred))

@@ -125,9 +125,23 @@ def pin_input_shapes(
     model: onnx.ModelProto,
     input_shapes: Mapping[str, Sequence[int]] | None,
     model_name: str = "the model",
+    batch: int | None = None,
 ) -> None:
-    """Write the pinned dims into the model's inputs (in place), then require static inputs."""
+    """Write the pinned dims into the model's inputs (in place), then require static inputs.
+
+    With ``batch``, an input the user did not pin whose *only* unknown dim is the leading one
+    (the usual dynamic batch axis) gets that dim set to ``batch``; any other unknown dim must be
+    pinned explicitly."""
     inputs = {inp.name: inp for inp in graph_inputs(model)}
+    if batch is not None:
+        for name, value in inputs.items():
+            dims = value_dims(value)
+            if name in (input_shapes or {}) or not dims or not isinstance(dims[0], str):
+                continue
+            if all(isinstance(d, int) and d > 0 for d in dims[1:]):
+                value.type.tensor_type.shape.dim[0].Clear()
+                value.type.tensor_type.shape.dim[0].dim_value = batch
+                logger.info("input %r: leading dim %r taken as batch = %d", name, dims[0], batch)
     for name, dims in (input_shapes or {}).items():
         if name not in inputs:
             raise InputShapeError(

@@ -35,9 +35,13 @@ class PreparedModel:
 
 
 def prepare_model(source: str | onnx.ModelProto, input_shapes: Sequence[str] | dict = (),
-                  verify: bool = True) -> PreparedModel:
+                  verify: bool = True, batch: int | None = 1) -> PreparedModel:
+    """Load safely, check onnxruntime can run it, normalise (verified), analyse.
+
+    A dynamic leading (batch) dim is taken as ``batch``; other symbolic dims need
+    ``input_shapes`` (texts like "input=1x3x224x224" or a dict)."""
     shapes = input_shapes if isinstance(input_shapes, dict) else parse_input_shapes(input_shapes)
-    original = load_model(source, shapes or None)
+    original = load_model(source, shapes or None, batch=batch)
     if verify:
         check_runnable(original)
     result = normalise(original, verify=verify)
