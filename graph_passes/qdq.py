@@ -87,11 +87,15 @@ class WeightQuant:
 
 @dataclass(frozen=True)
 class ActivationQuant:
-    """``scale = clip / (2^b - 1)`` (unsigned, PACT) or ``clip / (2^(b-1) - 1)`` (signed)."""
+    """``scale = clip / (2^b - 1)`` (unsigned, PACT) or ``clip / (2^(b-1) - 1)`` (signed).
+
+    ``consumers``: names of the nodes that read the quantized value (the weight layers of the
+    activation site, as in the fake-quantized torch model); None means every reader."""
 
     bits: int
     signed: bool
     scale: float
+    consumers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in ACTIVATION_BITS:
@@ -305,6 +309,11 @@ def _quantize_activation(tensor: str, quant: ActivationQuant, ctx: _Context) -> 
     consumers = [n for n in graph.node if tensor in n.input]
     if not consumers and tensor not in {o.name for o in graph.output}:
         raise PlanError(f"activation tensor {tensor!r} is not read by any node of the model")
+    if quant.consumers is not None:
+        missing = set(quant.consumers) - {n.name for n in consumers}
+        if missing:
+            raise PlanError(f"activation tensor {tensor!r} is not read by node(s) {sorted(missing)}")
+        consumers = [n for n in consumers if n.name in quant.consumers]
     zp_type = (_SIGNED if quant.signed else _UNSIGNED)[quant.bits][1]
     scale = np.float32(quant.scale)
     s_name = ctx.init(f"{tensor}_scale", np.asarray(scale))

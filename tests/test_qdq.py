@@ -468,3 +468,26 @@ def test_validate_model_reports_and_raises():
     broken.graph.node[-1].input[1] = "missing"
     with pytest.raises(VerificationError, match="onnx checker"):
         validate_model(broken, feeds=feeds)
+
+
+def test_activation_quant_rewires_only_the_named_consumers():
+    import onnx
+    from onnx import numpy_helper as nh
+
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,3,3] x) => (float[1,4,3,3] y) {
+      r = Relu(x)
+      c = Conv <pads=[1,1,1,1]> (r, w)
+      y = Add(r, c)
+    }
+    """)
+    model.graph.node[1].name = "conv"
+    model.graph.node[2].name = "add"
+    model.graph.initializer.append(nh.from_array(np.ones([4, 4, 3, 3], np.float32) * 0.1, "w"))
+    out = insert_qdq(model, {}, {"r": ActivationQuant(8, False, 6.0 / 255, consumers=("conv",))}).model
+    add = [n for n in out.graph.node if n.name == "add"][0]
+    conv = [n for n in out.graph.node if n.name == "conv"][0]
+    assert add.input[0] == "r" and conv.input[0] != "r"
+    with pytest.raises(PlanError, match="not read by node"):
+        insert_qdq(model, {}, {"r": ActivationQuant(8, False, 0.1, consumers=("nope",))})
