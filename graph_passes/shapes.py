@@ -11,6 +11,8 @@ input would make every later parity check vacuous.
 
 from __future__ import annotations
 
+import json
+
 import logging
 import re
 from typing import Iterable, Mapping, Sequence
@@ -141,6 +143,7 @@ def pin_input_shapes(
             if all(isinstance(d, int) and d > 0 for d in dims[1:]):
                 value.type.tensor_type.shape.dim[0].Clear()
                 value.type.tensor_type.shape.dim[0].dim_value = batch
+                _record_batch_dim(model, name, dims[0])
                 logger.info("input %r: leading dim %r taken as batch = %d", name, dims[0], batch)
     for name, dims in (input_shapes or {}).items():
         if name not in inputs:
@@ -232,3 +235,25 @@ def _example(dims: Sequence[Dim]) -> str:
         else:
             parts.append(f"D{axis}")
     return "x".join(parts)
+
+
+BATCH_DIMS_KEY = "prunequant.batch_dims"
+
+
+def _record_batch_dim(model: onnx.ModelProto, name: str, dim_param: str) -> None:
+    """Remember a dynamic batch dim pinned for analysis, so export can give it back."""
+    dims = batch_dims(model)
+    dims[name] = dim_param or "batch"
+    for prop in model.metadata_props:
+        if prop.key == BATCH_DIMS_KEY:
+            prop.value = json.dumps(dims, sort_keys=True)
+            return
+    model.metadata_props.add(key=BATCH_DIMS_KEY, value=json.dumps(dims, sort_keys=True))
+
+
+def batch_dims(model: onnx.ModelProto) -> dict[str, str]:
+    """{input name: original dim_param} of the batch dims pinned at load time."""
+    for prop in model.metadata_props:
+        if prop.key == BATCH_DIMS_KEY:
+            return dict(json.loads(prop.value))
+    return {}

@@ -1,0 +1,276 @@
+"""`compress`: load -> bridge -> joint search -> QAT -> export -> validate -> atomic write.
+
+    from plugin.compress import compress, CompressConfig
+    result = compress("model.onnx", "calib.npz", output="small.onnx",
+                      config=CompressConfig(target="size=0.25"))
+    result.plan, result.report, result.model
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+
+from graph_passes.errors import DataError, PrunequantError, VerificationError
+from graph_passes.validate import validate_model
+from graph_passes.writing import check_output_path, write_outputs
+
+from .data import Dataset, input_specs, load_dataset
+from .inspect_cmd import PreparedModel, prepare_model
+from .plan import CompressionPlan
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LAMBDA = 1.0
+
+
+@dataclass
+class CompressConfig:
+    """Settings of one compress run (the CLI flags map one to one)."""
+
+    cost: str = "size"
+    lam: float | None = None  # None and no target: DEFAULT_LAMBDA
+    target: str | None = None  # e.g. "size=0.25", "size=40KB", "mpic=1.2e6"
+    epochs: int = 20
+    finetune_epochs: int = 10
+    batch_size: int = 64
+    max_steps_per_epoch: int | None = None
+    weight_precisions: tuple[int, ...] = (0, 2, 4, 8)
+    activation_precisions: tuple[int, ...] = (2, 4, 8)
+    act_bits: tuple[int, ...] | None = None
+    held_out: float = 0.2
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    min_top1_agreement: float = 99.5
+
+
+@dataclass
+class CompressResult:
+    model: onnx.ModelProto
+    plan: CompressionPlan
+    report: dict
+    output: str | None = None
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        logger.info("phase %s ...", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PrunequantError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise PrunequantError(f"--device {device!r} is not one of cpu, cuda, auto")
+    return device
+
+
+def _search_config(config: CompressConfig, labels: bool):
+    from .search import SearchConfig
+
+    return SearchConfig(
+        weight_precisions=config.weight_precisions, activation_precisions=config.activation_precisions,
+        act_bits=config.act_bits, cost_model=config.cost,
+        lam=DEFAULT_LAMBDA if config.lam is None else config.lam, epochs=config.epochs,
+        batch_size=config.batch_size, max_steps_per_epoch=config.max_steps_per_epoch,
+        task_loss="cross_entropy" if labels else "distill_kl", device=config.device,
+        seed=config.seed, progress=config.progress,
+    )
+
+
+def _torch_outputs(searchable, feeds: dict[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
+    import torch
+
+    names = searchable.input_names
+    n = len(next(iter(feeds.values())))
+    chunks: list[list[np.ndarray]] = []
+    searchable.eval()
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            inputs = [torch.as_tensor(feeds[k][start : start + batch_size]).to(searchable.config.device) for k in names]
+            out = searchable(*inputs)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            chunks.append([o.detach().cpu().numpy() for o in outs])
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+def _top1(outputs: list[np.ndarray], labels: np.ndarray | None) -> float | None:
+    if labels is None or outputs[0].ndim != 2:
+        return None
+    return float((outputs[0].argmax(axis=1) == labels).mean())
+
+
+def _ort_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int | None = None
+                 ) -> list[np.ndarray]:
+    """onnxruntime (all optimisations) over the feeds, in chunks of ``batch`` (None: at once)."""
+    from graph_passes.ort_utils import make_session
+
+    session = make_session(model, optimize=True)
+    n = len(next(iter(feeds.values())))
+    step = batch or n
+    chunks = [session.run(None, {k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+
+
+def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, output: str | None = None,
+             config: CompressConfig | None = None) -> CompressResult:
+    """Compress ``model`` with the joint search; see the module docstring."""
+    config = config or CompressConfig()
+    if config.lam is not None and config.target is not None:
+        raise PrunequantError("give either a lambda or a target budget, not both")
+    if output is not None:
+        check_output_path(output)
+    timer = _Timer()
+    with timer.phase("prepare"):
+        prepared = prepare_model(model, config.input_shapes)
+        dataset = data if isinstance(data, Dataset) else load_dataset(data, input_specs(prepared.model), labels)
+        if len(dataset) < 2:
+            raise DataError(f"{dataset.source}: need at least 2 samples (some are held out for validation)")
+        train, held = dataset.split(config.held_out, seed=config.seed)
+    config.device = resolve_device(config.device)
+    from .budget import search_to_budget
+    from .finetune import FinetuneConfig, finetune
+    from .search import run_search
+    from .searchable import SearchableModel
+
+    search_config = _search_config(config, train.labels is not None)
+    with timer.phase("bridge"):
+        searchable = SearchableModel.build(prepared.model, search_config, analysis=prepared.analysis)
+    with timer.phase("search"):
+        if config.target:
+            plan = search_to_budget(searchable, train, config.target, search_config).plan
+        else:
+            plan = run_search(searchable, train, search_config)
+    with timer.phase("finetune"):
+        ft = finetune(searchable, plan, train, FinetuneConfig(
+            epochs=config.finetune_epochs, batch_size=config.batch_size,
+            task_loss=search_config.task_loss, max_steps_per_epoch=config.max_steps_per_epoch,
+            device=config.device, seed=config.seed, progress=config.progress))
+        plan = ft.plan
+    with timer.phase("export"):
+        exported, validation, quality = _export_and_validate(prepared, searchable, plan, held, config)
+    report = _report(prepared, searchable, plan, exported, validation, quality, timer, config)
+    if output is not None:
+        with timer.phase("write"):
+            files = {"plan.json": plan.to_json(), "report.json": json.dumps(report, indent=2, default=str)}
+            write_outputs(output, exported.model, _sidecars(output, files))
+        report["seconds"] = timer.seconds
+    return CompressResult(exported.model, plan, report, output)
+
+
+def _sidecars(output: str, files: dict[str, str]) -> dict[str, str]:
+    """plan.json / report.json next to the model, named after it (model.plan.json, ...)."""
+    stem = os.path.splitext(os.path.basename(output))[0]
+    return {f"{stem}.{name}": content for name, content in files.items()}
+
+
+def _export_and_validate(prepared: PreparedModel, searchable, plan: CompressionPlan, held: Dataset,
+                         config: CompressConfig):
+    from graph_passes.batch import restore_dynamic_batch
+    from graph_passes.ort_utils import compare_outputs
+
+    from .bridge import write_back
+    from .export import export_plan
+
+    weighted = write_back(prepared.model, searchable.materialised_bridge())
+    exported = export_plan(weighted, prepared.analysis, plan)
+    exported.model, restored = restore_dynamic_batch(exported.model)
+    feeds = {k: v for k, v in held.arrays.items()}
+    fake_quant = _torch_outputs(searchable, feeds)
+    classifier = fake_quant[0].ndim == 2 and fake_quant[0].shape[1] > 1
+    # the full check (checker, ORT off vs all) on as many samples as the model's batch allows
+    n_check = len(held) if restored else 1
+    validation = validate_model(exported.model, reference_outputs=[o[:n_check] for o in fake_quant],
+                                feeds={k: v[:n_check] for k, v in feeds.items()}, rtol=float("inf"))
+    compressed = _ort_outputs(exported.model, feeds, None if restored else 1)
+    original = _ort_outputs(prepared.original, feeds, 1)
+    err = compare_outputs(compressed, fake_quant)
+    agreement = float((compressed[0].argmax(1) == fake_quant[0].argmax(1)).mean()) if classifier else None
+    if agreement is not None and 100 * agreement < config.min_top1_agreement:
+        raise VerificationError(
+            f"the exported model agrees with the fake-quantized torch model on only {100 * agreement:.2f}% "
+            f"of {len(held)} held-out samples (< {config.min_top1_agreement}%); nothing was written")
+    quality = {
+        "held_out_samples": len(held),
+        "dynamic_batch_restored": restored,
+        "fake_quant_max_rel_error": err.max_rel_error,
+        "fake_quant_top1_agreement": agreement,
+        "accuracy_before": _top1(original, held.labels),
+        "accuracy_after": _top1(compressed, held.labels),
+        "top1_agreement_with_original": (float((compressed[0].argmax(1) == original[0].argmax(1)).mean())
+                                         if classifier else None),
+    }
+    return exported, validation, quality
+
+
+def _report(prepared, searchable, plan, exported, validation, quality, timer, config) -> dict:
+    from cost_models import available_cost_models
+
+    names = available_cost_models()
+    before = searchable.cost_before_all(names) if hasattr(searchable, "cost_before_all") else {
+        n: searchable.cost_before(n) for n in names}
+    after = {n: searchable.cost_of_plan(plan, n) for n in names}
+    fp32_weight_bytes = sum(4 * layer.params for layer in prepared.analysis.layers)
+    return {
+        "model": prepared.source,
+        "plan_model_sha256": plan.model_sha256,
+        "config": {k: v for k, v in asdict(config).items()},
+        "layers": {
+            name: {"channels_before": b, "channels_after": a, "bits": exported.layer_bits.get(name, {})}
+            for name, (b, a) in exported.layer_channels.items()
+        },
+        "groups_pruned": {g: len(ch) for g, ch in exported.removal.items()},
+        "cost_before_8bit": before,
+        "cost_after": after,
+        "file": {
+            "bytes": exported.model.ByteSize(),
+            "weight_bytes": exported.qdq.weight_bytes,
+            "predicted_weight_bytes": exported.qdq.predicted_bytes,
+            "graph_overhead_bytes": exported.qdq.other_bytes,
+            "fp32_weight_bytes": fp32_weight_bytes,
+        },
+        "quality": quality,
+        "validation": asdict(validation),
+        "seconds": timer.seconds,
+    }
+
+
+def summary_table(report: dict) -> str:
+    """Before/after table for the CLI."""
+    b, a, q = report["cost_before_8bit"], report["cost_after"], report["quality"]
+    rows = [("size (weights, 8-bit = before)", f"{b['size'] / 8:,.0f} B", f"{a['size'] / 8:,.0f} B"),
+            ("BOPs", f"{b['bops']:.3g}", f"{a['bops']:.3g}"),
+            ("mpic latency (cycles)", f"{b['mpic']:.3g}", f"{a['mpic']:.3g}")]
+    if q.get("accuracy_before") is not None:
+        rows.append(("accuracy (held out)", f"{100 * q['accuracy_before']:.2f}%", f"{100 * q['accuracy_after']:.2f}%"))
+    if q.get("top1_agreement_with_original") is not None:
+        rows.append(("top-1 agreement with original", "100%", f"{100 * q['top1_agreement_with_original']:.2f}%"))
+    rows.append(("file", f"{report['file']['fp32_weight_bytes']:,} B fp32 weights",
+                 f"{report['file']['bytes']:,} B"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':<{width}}  {'before':>22}  {'after':>22}"]
+    lines += [f"{name:<{width}}  {x:>22}  {y:>22}" for name, x, y in rows]
+    return "\n".join(lines)
