@@ -113,8 +113,11 @@ def inspect(model: str, input_shapes: tuple[str, ...], as_json: bool, no_verify:
 
 
 def _register_commands() -> None:
+    from .cmd_compress import compress_command, export_command
     from .cmd_evaluate import evaluate_command
 
+    main.add_command(compress_command)
+    main.add_command(export_command)
     main.add_command(evaluate_command)
 
 
