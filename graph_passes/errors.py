@@ -100,3 +100,9 @@ class OutputError(PrunequantError):
     """The output location cannot be written."""
 
     exit_code = 13
+
+
+class ConfigError(PrunequantError):
+    """Options that contradict each other or are out of range (e.g. --lambda with --target)."""
+
+    exit_code = 14

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import onnx
 
-from graph_passes.errors import DataError, PrunequantError, VerificationError
+from graph_passes.errors import ConfigError, DataError, VerificationError
 from graph_passes.validate import validate_model
 from graph_passes.writing import check_output_path, write_outputs
 
@@ -82,9 +82,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise PrunequantError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
     if device not in ("cpu", "cuda"):
-        raise PrunequantError(f"--device {device!r} is not one of cpu, cuda, auto")
+        raise ConfigError(f"--device {device!r} is not one of cpu, cuda, auto")
     return device
 
 
@@ -140,7 +140,7 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
     """Compress ``model`` with the joint search; see the module docstring."""
     config = config or CompressConfig()
     if config.lam is not None and config.target is not None:
-        raise PrunequantError("give either a lambda or a target budget, not both")
+        raise ConfigError("give either a lambda or a target budget, not both")
     if output is not None:
         check_output_path(output)
     timer = _Timer()
