@@ -135,16 +135,18 @@ class ModelGraph:
         return dg
 
     def topological_nodes(self) -> list[str]:
-        """Node names in a topological order (networkx), stable with respect to file order."""
-        order = {name: i for i, name in enumerate(self.nodes)}
-        ops = [
-            n[1]
-            for n in nx.lexicographical_topological_sort(
-                self.nx_graph, key=lambda n: (order.get(n[1], -1), n[0]) if n[0] == "op" else (-1, n[1])
-            )
-            if n[0] == "op"
-        ]
-        return ops
+        """Node names in a topological order: the file's order when it is one (the ONNX spec
+        requires it; checked in linear time), else networkx's topological sort."""
+        seen = set(self.graph_inputs) | set(self.initializers)
+        for name, node in self.nodes.items():
+            needed = [i for i in node.input if i] + sorted(subgraph_references(node))
+            if any(i not in seen for i in needed):
+                break
+            seen.update(o for o in node.output if o)
+        else:
+            return list(self.nodes)
+        logger.info("nodes are not in topological order; sorting with networkx")
+        return [n[1] for n in nx.topological_sort(self.nx_graph) if n[0] == "op"]
 
     def attr(self, node: onnx.NodeProto, name: str, default=None):
         for a in node.attribute:

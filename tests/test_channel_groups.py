@@ -391,3 +391,14 @@ def test_removal_that_empties_a_sliced_tensor_is_refused_and_repairable():
     repaired = repair_removal(a, {g.id: [0, 2, 3, 4]}, score={g.id: np.array([0, 0, 0, 5, 0, 0, 0, 0.0])})
     assert repaired == {g.id: [0, 2, 4]}
     oracle(model, a)
+
+
+def test_nodes_out_of_topological_order_are_sorted_with_networkx():
+    model, a = two_convs("u = Relu(t)")
+    shuffled = onnx.ModelProto()
+    shuffled.CopyFrom(model)
+    nodes = list(shuffled.graph.node)[::-1]
+    del shuffled.graph.node[:]
+    shuffled.graph.node.extend(nodes)
+    b = analyse(shuffled)
+    assert [(g.size, g.prunable) for g in b.groups] == [(g.size, g.prunable) for g in a.groups]
