@@ -1,0 +1,212 @@
+"""Budget mode: drive lambda until the *discretised* plan meets a cost target.
+
+Targets (``--target``):
+
+* ``size=0.25`` or ``size=25%``: relative to the same model with every weight and activation at
+  8 bits and nothing pruned. A bare number in (0, 1] is relative; above 1 it is absolute.
+* ``size=40KB``, ``size=40000`` (bytes), ``size=39KiB``, ``size=320000bit``: absolute model size
+  (``size`` counts weight bits; bytes are the default unit for it).
+* ``mpic=1.2e6``: absolute, in the cost model's own unit (cycles for ``mpic``).
+
+Strategy (DESIGN "Lessons": one lambda that is a little too large collapses the model): approach
+the budget from above. One search runs with lambda rising geometrically, ``lam_start *
+lam_factor**round`` for ``epochs_per_round`` epochs per round, *warm-started*: optimisers, weights,
+logits and temperature carry over, so the whole controller costs one search of the length it
+needs, like the paper's lambda ramp, and each round starts from a plan just above the budget
+instead of jumping to a large lambda from scratch. After every epoch the discretised plan's cost
+is checked; the first plan that meets the budget is returned. A budget below the cheapest plan
+the search can produce (one channel per prunable group, lowest bit-widths) fails before any
+training, naming that smallest reachable value.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cost_models import get_cost_model
+from graph_passes.errors import CostModelError
+from plugin.plan import CompressionPlan
+from plugin.search import SearchConfig, SearchConfigError, SearchRunner
+
+if TYPE_CHECKING:
+    from plugin.searchable import SearchableModel
+
+logger = logging.getLogger(__name__)
+
+_BIT_UNITS = {"bit": 1, "bits": 1, "b": 1, "kbit": 1000, "B": 8, "kB": 8000, "KB": 8000, "KiB": 8192,
+              "MB": 8_000_000, "MiB": 8 * 1024 * 1024}
+_TARGET = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*=\s*([0-9.eE+\-]+)\s*([A-Za-z%]*)\s*$")
+_EXAMPLES = "size=0.25, size=25%, size=40KB or mpic=1.2e6"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed target: ``value`` is relative (fraction of the 8-bit cost) or absolute in the
+    cost model's unit (bits for ``size``)."""
+
+    cost_model: str
+    value: float
+    relative: bool
+    text: str
+
+    def absolute(self, cost_before: float) -> float:
+        return self.value * cost_before if self.relative else self.value
+
+
+def parse_target(text: str) -> Budget:
+    """Parse ``NAME=VALUE[UNIT]``; :class:`CostModelError` for malformed text or unknown models."""
+    match = _TARGET.match(text or "")
+    if match is None:
+        raise CostModelError(f"malformed budget {text!r}: expected NAME=VALUE, e.g. {_EXAMPLES}")
+    name, number, unit = match.groups()
+    model = get_cost_model(name)  # unknown names raise CostModelError listing the known ones
+    try:
+        value = float(number)
+    except ValueError:
+        raise CostModelError(f"malformed budget {text!r}: {number!r} is not a number; e.g. {_EXAMPLES}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise CostModelError(f"budget {text!r}: the value must be a finite number > 0")
+    if unit == "%":
+        return _relative(name, value / 100, text)
+    if unit in ("x", "X"):
+        return _relative(name, value, text)
+    if unit:
+        if model.unit != "bit" or unit not in _BIT_UNITS:
+            allowed = ", ".join(_BIT_UNITS) if model.unit == "bit" else "none (the unit is " + model.unit + ")"
+            raise CostModelError(f"budget {text!r}: unknown unit {unit!r} for cost model {name!r}; "
+                                 f"units: {allowed}, or % for a fraction of the 8-bit model")
+        return Budget(name, value * _BIT_UNITS[unit], False, text)
+    if value <= 1:
+        return _relative(name, value, text)
+    return Budget(name, value * 8 if model.unit == "bit" else value, False, text)
+
+
+def _relative(name: str, fraction: float, text: str) -> Budget:
+    if not 0 < fraction <= 1:
+        raise CostModelError(f"budget {text!r}: a relative budget must be in (0, 1] of the 8-bit model")
+    return Budget(name, fraction, True, text)
+
+
+def format_cost(name: str, value: float) -> str:
+    """``12.3 KB`` for size (bits in), ``1.2e+06 cycles`` otherwise."""
+    unit = get_cost_model(name).unit
+    if unit == "bit":
+        return f"{value / 8000:.2f} KB" if value >= 8000 else f"{value / 8:.0f} B"
+    return f"{value:.4g} {unit}"
+
+
+@dataclass
+class BudgetConfig:
+    """lambda schedule of the controller (lambda is relative to the 8-bit cost, see search.py)."""
+
+    lam_start: float = 10.0
+    lam_factor: float = 2.0
+    epochs_per_round: int = 1
+    max_rounds: int = 15
+    check_every: int = 5
+
+    def __post_init__(self) -> None:
+        if not (self.lam_start > 0 and self.lam_factor > 1 and self.epochs_per_round >= 1 and self.max_rounds >= 1):
+            raise SearchConfigError("budget controller needs lam_start > 0, lam_factor > 1, epochs_per_round >= 1 "
+                                    f"and max_rounds >= 1; got {self}")
+
+
+@dataclass
+class BudgetResult:
+    plan: CompressionPlan
+    budget: Budget
+    target: float
+    lam: float
+    epochs: int
+    trace: list[dict[str, float]] = field(default_factory=list)
+
+
+def check_reachable(searchable: SearchableModel, budget: Budget) -> float:
+    """The absolute target; CostModelError (with the smallest reachable value) if unreachable."""
+    name = budget.cost_model
+    before = searchable.cost_before(name)
+    target = budget.absolute(before)
+    smallest = searchable.cost_of_plan(searchable.minimal_plan([name]), name)
+    if target < smallest * (1 - 1e-9):
+        raise CostModelError(
+            f"budget {budget.text!r} ({format_cost(name, target)}) cannot be met: the smallest reachable "
+            f"{name} cost is {format_cost(name, smallest)} ({smallest / before:.4f} of the 8-bit model: one "
+            f"channel per prunable group at the lowest bit-width); set the budget to at least that")
+    return target
+
+
+def search_to_budget(searchable: SearchableModel, data: Any, target: str | Budget,
+                     config: SearchConfig | None = None, budget_config: BudgetConfig | None = None) -> BudgetResult:
+    """Raise lambda (warm start) until the discretised plan meets ``target``; see the module doc."""
+    budget = parse_target(target) if isinstance(target, str) else target
+    config = config or searchable.config
+    controller = budget_config or BudgetConfig()
+    absolute = check_reachable(searchable, budget)
+    name = budget.cost_model
+    runner = SearchRunner(searchable, data, config)
+    trace: list[dict[str, float]] = []
+    lam = 0.0
+    if _plan_cost(searchable, name) <= absolute:
+        logger.info("budget %s already met by the 8-bit plan", budget.text)
+        return _result(searchable, runner, budget, absolute, lam, trace)
+    met = False
+
+    def check() -> bool:
+        nonlocal met
+        cost = _plan_cost(searchable, name)
+        trace.append({"epoch": float(len(runner.history) + 1), "lambda": lam, "plan_cost": cost})
+        met = cost <= absolute
+        return met
+
+    for round_index in range(controller.max_rounds):
+        lam = controller.lam_start * controller.lam_factor ** round_index
+        for _ in range(controller.epochs_per_round):
+            stats = runner.run_epoch(lam, check, controller.check_every)
+            logger.info("budget round %d, epoch %d: lambda %.3g, plan %s (target %s)", round_index + 1,
+                        stats.epoch, lam, format_cost(name, trace[-1]["plan_cost"]) if trace else "-",
+                        format_cost(name, absolute))
+            if met or check():
+                threshold = _loosest_threshold(searchable, name, absolute)
+                return _result(searchable, runner, budget, absolute, lam, trace, threshold)
+    best = min((t["plan_cost"] for t in trace), default=float("nan"))
+    raise CostModelError(
+        f"budget {budget.text!r} ({format_cost(name, absolute)}) not met after {controller.max_rounds} rounds "
+        f"(lambda up to {lam:.3g}); the cheapest plan reached {format_cost(name, best)}; raise max_rounds or "
+        "lam_factor, or relax the budget")
+
+
+def _plan_cost(searchable: SearchableModel, name: str, threshold: float = 0.5) -> float:
+    plan = searchable.discretise(cost_models=[], prune_threshold=threshold, with_scales=False)
+    return searchable.cost_of_plan(plan, name)
+
+
+def _loosest_threshold(searchable: SearchableModel, name: str, absolute: float) -> float:
+    """The largest prune threshold (>= 0.5) whose plan still meets the budget.
+
+    A whole group's columns tend to cross theta_0 = 1/2 together, so the first plan under the
+    budget can undershoot it by a lot (a residual group pruned to one channel). Raising the
+    threshold restores the columns with the smallest theta_0 first; the plan cost only grows
+    with the threshold, so a binary search over the candidate values finds the loosest one.
+    """
+    candidates = sorted({p for p in searchable.prune_probabilities() if p > 0.5})
+    lo, hi, best = 0, len(candidates) - 1, 0.5
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if _plan_cost(searchable, name, candidates[mid]) <= absolute:
+            best, lo = candidates[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def _result(searchable: SearchableModel, runner: SearchRunner, budget: Budget, absolute: float, lam: float,
+            trace: list[dict[str, float]], threshold: float = 0.5) -> BudgetResult:
+    metadata = runner.metadata(**{"budget": budget.text, "budget_absolute": float(absolute), "lambda": float(lam),
+                                  "prune_threshold": float(threshold)})
+    plan = searchable.discretise(metadata=metadata, prune_threshold=threshold)
+    logger.info("budget %s met: %s", budget.text, searchable.describe_plan(plan, budget.cost_model))
+    return BudgetResult(plan, budget, absolute, lam, len(runner.history), trace)

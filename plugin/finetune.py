@@ -1,0 +1,130 @@
+"""Quantization-aware fine-tuning with a frozen CompressionPlan, and evaluation helpers.
+
+    result = finetune(searchable, plan, dataset, FinetuneConfig(epochs=10))
+    bridged = searchable.materialised_bridge()       # then bridge.write_back + export
+    result.plan                                      # the plan with the fine-tuned scales/clips
+
+The plan is applied with :meth:`SearchableModel.freeze`: fixed bits per output channel, pruned
+channels zero (their raw weights and biases are zeroed and get no gradient, so Adam keeps them
+at exactly zero), activation bits fixed, and pruned positions masked at every consumer input,
+which is what the structurally pruned model computes. The architecture logits do not train.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from plugin.plan import CompressionPlan
+from plugin.quantizers import net_param_groups
+from plugin.search import TASK_LOSSES, SearchConfigError, count_batches, iterate_batches, task_loss
+
+if TYPE_CHECKING:
+    from plugin.searchable import SearchableModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    """QAT settings; the task loss is the search's (distillation by default)."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    task_loss: str = "distill_kl"
+    max_steps_per_epoch: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task_loss not in TASK_LOSSES:
+            raise SearchConfigError(f"task_loss {self.task_loss!r} is unknown; use one of {', '.join(TASK_LOSSES)}")
+        if int(self.epochs) < 0 or int(self.batch_size) < 1 or not float(self.lr) > 0:
+            raise SearchConfigError(
+                f"fine-tuning needs epochs >= 0, batch_size >= 1 and lr > 0; got epochs={self.epochs}, "
+                f"batch_size={self.batch_size}, lr={self.lr}")
+
+
+@dataclass
+class FinetuneResult:
+    """``plan``: the frozen plan with the fine-tuned weight scales and activation clips."""
+
+    plan: CompressionPlan
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def finetune(searchable: SearchableModel, plan: CompressionPlan, data: Any,
+             config: FinetuneConfig | None = None) -> FinetuneResult:
+    """Freeze ``plan`` into ``searchable`` and train its weights and clips (Adam)."""
+    config = config or FinetuneConfig()
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    searchable.to(device)
+    searchable.freeze(plan)
+    optimiser = torch.optim.Adam(net_param_groups(searchable, config.weight_decay), lr=config.lr)
+    start, losses = time.perf_counter(), []
+    for epoch in range(config.epochs):
+        losses.append(_epoch(searchable, data, config, optimiser, epoch, device))
+        logger.info("fine-tune epoch %d/%d: task loss %.4f", epoch + 1, config.epochs, losses[-1])
+    seconds = time.perf_counter() - start
+    metadata = dict(plan.metadata)
+    metadata["finetune"] = {"epochs": int(config.epochs), "lr": float(config.lr), "task_loss": config.task_loss,
+                            "final_loss": _finite(losses[-1]) if losses else None}
+    refreshed = searchable.discretise(metadata=metadata, cost_models=list(plan.cost_after) or None)
+    return FinetuneResult(refreshed, losses, seconds)
+
+
+def _epoch(searchable: SearchableModel, data: Any, config: FinetuneConfig, optimiser: torch.optim.Optimizer,
+           epoch: int, device: torch.device) -> float:
+    batches = iterate_batches(data, searchable.input_names, config.batch_size, config.seed + 1000 + epoch,
+                              device, config.max_steps_per_epoch)
+    total = count_batches(data, config.batch_size, config.max_steps_per_epoch)
+    bar = tqdm(batches, total=total, desc=f"fine-tune {epoch + 1}", leave=False, disable=not config.progress)
+    losses = []
+    for inputs, labels in bar:
+        teacher = searchable.teacher_outputs(*inputs) if config.task_loss != "cross_entropy" else None
+        loss = task_loss(config.task_loss, searchable(*inputs), teacher, labels)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+@torch.no_grad()
+def evaluate(searchable: SearchableModel, data: Any, batch_size: int = 256) -> dict[str, float]:
+    """Top-1 accuracy (when the data has labels) and top-1 agreement with the FP32 teacher."""
+    device = next((p.device for p in searchable.parameters()), torch.device("cpu"))
+    correct = agree = count = 0
+    has_labels = False
+    for inputs, labels in iterate_batches(data, searchable.input_names, batch_size, 0, device):
+        out = searchable(*inputs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        teacher = searchable.teacher_outputs(*inputs)
+        teacher = teacher[0] if isinstance(teacher, (tuple, list)) else teacher
+        pred = out.argmax(dim=1)
+        agree += int((pred == teacher.argmax(dim=1)).sum())
+        if labels is not None:
+            has_labels = True
+            correct += int((pred == labels).sum())
+        count += pred.numel()
+    metrics = {"agreement": agree / max(count, 1), "samples": float(count)}
+    if has_labels:
+        metrics["accuracy"] = correct / max(count, 1)
+    return metrics

@@ -1,0 +1,112 @@
+"""The gradient search, the budget controller and QAT on samples/digits (short runs on a subset)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from graph_passes.errors import CostModelError
+from plugin.budget import BudgetConfig, parse_target, search_to_budget
+from plugin.data import Dataset
+from plugin.finetune import FinetuneConfig, evaluate, finetune
+from plugin.inspect_cmd import PreparedModel, prepare_model
+from plugin.search import SearchConfig, SearchConfigError, run_search
+from plugin.searchable import SearchableModel
+
+DIGITS = Path(__file__).resolve().parents[1] / "samples" / "digits"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is far faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits() -> PreparedModel:
+    return prepare_model(str(DIGITS / "model.onnx"), ["input=1x1x8x8"])
+
+
+@pytest.fixture(scope="module")
+def train() -> Dataset:
+    data = np.load(DIGITS / "train.npz")
+    return Dataset({"input": data["input"][:256]}, data["labels"][:256].astype(np.int64))
+
+
+def _searchable(digits: PreparedModel, **config: object) -> SearchableModel:
+    cfg = SearchConfig(progress=False, batch_size=64, **config)  # type: ignore[arg-type]
+    return SearchableModel.build(digits.model, cfg, analysis=digits.analysis)
+
+
+def test_large_lambda_prunes_and_lowers_cost(digits: PreparedModel, train: Dataset) -> None:
+    sm = _searchable(digits, epochs=3, lam=20000.0)
+    plan = run_search(sm, train, sm.config)
+    pruned = sum(len(g.pruned) for g in plan.groups.values())
+    assert pruned > 0
+    assert all(g.kept for g in plan.groups.values())
+    assert plan.cost_after["size"] < plan.cost_before["size"]
+    assert plan.cost_before["size"] == sm.cost_before("size") == 42256 * 8
+    assert plan.metadata["strategy"] == "gradient" and len(plan.metadata["history"]) == 3
+    assert set(plan.cost_after) >= {"size", "bops", "mpic"}
+
+
+@pytest.mark.parametrize(
+    ("text", "model", "value", "relative"),
+    [("size=0.25", "size", 0.25, True), ("size=25%", "size", 0.25, True), ("size=40KB", "size", 320000, False),
+     ("size=40000", "size", 320000, False), ("size=1KiB", "size", 8192, False), ("mpic=1.2e6", "mpic", 1.2e6, False)],
+)
+def test_parse_target(text: str, model: str, value: float, relative: bool) -> None:
+    budget = parse_target(text)
+    assert (budget.cost_model, budget.relative) == (model, relative)
+    assert budget.value == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["size", "size=", "=0.5", "size=abc", "size=-1", "size=0", "size=150%",
+                                  "size=3parsec", "mpic=3KB", "size=0.5=1", "nosuchmodel=0.5"])
+def test_parse_target_errors(text: str) -> None:
+    with pytest.raises(CostModelError) as info:
+        parse_target(text)
+    message = str(info.value)
+    assert text in message or "unknown cost model" in message
+
+
+def test_unreachable_budget_fails_fast_with_smallest_value(digits: PreparedModel, train: Dataset) -> None:
+    sm = _searchable(digits)
+    smallest = sm.minimal_plan(["size"]).cost_after["size"]
+    start = time.perf_counter()
+    with pytest.raises(CostModelError, match="smallest reachable size cost is 14 B") as info:
+        search_to_budget(sm, train, "size=10B")
+    assert time.perf_counter() - start < 5
+    assert smallest == 110  # 1 channel per prunable group at 2 bits; the Gemm keeps 10 outputs
+    assert "0.0003 of the 8-bit model" in str(info.value)
+
+
+def test_relative_budget_is_met_then_finetuned(digits: PreparedModel, train: Dataset) -> None:
+    sm = _searchable(digits, seed=1)
+    result = search_to_budget(sm, train, "size=0.5", sm.config,
+                              BudgetConfig(lam_start=1000.0, lam_factor=2.0, check_every=1, max_rounds=6))
+    plan = result.plan
+    assert plan.cost_after["size"] <= 0.5 * plan.cost_before["size"]
+    assert sm.cost_of_plan(plan, "size") == plan.cost_after["size"] <= result.target
+    assert plan.metadata["budget"] == "size=0.5"
+    tuned = finetune(sm, plan, train, FinetuneConfig(epochs=1, max_steps_per_epoch=2, progress=False))
+    assert [layer.bits for layer in tuned.plan.layers.values()] == [layer.bits for layer in plan.layers.values()]
+    for entry in sm._layers.values():
+        bits = torch.tensor(plan.layers[entry.info.name].bits)
+        weight = getattr(sm.net.get_submodule(entry.owner), entry.weight_attr).detach()
+        assert torch.count_nonzero(weight.movedim(entry.quantizer.ch_axis, 0)[bits == 0]) == 0
+    assert 0.0 <= evaluate(sm, train)["accuracy"] <= 1.0
+
+
+def test_config_errors() -> None:
+    with pytest.raises(SearchConfigError, match="task_loss"):
+        SearchConfig(task_loss="hinge")
+    with pytest.raises(SearchConfigError, match="discretisation"):
+        SearchConfig(discretisation="round")
