@@ -245,16 +245,30 @@ def _report(prepared, searchable, plan, exported, validation, quality, timer, co
         "groups_pruned": {g: len(ch) for g, ch in exported.removal.items()},
         "cost_before_8bit": before,
         "cost_after": after,
-        "file": {
-            "bytes": exported.model.ByteSize(),
-            "weight_bytes": exported.qdq.weight_bytes,
-            "predicted_weight_bytes": exported.qdq.predicted_bytes,
-            "graph_overhead_bytes": exported.qdq.other_bytes,
-            "fp32_weight_bytes": fp32_weight_bytes,
-        },
+        "file": _file_accounting(exported, fp32_weight_bytes),
         "quality": quality,
         "validation": asdict(validation),
         "seconds": timer.seconds,
+    }
+
+
+def _file_accounting(exported, fp32_weight_bytes: int) -> dict:
+    """File size vs the `size` cost model: the packed integer weights must match the model's
+    prediction within 5%; the rest is a fixed overhead (per-channel scales and zero points,
+    Gather indices of mixed-width layers, FP32 biases, graph structure and names)."""
+    layers = exported.qdq.layers.values()
+    packed = sum(layer.weight_bytes for layer in layers)
+    predicted = exported.qdq.predicted_bytes
+    total = exported.model.ByteSize()
+    return {
+        "bytes": total,
+        "packed_weight_bytes": packed,
+        "size_model_bytes": predicted,
+        "prediction_error": (packed - predicted) / predicted if predicted else 0.0,
+        "overhead_bytes": total - packed,
+        "scale_zero_point_index_bytes": sum(l.scale_bytes + l.zero_point_bytes + l.index_bytes for l in layers),
+        "graph_bytes": exported.qdq.other_bytes,
+        "fp32_weight_bytes": fp32_weight_bytes,
     }
 
 

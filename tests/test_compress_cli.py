@@ -87,6 +87,11 @@ def test_compress_digits_end_to_end(tmp_path):
     assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
     assert report["quality"]["fake_quant_top1_agreement"] >= 0.995
     assert report["quality"]["dynamic_batch_restored"] is True
+    file = report["file"]
+    assert file["bytes"] == target.stat().st_size
+    assert abs(file["prediction_error"]) <= 0.05, file  # packed weights vs the size cost model
+    assert file["overhead_bytes"] == file["bytes"] - file["packed_weight_bytes"]
+    assert file["size_model_bytes"] == pytest.approx(report["cost_after"]["size"] / 8)
     plan = json.loads((tmp_path / "digits_pq.plan.json").read_text())
     assert plan["format"] == "prunequant.plan"
     # export --plan reproduces a valid model from the plan without searching
