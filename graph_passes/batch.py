@@ -72,3 +72,51 @@ def restore_dynamic_batch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool
     logger.warning("the exported model keeps a static batch of 1 (%s); the input model's graph "
                    "fixes the batch size somewhere", reason)
     return static, False
+
+
+def generalise_batch_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Reshape targets that spell out the batch size (``[1, 576]``, as exporters write a
+    flatten) become ``[-1, 576]`` (or ``[0, -1]`` for ``[1, -1]``: "copy the input's dim 0").
+    For the current shapes this computes the same thing; it lets the model (and its torch
+    bridge) run other batch sizes.
+
+    Only Reshapes with a constant target whose first entry equals the input's (known) dim 0 are
+    touched (``0`` only where ``allowzero`` is unset). Returns the model and how many changed.
+    """
+    from onnx import numpy_helper
+
+    from .graph import ModelGraph
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    view = ModelGraph.build(work)
+    inits = {t.name: t for t in work.graph.initializer}
+    users: dict[str, int] = {}
+    for node in work.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    count = 0
+    for node in work.graph.node:
+        if node.op_type != "Reshape" or node.input[1] not in inits:
+            continue
+        target = numpy_helper.to_array(inits[node.input[1]]).astype(np.int64)
+        in_shape = view.shape(node.input[0])
+        if target.ndim != 1 or not target.size or not in_shape or target[0] != in_shape[0] or target[0] <= 0:
+            continue
+        target = target.copy()
+        if -1 not in target[1:]:
+            target[0] = -1  # inferred from the element count: the batch
+        elif not view.attr(node, "allowzero", 0):
+            target[0] = 0  # copied from the input's dim 0
+        else:
+            continue
+        name = node.input[1] if users[node.input[1]] == 1 else f"{node.input[1]}__{node.name or count}"
+        tensor = numpy_helper.from_array(target, name)
+        if name in inits:
+            inits[name].CopyFrom(tensor)
+        else:
+            work.graph.initializer.append(tensor)
+            inits[name] = tensor
+        node.input[1] = name
+        count += 1
+    return work, count

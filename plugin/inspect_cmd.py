@@ -13,6 +13,9 @@ from graph_passes.channel_groups import ChannelAnalysis, analyse
 from graph_passes.errors import PrunequantError
 from graph_passes.loading import check_runnable, load_model
 from graph_passes.normalise import NormaliseResult, normalise
+from graph_passes.batch import generalise_batch_reshapes
+from graph_passes.errors import VerificationError
+from graph_passes.ort_utils import compare_outputs, make_session, random_feeds
 from graph_passes.shapes import parse_input_shapes, static_input_shapes
 
 from .inspect_report import InspectReport
@@ -45,9 +48,24 @@ def prepare_model(source: str | onnx.ModelProto, input_shapes: Sequence[str] | d
     if verify:
         check_runnable(original)
     result = normalise(original, verify=verify)
+    # Reshape targets that spell out the batch size: make them batch-agnostic (same results)
+    result.model, rewritten = generalise_batch_reshapes(result.model)
+    if rewritten:
+        logger.info("%d Reshape target(s) now copy the batch dim from their input", rewritten)
+        if verify:
+            _check_same(original, result)
     analysis = analyse(result.model)
     label = source if isinstance(source, str) else "<model>"
     return PreparedModel(label, original, result, analysis)
+
+
+def _check_same(original: onnx.ModelProto, result: NormaliseResult) -> None:
+    reference = make_session(original)
+    feeds = random_feeds(reference, seed=1)
+    err = compare_outputs(make_session(result.model).run(None, feeds), reference.run(None, feeds))
+    if not err.ok(1e-4):
+        raise VerificationError(f"making Reshape targets batch-agnostic changed output {err.worst_output} "
+                                f"by {err.max_rel_error:.2e}; pin the batch with --input-shape instead")
 
 
 def _bridge_summary(model: onnx.ModelProto) -> dict:
