@@ -18,6 +18,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OperationConverterResult
 from torch import nn
+from torch.nn.utils import skip_init
 
 from plugin.bridge import registry
 from plugin.bridge._common import (
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 def _binding(module: nn.Module, attr: str, graph: OnnxGraph, name: str, transpose: bool = False):
-    onnx_shape = tuple(graph.initializers[name].to_numpy().shape)
+    onnx_shape = tuple(int(d) for d in graph.initializers[name].proto.dims)  # no data copy
     try:
         tensor = module.get_parameter(attr)
     except AttributeError:
@@ -54,9 +55,9 @@ class ScaledLinear(nn.Linear):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float,
                  beta: float, trans_a: bool) -> None:
-        super().__init__(weight.shape[1], weight.shape[0], bias=False)
-        self.weight = nn.Parameter(weight.clone())
-        self.gemm_bias = None if bias is None else nn.Parameter(bias.clone())
+        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.weight = nn.Parameter(weight.contiguous())
+        self.gemm_bias = None if bias is None else nn.Parameter(bias.contiguous())
         self.alpha, self.beta, self.trans_a = alpha, beta, trans_a
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -67,11 +68,11 @@ class ScaledLinear(nn.Linear):
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        module.weight.copy_(weight)
-        if bias is not None:
-            module.bias.copy_(bias)
+    """nn.Linear holding ``weight``/``bias`` (no random init first: VGG's fc6 has 100M values)."""
+    module = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None)
+    module.weight = nn.Parameter(weight.contiguous())
+    if bias is not None:
+        module.bias = nn.Parameter(bias.contiguous())
     return module
 
 
