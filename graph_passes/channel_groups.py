@@ -229,11 +229,12 @@ def analyse(model: onnx.ModelProto) -> ChannelAnalysis:
     layers = []
     for name, node in graph.nodes.items():
         layer = describe_weight_layer(name, node, graph)
-        if layer is not None and node.output[0] in ctx.layouts:
+        if layer is not None:
             layers.append(layer)
     _attach_members(ctx, groups, atom_group, atom_channel, layers)
     for layer in layers:
-        out_groups = atom_group[ctx.layouts[layer.output].atoms]
+        out_layout = ctx.layouts.get(layer.output)
+        out_groups = atom_group[out_layout.atoms] if out_layout is not None else np.zeros(0, np.int64)
         layer.output_groups = [groups[g].id for g in dict.fromkeys(out_groups.tolist())]
         layer.prunable_out_channels = int(sum(groups[g].prunable for g in out_groups.tolist()))
         in_layout = ctx.layouts.get(layer.input)

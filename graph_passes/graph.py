@@ -73,7 +73,9 @@ class ModelGraph:
         view.graph_inputs = [i.name for i in g.input if i.name not in view.initializers]
         view.graph_outputs = [o.name for o in g.output]
         for vi in list(g.input) + list(g.value_info) + list(g.output):
-            view.shapes[vi.name] = _dims(vi.type)
+            dims = _dims(vi.type)
+            if dims is not None or vi.name not in view.shapes:  # never forget a known shape
+                view.shapes[vi.name] = dims
         for t in g.initializer:
             view.shapes[t.name] = list(t.dims)
         for i, node in enumerate(g.node):

@@ -42,51 +42,6 @@ def _params():
         yield pytest.param(name, marks=marks, id=name)
 
 
-def _randomise_weights(model: onnx.ModelProto, layers, seed: int) -> None:
-    """Seeded random values for weight layers and for per-channel affine constants.
-
-    Weights are He-scaled, biases N(0, 0.1); float initializers with more than one value read by
-    BatchNormalization, Mul or Add (the light models' unfolded per-channel scales and shifts,
-    all 0.02, shrink the signal 50x per layer) become scales U(0.5, 1.5) or shifts N(0, 0.1).
-    """
-    rng = np.random.default_rng(seed)
-    inits = {init.name: init for init in model.graph.initializer}
-    values: dict[str, np.ndarray] = {}
-    for node in model.graph.node:
-        scales = {"BatchNormalization": (1, 4), "Mul": (0, 1)}.get(node.op_type, ())
-        shifts = {"BatchNormalization": (2, 3), "Add": (0, 1)}.get(node.op_type, ())
-        for index, name in enumerate(node.input):
-            init = inits.get(name)
-            if init is None or init.data_type != onnx.TensorProto.FLOAT or np.prod(init.dims) < 2:
-                continue
-            shape = tuple(init.dims)
-            if index in scales:
-                values[name] = rng.uniform(0.5, 1.5, shape)
-            elif index in shifts:
-                values[name] = rng.standard_normal(shape) * 0.1
-    for layer in layers:
-        shape = tuple(inits[layer.weight].dims)
-        fan_in = max(int(np.prod(shape)) // max(layer.out_channels, 1), 1)
-        values[layer.weight] = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
-        if layer.bias in inits:
-            values[layer.bias] = rng.standard_normal(tuple(inits[layer.bias].dims)) * 0.1
-    for name, value in values.items():
-        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
-
-
-def _expose_logits(model: onnx.ModelProto) -> None:
-    """Add the input of every Softmax that produces a graph output as another graph output.
-
-    Random deep nets without normalisation (light ResNet-50, ShuffleNet) have logits in the
-    thousands: their softmax is one-hot whatever the input, and would hide any error upstream.
-    """
-    outputs = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        if node.op_type == "Softmax" and node.output[0] in outputs and node.input[0] not in outputs:
-            model.graph.output.append(onnx.ValueInfoProto(name=node.input[0]))
-            outputs.add(node.input[0])
-
-
 def _feeds(model: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
     """Seeded standard-normal float32 inputs at the graph's static input shapes (batch 1)."""
     rng = np.random.default_rng(seed)
@@ -108,8 +63,8 @@ def test_corpus_model_bridges_with_parity(name: str) -> None:
     prepared = prepare_model(str(entry.path))
     model = prepared.model
     if entry.family == "light":
-        _randomise_weights(model, prepared.analysis.layers, SEED)
-        _expose_logits(model)
+        corpus.randomise_weights(model, prepared.analysis.layers, SEED)
+        corpus.expose_logits(model)
     bridged = convert(model)
     feeds, other = _feeds(model, SEED), _feeds(model, SEED + 1)
     rtol = DEEP_RTOL if name in DEEP else RTOL
