@@ -20,7 +20,9 @@ from onnx import numpy_helper
 from .channel_groups import ChannelAnalysis
 from .errors import PruningError
 from .graph import ModelGraph
+from .normalise import infer_shapes
 from .op_rules import PruneContext, find_rule
+from .validate import check_model
 from .ort_utils import compare_outputs, make_session, random_feeds
 
 logger = logging.getLogger(__name__)
@@ -118,9 +120,8 @@ def _finish(model: onnx.ModelProto, new_inits: Mapping[str, onnx.TensorProto]) -
     del g.initializer[:]
     g.initializer.extend(t for t in kept if t.name in used)
     g.initializer.extend(t for name, t in new_inits.items() if name in used)
-    del g.value_info[:]
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    onnx.checker.check_model(model)
+    infer_shapes(model)  # fresh value_info, without serialising the weights
+    check_model(model)
     return model
 
 

@@ -81,18 +81,23 @@ def validate_model(
 
 
 def _check(model: onnx.ModelProto) -> None:
+    check_model(model, full_check=True, what="the exported model")
+
+
+def check_model(model: onnx.ModelProto, full_check: bool = False, what: str = "the model") -> None:
+    """The onnx checker, also for models over 2 GB (through a temporary external-data copy)."""
     try:
         if fits_in_protobuf(model):
-            onnx.checker.check_model(model, full_check=True)
+            onnx.checker.check_model(model, full_check=full_check)
             return
         with tempfile.TemporaryDirectory(prefix="prunequant-check-") as tmp:
             path = os.path.join(tmp, "model.onnx")
             work = onnx.ModelProto()
             work.CopyFrom(model)
             onnx.save_model(work, path, save_as_external_data=True, location="model.data")
-            onnx.checker.check_model(path, full_check=True)
+            onnx.checker.check_model(path, full_check=full_check)
     except Exception as exc:
-        raise VerificationError(f"the exported model fails the onnx checker: {_line(exc)}") from exc
+        raise VerificationError(f"{what} fails the onnx checker: {_line(exc)}") from exc
 
 
 def _session(model: onnx.ModelProto, optimize: bool):

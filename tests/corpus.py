@@ -629,5 +629,6 @@ def expose_logits(model: onnx.ModelProto) -> None:
     outputs = {o.name for o in model.graph.output}
     for node in model.graph.node:
         if node.op_type == "Softmax" and node.output[0] in outputs and node.input[0] not in outputs:
-            model.graph.output.append(onnx.ValueInfoProto(name=node.input[0]))
+            typed = [v for v in model.graph.value_info if v.name == node.input[0]]
+            model.graph.output.append(typed[0] if typed else onnx.ValueInfoProto(name=node.input[0]))
             outputs.add(node.input[0])
