@@ -34,10 +34,10 @@ def _random_data(entry, n: int, seed: int) -> dict[str, np.ndarray]:
             for name, shape in entry.input_shapes.items()}
 
 
-def run(name: str, samples: int, lam: float) -> dict:
+def run(name: str, samples: int, target: str) -> dict:
     entry = corpus.get_model(name)
     # random nets on random inputs have near-tied logits: agreement is reported, not enforced
-    config = CompressConfig(lam=lam, epochs=1, finetune_epochs=1, batch_size=8, max_steps_per_epoch=4,
+    config = CompressConfig(target=target, epochs=1, finetune_epochs=1, batch_size=8, max_steps_per_epoch=4,
                             progress=False, held_out=0.25, min_top1_agreement=0.0)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--lambda", dest="lam", type=float, default=300.0)
+    parser.add_argument("--target", default="size=0.5", help="budget the short search must meet")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     try:
@@ -78,7 +78,7 @@ def main() -> None:
     rows = []
     for name in names:
         try:
-            row = run(name, args.samples, args.lam)
+            row = run(name, args.samples, args.target)
             print(f"| {name} | ok | {row['channels']} | {row['bits']} | {row['size_ratio']:.3f} | "
                   f"{100 * row['agreement']:.1f}% | {row['parity']:.1e} | {row['seconds']} |", flush=True)
         except PrunequantError as exc:
