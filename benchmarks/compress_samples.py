@@ -1,0 +1,318 @@
+"""Benchmark: prunequant compress on the bundled samples vs uniform W8A8 / W2A8 QAT.
+
+    /root/.cache/pq/venv-dev/bin/python benchmarks/compress_samples.py            # both samples
+    /root/.cache/pq/venv-dev/bin/python benchmarks/compress_samples.py --quick    # smoke run, ~1 min
+    /root/.cache/pq/venv-dev/bin/python benchmarks/compress_samples.py --only digits --json out.json
+
+Every row goes through ``plugin.compress.compress`` on ``train.npz`` (its own 20 % held-out
+split is used by compress for validation only) and the exported QDQ ONNX model is then scored
+with onnxruntime on ``test.npz`` (never seen in training). Uniform baselines use the same call
+with a single weight / activation precision, so they get the *same* training budget as the
+joint search (``epochs`` of search-phase training, where only the weights move, plus
+``finetune_epochs`` of QAT). Budget rows (``size=X``): the controller stops searching as soon as
+the discretised plan meets the target (after a few epochs), so by default the unused search
+epochs go to fine-tuning (same total epochs as the baselines; same pipeline pieces as compress,
+see ``budget_equal``); ``--no-equal-budget`` runs them through plain ``compress`` instead.
+"KD" rows drop the labels, so the task loss is distillation from the FP32 model (the default
+for unlabelled data); the others use cross-entropy on the labels.
+
+Columns: ``acc`` test top-1 (onnxruntime); ``size`` the size cost model (weight bytes, bias
+excluded, as the search sees it); ``file`` the exported ONNX file in bytes; ``BOPs`` the bops cost
+model (MACs x b_w x b_a; FP32 row: 32 x 32 bit-ops = 16 x the 8-bit figure); ``time`` wall
+seconds of the whole compress call (prepare + bridge + search + fine-tune + export/validate)
+and, in brackets, search + fine-tune only. Plan: weight channels kept / total (over all weight
+layers) and the histogram of weight bits over kept channels; activation bits histogram.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from plugin.compress import CompressConfig, compress  # noqa: E402
+from plugin.data import input_specs, load_dataset  # noqa: E402
+from plugin.evaluate import evaluate  # noqa: E402
+from plugin.inspect_cmd import prepare_model  # noqa: E402
+
+SAMPLES = ("digits", "mnist1d")
+
+# (name, CompressConfig overrides, distillation instead of cross-entropy)
+ALL_VARIANTS = [
+    ("W8A8 QAT", dict(weight_precisions=(8,), activation_precisions=(8,), lam=0.0), False),
+    ("W2A8 QAT", dict(weight_precisions=(2,), activation_precisions=(8,), lam=0.0), False),
+    ("W4A8 QAT", dict(weight_precisions=(4,), activation_precisions=(8,), lam=0.0), False),
+    *[(f"joint size={x}", dict(target=f"size={x}"), False) for x in ("0.5", "0.35", "0.25", "0.15", "0.10")],
+    *[(f"joint lam={x:g}", dict(lam=float(x)), False) for x in (1, 3, 10, 30, 100, 300)],
+    *[(f"joint size={x} KD", dict(target=f"size={x}"), True) for x in ("0.5", "0.35", "0.25", "0.15")],
+    *[(f"joint lam={x:g} KD", dict(lam=float(x)), True) for x in (3, 10, 30)],
+]
+FULL_NAMES = ["W8A8 QAT", "W4A8 QAT", "W2A8 QAT", "joint size=0.5", "joint size=0.35", "joint size=0.25",
+              "joint lam=3", "joint lam=10", "joint size=0.35 KD", "joint size=0.25 KD"]
+QUICK_NAMES = ["W8A8 QAT", "W2A8 QAT", "joint size=0.35"]
+FULL_VARIANTS = [v for v in ALL_VARIANTS if v[0] in FULL_NAMES]
+QUICK_VARIANTS = [v for v in ALL_VARIANTS if v[0] in QUICK_NAMES]
+
+
+def sample_paths(name: str) -> dict[str, Path]:
+    folder = ROOT / "samples" / name
+    return {k: folder / f"{k}.npz" for k in ("train", "test")} | {"model": folder / "model.onnx"}
+
+
+def plan_summary(plan) -> dict:
+    weight_bits = Counter(b for lp in plan.layers.values() for b in lp.bits)
+    total = sum(weight_bits.values())
+    kept = total - weight_bits.get(0, 0)
+    act_bits = Counter(ap.bits for ap in plan.activations.values())
+    group_total = sum(g.size for g in plan.groups.values())
+    group_kept = sum(len(g.kept) for g in plan.groups.values())
+    return {
+        "weight_channels_kept": kept, "weight_channels_total": total,
+        "group_channels_kept": group_kept, "group_channels_total": group_total,
+        "weight_bits": {int(b): n for b, n in sorted(weight_bits.items()) if b},
+        "act_bits": {int(b): n for b, n in sorted(act_bits.items())},
+    }
+
+
+def fmt_hist(hist: dict) -> str:
+    return " ".join(f"{b}b:{n}" for b, n in sorted(hist.items()))
+
+
+def budget_equal(prepared, specs, data, config: CompressConfig, test, label: str, distill: bool) -> dict:
+    """Budget mode with the uniform baselines' total training budget: the budget controller stops
+    as soon as the discretised plan meets the target (a few epochs), so the epochs it did not use
+    go to fine-tuning (search epochs + fine-tune epochs = ``epochs + finetune_epochs``). Same
+    pipeline as ``compress`` (public pieces), without its sidecar report/validation."""
+    from graph_passes.batch import restore_dynamic_batch
+    from plugin.bridge import write_back
+    from plugin.budget import search_to_budget
+    from plugin.export import export_plan
+    from plugin.finetune import FinetuneConfig, finetune
+    from plugin.search import SearchConfig
+    from plugin.searchable import SearchableModel
+
+    start = time.perf_counter()
+    dataset = load_dataset(data, specs)
+    train, _held = dataset.split(config.held_out, seed=config.seed)
+    task = "cross_entropy" if train.labels is not None else "distill_kl"
+    search_config = SearchConfig(
+        weight_precisions=config.weight_precisions, activation_precisions=config.activation_precisions,
+        cost_model=config.cost, epochs=config.epochs, batch_size=config.batch_size,
+        max_steps_per_epoch=config.max_steps_per_epoch, task_loss=task, seed=config.seed, progress=False)
+    searchable = SearchableModel.build(prepared.model, search_config, analysis=prepared.analysis)
+    t0 = time.perf_counter()
+    budget = search_to_budget(searchable, train, config.target, search_config)
+    t_search = time.perf_counter() - t0
+    ft_epochs = max(config.finetune_epochs, config.epochs + config.finetune_epochs - budget.epochs)
+    t0 = time.perf_counter()
+    ft = finetune(searchable, budget.plan, train, FinetuneConfig(
+        epochs=ft_epochs, batch_size=config.batch_size, task_loss=task,
+        max_steps_per_epoch=config.max_steps_per_epoch, seed=config.seed, progress=False))
+    t_ft = time.perf_counter() - t0
+    plan = ft.plan
+    weighted = write_back(prepared.model, searchable.materialised_bridge())
+    model, _ = restore_dynamic_batch(export_plan(weighted, prepared.analysis, plan).model)
+    acc = evaluate(model, test, batch_size=512, progress=False).accuracy
+    wall = time.perf_counter() - start
+    cost = {n: searchable.cost_of_plan(plan, n) for n in ("size", "bops", "mpic")}
+    before = {n: searchable.cost_before(n) for n in ("size", "bops", "mpic")}
+    return {
+        "name": label, "test_acc": acc, "size_bytes": cost["size"] / 8, "size_8bit_bytes": before["size"] / 8,
+        "file_bytes": model.ByteSize(), "bops": cost["bops"], "bops_8bit": before["bops"],
+        "mpic": cost["mpic"], "mpic_8bit": before["mpic"], "seconds": wall,
+        "search_finetune_seconds": t_search + t_ft, "phase_seconds": {"search": t_search, "finetune": t_ft},
+        "task_loss": task, "lambda_final": budget.lam, "search_epochs_run": budget.epochs,
+        "finetune_epochs_run": ft_epochs, "equal_budget": True, "plan": plan_summary(plan),
+    }
+
+
+def run_sample(name: str, variants, epochs: int, finetune_epochs: int, max_steps: int | None,
+               seed: int, equal_budget: bool = True) -> dict:
+    paths = sample_paths(name)
+    prepared = prepare_model(str(paths["model"]))
+    specs = input_specs(prepared.model)
+    test = load_dataset(str(paths["test"]), specs)
+    fp32_acc = evaluate(str(paths["model"]), test, batch_size=512, progress=False).accuracy
+    fp32_weight_bytes = sum(4 * layer.params for layer in prepared.analysis.layers)
+    fp32_macs = sum(getattr(layer, "macs", 0) for layer in prepared.analysis.layers)
+    rows = []
+    fp32 = {"name": "FP32 original", "test_acc": fp32_acc, "size_bytes": fp32_weight_bytes,
+            "file_bytes": os.path.getsize(paths["model"]), "bops": None, "seconds": None}
+    rows.append(fp32)
+    train_npz = np.load(paths["train"])
+    for label, overrides, distill in variants:
+        torch.manual_seed(seed)
+        data = {"input": train_npz["input"]} if distill else str(paths["train"])
+        config = CompressConfig(epochs=epochs, finetune_epochs=finetune_epochs, max_steps_per_epoch=max_steps,
+                                seed=seed, progress=False, **overrides)
+        start = time.perf_counter()
+        if equal_budget and config.target:
+            try:
+                row = budget_equal(prepared, specs, data, config, test, label, distill)
+            except Exception as exc:
+                wall = time.perf_counter() - start
+                print(f"  [{name}] {label}: FAILED after {wall:.0f}s: {type(exc).__name__}: {exc}", flush=True)
+                rows.append({"name": label, "error": f"{type(exc).__name__}: {exc}", "seconds": wall})
+                continue
+            rows.append(row)
+            print(f"  [{name}] {label}: acc {100 * row['test_acc']:.2f}%  size {row['size_bytes']:,.0f} B  "
+                  f"({row['size_bytes'] / row['size_8bit_bytes']:.3f} of W8)  {row['seconds']:.0f}s  "
+                  f"(search {row['search_epochs_run']} ep + fine-tune {row['finetune_epochs_run']} ep)", flush=True)
+            continue
+        try:
+            result = compress(str(paths["model"]), data, config=config)
+        except Exception as exc:  # a failed variant is a result too (e.g. a budget not met)
+            wall = time.perf_counter() - start
+            print(f"  [{name}] {label}: FAILED after {wall:.0f}s: {type(exc).__name__}: {exc}", flush=True)
+            rows.append({"name": label, "error": f"{type(exc).__name__}: {exc}", "seconds": wall})
+            continue
+        wall = time.perf_counter() - start
+        rep = result.report
+        acc = evaluate(result.model, test, batch_size=512, progress=False).accuracy
+        sec = rep["seconds"]
+        row = {
+            "name": label, "test_acc": acc, "size_bytes": rep["cost_after"]["size"] / 8,
+            "size_8bit_bytes": rep["cost_before_8bit"]["size"] / 8,
+            "file_bytes": rep["file"]["bytes"], "file_detail": rep["file"],
+            "bops": rep["cost_after"]["bops"], "bops_8bit": rep["cost_before_8bit"]["bops"],
+            "mpic": rep["cost_after"].get("mpic"), "mpic_8bit": rep["cost_before_8bit"].get("mpic"),
+            "heldout_acc": rep["quality"].get("accuracy_after"),
+            "seconds": wall, "search_finetune_seconds": sec.get("search", 0) + sec.get("finetune", 0),
+            "phase_seconds": sec, "task_loss": "distill_kl" if distill else "cross_entropy",
+            "lambda_final": result.plan.metadata.get("lambda"),
+            "search_epochs_run": result.plan.metadata.get("epochs"), "finetune_epochs_run": finetune_epochs,
+            "plan": plan_summary(result.plan),
+        }
+        rows.append(row)
+        print(f"  [{name}] {label}: acc {100 * acc:.2f}%  size {row['size_bytes']:,.0f} B  "
+              f"({row['size_bytes'] / row['size_8bit_bytes']:.3f} of W8)  {wall:.0f}s", flush=True)
+    for row in rows:
+        if row.get("bops_8bit"):
+            fp32["bops"] = 16 * row["bops_8bit"]  # 32x32 bit-ops
+            fp32["macs"] = row["bops_8bit"] / 64
+            break
+    return {"sample": name, "fp32_test_acc": fp32_acc, "epochs": epochs, "finetune_epochs": finetune_epochs,
+            "max_steps_per_epoch": max_steps, "fp32_macs_analysis": fp32_macs, "rows": rows,
+            "headline": headline(rows, fp32_acc)}
+
+
+def headline(rows: list[dict], fp32_acc: float, tolerance: float = 0.005) -> dict:
+    """Smallest iso-accuracy (within ``tolerance`` of FP32) joint row vs the uniform baselines."""
+    ok = [r for r in rows if "error" not in r and r.get("bops") is not None and r["test_acc"] >= fp32_acc - tolerance]
+    by = {r["name"]: r for r in rows}
+    joint = [r for r in ok if r["name"].startswith("joint")]
+    out: dict = {"tolerance_points": 100 * tolerance}
+    if not joint:
+        return out | {"best_joint": None}
+    best = min(joint, key=lambda r: r["size_bytes"])
+    out["best_joint"] = best["name"]
+    out["best_joint_size_bytes"] = best["size_bytes"]
+    for base in ("W8A8 QAT", "W2A8 QAT"):
+        ref = by.get(base)
+        if ref is None or "error" in ref:
+            continue
+        out[f"vs {base}"] = {
+            "baseline_iso_accuracy": ref["test_acc"] >= fp32_acc - tolerance,
+            "size_reduction_pct": 100 * (1 - best["size_bytes"] / ref["size_bytes"]),
+            "file_reduction_pct": 100 * (1 - best["file_bytes"] / ref["file_bytes"]),
+            "bops_reduction_pct": 100 * (1 - best["bops"] / ref["bops"]),
+        }
+    return out
+
+
+def print_table(result: dict) -> None:
+    name = result["sample"]
+    cap = result["max_steps_per_epoch"]
+    capped = "" if cap is None else f" (max {cap} steps/epoch)"
+    print(f"\n== {name}: search {result['epochs']} epochs + fine-tune {result['finetune_epochs']} epochs{capped}"
+          "; accuracy on test.npz (onnxruntime) ==")
+    head = (f"{'variant':<20} {'test acc':>8} {'dAcc':>6} {'size B':>8} {'xW8':>6} {'file B':>8} "
+            f"{'BOPs':>9} {'time s':>13}  plan (search+ft epochs; kept/total ch; weight bits; act bits)")
+    print(head)
+    print("-" * len(head))
+    fp = result["fp32_test_acc"]
+    w8 = next((r for r in result["rows"] if r["name"] == "W8A8 QAT" and "error" not in r), None)
+    for r in result["rows"]:
+        if "error" in r:
+            print(f"{r['name']:<20} FAILED ({r['seconds']:.0f}s): {r['error'][:120]}")
+            continue
+        ratio = f"{r['size_bytes'] / w8['size_bytes']:.3f}" if w8 and r["name"] != "FP32 original" else (
+            f"{r['size_bytes'] / (w8['size_bytes'] if w8 else 1):.2f}" if w8 else "")
+        bops = f"{r['bops']:.3g}" if r.get("bops") else "-"
+        t = f"{r['seconds']:.0f} ({r['search_finetune_seconds']:.0f})" if r.get("seconds") else "-"
+        plan = ""
+        if "plan" in r:
+            p = r["plan"]
+            plan = (f"{r.get('search_epochs_run')}+{r.get('finetune_epochs_run')} ep; "
+                    f"{p['weight_channels_kept']}/{p['weight_channels_total']}; {fmt_hist(p['weight_bits'])}; "
+                    f"{fmt_hist(p['act_bits'])}")
+        print(f"{r['name']:<20} {100 * r['test_acc']:7.2f}% {100 * (r['test_acc'] - fp):+6.2f} "
+              f"{r['size_bytes']:8,.0f} {ratio:>6} {r['file_bytes']:8,} {bops:>9} {t:>13}  {plan}")
+    h = result["headline"]
+    if h.get("best_joint"):
+        print(f"headline: smallest joint plan within {h['tolerance_points']:.1f} pt of FP32: {h['best_joint']} "
+              f"({h['best_joint_size_bytes']:,.0f} B)")
+        for base in ("W8A8 QAT", "W2A8 QAT"):
+            if f"vs {base}" in h:
+                v = h[f"vs {base}"]
+                print(f"  vs {base}: size {-v['size_reduction_pct']:+.1f}%, file {-v['file_reduction_pct']:+.1f}%, "
+                      f"BOPs {-v['bops_reduction_pct']:+.1f}% (baseline itself iso-accurate: "
+                      f"{v['baseline_iso_accuracy']})")
+    else:
+        print(f"headline: no joint plan within {h['tolerance_points']:.1f} pt of FP32")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: digits, 3 variants, 10+5 epochs (~1 min)")
+    parser.add_argument("--only", choices=SAMPLES, help="one sample only")
+    parser.add_argument("--json", help="write all results to this JSON file")
+    parser.add_argument("--epochs", type=int, help="search epochs (default 20; quick 4)")
+    parser.add_argument("--finetune-epochs", type=int, help="fine-tune epochs (default 10; quick 2)")
+    parser.add_argument("--variants", help="comma-separated subset of variant names (see ALL_VARIANTS)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-equal-budget", action="store_true",
+                        help="budget (--target) rows through plain compress(): search stops when the target is "
+                             "met, fine-tune keeps its own epochs (less training than the uniform baselines)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    epochs = args.epochs or (10 if args.quick else 20)
+    finetune_epochs = args.finetune_epochs if args.finetune_epochs is not None else (5 if args.quick else 10)
+    variants = QUICK_VARIANTS if args.quick else FULL_VARIANTS
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",")]
+        variants = [v for v in ALL_VARIANTS if v[0] in wanted]
+        if not variants:
+            parser.error(f"no variant among {wanted}; known: {[v[0] for v in ALL_VARIANTS]}")
+    samples = [args.only] if args.only else list(SAMPLES)
+    if args.quick and not args.only:
+        samples = ["digits"]
+    max_steps = None
+    results, start = [], time.perf_counter()
+    for name in samples:
+        print(f"[{name}] ...", flush=True)
+        results.append(run_sample(name, variants, epochs, finetune_epochs, max_steps, args.seed,
+                                  not args.no_equal_budget))
+    for result in results:
+        print_table(result)
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f}s (torch threads {args.threads})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
