@@ -39,11 +39,12 @@ def _bits(text: str | None) -> tuple[int, ...] | None:
 @click.option("--weight-bits", default="0,2,4,8", show_default=True, help="Weight precisions to search (0 = prune).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Same seed, same data, same plan (on CPU).")
+@click.option("--threads", type=int, default=None, help="torch threads [default: 1 for models under 50M MACs, else all].")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDxD", help=_SHAPE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
 def compress_command(model, data, labels, output, cost, lam, target, epochs, finetune_epochs, batch_size,
-                     act_bits, weight_bits, device, seed, input_shapes, as_json, no_progress):
+                     act_bits, weight_bits, device, seed, threads, input_shapes, as_json, no_progress):
     """Compress MODEL: one joint search removes channels and gives every remaining weight channel
     its own bit-width, then quantization-aware fine-tuning, then export to a QDQ ONNX model
     that is validated (checker, onnxruntime, parity with the fake-quantized model) before it
@@ -61,7 +62,7 @@ def compress_command(model, data, labels, output, cost, lam, target, epochs, fin
 
 
 def _run_compress(model, data, labels, output, cost, lam, target, epochs, finetune_epochs, batch_size,
-                  act_bits, weight_bits, device, seed, input_shapes, as_json, no_progress):
+                  act_bits, weight_bits, device, seed, threads, input_shapes, as_json, no_progress):
     from graph_passes.shapes import parse_input_shapes
 
     from .compress import CompressConfig, compress, summary_table
@@ -70,6 +71,7 @@ def _run_compress(model, data, labels, output, cost, lam, target, epochs, finetu
         cost=cost, lam=lam, target=target, epochs=epochs, finetune_epochs=finetune_epochs,
         batch_size=batch_size, act_bits=_bits(act_bits), weight_precisions=_bits(weight_bits),
         device=device, seed=seed, progress=not no_progress, input_shapes=parse_input_shapes(input_shapes),
+        threads=threads,
     )
     result = compress(model, data, labels=labels, output=output, config=config)
     if as_json:

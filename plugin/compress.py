@@ -56,6 +56,7 @@ class CompressConfig:
     progress: bool = True
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     min_top1_agreement: float = 99.5
+    threads: int | None = None  # torch intra-op threads; None: 1 for small models, else torch's default
 
 
 @dataclass
@@ -156,6 +157,7 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
             raise DataError(f"{dataset.source}: need at least 2 samples (some are held out for validation)")
         train, held = dataset.split(config.held_out, seed=config.seed)
     config.device = resolve_device(config.device)
+    _set_threads(config.threads, sum(layer.macs for layer in prepared.analysis.layers))
     from .budget import search_to_budget
     from .finetune import FinetuneConfig, finetune
     from .search import run_search
@@ -190,6 +192,21 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
             write_outputs(output, exported.model, _sidecars(output, files))
         report["seconds"] = timer.seconds
     return CompressResult(exported.model, plan, report, output)
+
+
+SMALL_MODEL_MACS = 50_000_000
+
+
+def _set_threads(threads: int | None, macs: int) -> None:
+    """Small models train faster on one thread (measured: several times, more when the cores
+    are shared); large ones use torch's default."""
+    import torch
+
+    if threads is None and macs < SMALL_MODEL_MACS:
+        threads = 1
+    if threads:
+        torch.set_num_threads(int(threads))
+        logger.info("torch uses %d thread(s)", threads)
 
 
 def _check_batching(searchable, train: Dataset, search_config) -> None:
