@@ -4,7 +4,7 @@
     /root/.cache/pq/venv-dev/bin/python benchmarks/compress_samples.py --quick    # smoke run, ~1 min
     /root/.cache/pq/venv-dev/bin/python benchmarks/compress_samples.py --only digits --json out.json
 
-Every row goes through ``plugin.compress.compress`` on ``train.npz`` (its own 20 % held-out
+Every row goes through ``plugin.compress`` on ``train.npz`` (its own 20 % held-out
 split is used by compress for validation only) and the exported QDQ ONNX model is then scored
 with onnxruntime on ``test.npz`` (never seen in training). Uniform baselines use the same call
 with a single weight / activation precision, so they get the *same* training budget as the
@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from plugin.compress import CompressConfig, compress  # noqa: E402
+from plugin.pipeline import CompressConfig, compress  # noqa: E402
 from plugin.data import input_specs, load_dataset  # noqa: E402
 from plugin.evaluate import evaluate  # noqa: E402
 from plugin.inspect_cmd import prepare_model  # noqa: E402

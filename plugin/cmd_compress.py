@@ -65,7 +65,7 @@ def _run_compress(model, data, labels, output, cost, lam, target, epochs, finetu
                   act_bits, weight_bits, device, seed, threads, input_shapes, as_json, no_progress):
     from graph_passes.shapes import parse_input_shapes
 
-    from .compress import CompressConfig, compress, summary_table
+    from .pipeline import CompressConfig, compress, summary_table
 
     config = CompressConfig(
         cost=cost, lam=lam, target=target, epochs=epochs, finetune_epochs=finetune_epochs,

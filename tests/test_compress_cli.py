@@ -114,3 +114,17 @@ def test_ctrl_c_leaves_no_partial_output(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted")
     assert os.listdir(tmp_path) == []
+
+
+def test_python_api_is_seeded_and_deterministic():
+    import plugin
+
+    data = np.load(DIGITS / "train.npz")
+    dataset = {"input": data["input"][:400]}
+    config = dict(epochs=2, finetune_epochs=1, target="size=0.4", progress=False, seed=7)
+    first = plugin.compress(str(DIGITS / "model.onnx"), dataset, config=plugin.CompressConfig(**config))
+    second = plugin.compress(str(DIGITS / "model.onnx"), dataset, config=plugin.CompressConfig(**config))
+    assert first.plan.to_json() == second.plan.to_json()
+    assert first.model.SerializeToString() == second.model.SerializeToString()
+    assert first.report["cost_after"]["size"] <= 0.4 * first.report["cost_before_8bit"]["size"]
+    assert first.output is None

@@ -1,8 +1,8 @@
 """`compress`: load -> bridge -> joint search -> QAT -> export -> validate -> atomic write.
 
-    from plugin.compress import compress, CompressConfig
-    result = compress("model.onnx", "calib.npz", output="small.onnx",
-                      config=CompressConfig(target="size=0.25"))
+    import plugin
+    result = plugin.compress("model.onnx", "calib.npz", output="small.onnx",
+                             config=plugin.CompressConfig(target="size=0.25"))
     result.plan, result.report, result.model
 """
 
