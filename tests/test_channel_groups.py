@@ -402,3 +402,22 @@ def test_nodes_out_of_topological_order_are_sorted_with_networkx():
     shuffled.graph.node.extend(nodes)
     b = analyse(shuffled)
     assert [(g.size, g.prunable) for g in b.groups] == [(g.size, g.prunable) for g in a.groups]
+
+
+def test_conv_transpose_is_a_weight_layer_on_both_sides():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,3,4,4] x) => (float[1,6,8,8] y) {
+      t = Conv <pads=[1,1,1,1]> (x, w1, b1)
+      u = ConvTranspose <strides=[2,2], kernel_shape=[2,2]> (t, wt, bt)
+      r = Relu(u)
+      y = Conv <pads=[1,1,1,1]> (r, w2)
+    }
+    """
+    model, a = prepare(build(text, w1=[8, 3, 3, 3], b1=[8], wt=[8, 5, 2, 2], bt=[5], w2=[6, 5, 3, 3]))
+    g_in, g_out = group_of(a, "t"), group_of(a, "u")
+    assert g_in.prunable and g_out.prunable and g_out.size == 5
+    pruned = prune_channels(model, a, {g_in.id: [1, 2], g_out.id: [4]})
+    dims = {t.name: list(t.dims) for t in pruned.graph.initializer}
+    assert dims["wt"] == [6, 4, 2, 2] and dims["bt"] == [4] and dims["w2"] == [6, 4, 3, 3]
+    assert oracle(model, a) == 2

@@ -26,6 +26,24 @@ def _note_bias(ctx: PropagationContext, name: str, node: onnx.NodeProto, out: st
             ctx.note_constant(name, node.input[2], out)
 
 
+def _prune_matrix(name: str, node: onnx.NodeProto, ctx: PruneContext, in_axis: int, out_axis: int) -> None:
+    """Slice a weight (input 1) along its input and output channel axes, and a bias (input 2)
+    along its last axis when that axis holds the output channels."""
+    keep_in, keep_out = ctx.keep_mask(node.input[0]), ctx.keep_mask(node.output[0])
+    if keep_in is None and keep_out is None:
+        return
+    w = ctx.const(node.input[1])
+    if keep_in is not None:
+        w = np.compress(keep_in, w, axis=in_axis)
+    if keep_out is not None:
+        w = np.compress(keep_out, w, axis=out_axis)
+        if len(node.input) > 2 and node.input[2]:
+            bias = ctx.const(node.input[2])
+            if bias.ndim >= 1 and bias.shape[-1] == keep_out.shape[0] and bias.shape[-1] > 1:
+                ctx.set_const_input(name, node, 2, np.compress(keep_out, bias, axis=bias.ndim - 1))
+    ctx.set_const_input(name, node, 1, w)
+
+
 @register("Conv")
 class ConvRule(OpRule):
     def propagate(self, name, node, ctx: PropagationContext) -> None:
@@ -88,17 +106,7 @@ class ConvTransposeRule(OpRule):
             ctx.atoms.block(layout.atoms, f"ConvTranspose '{name}' reads channels on axis {layout.axis}")
 
     def prune(self, name, node, ctx: PruneContext) -> None:
-        keep_in, keep_out = ctx.keep_mask(node.input[0]), ctx.keep_mask(node.output[0])
-        if keep_in is None and keep_out is None:
-            return
-        w = ctx.const(node.input[1])
-        if keep_in is not None:
-            w = w[keep_in]
-        if keep_out is not None:
-            w = w[:, keep_out]
-            if len(node.input) > 2 and node.input[2]:
-                ctx.set_const_input(name, node, 2, ctx.const(node.input[2])[keep_out])
-        ctx.set_const_input(name, node, 1, w)
+        _prune_matrix(name, node, ctx, in_axis=0, out_axis=1)  # W: [Cin, Cout, k...]
 
 
 @register("Gemm")
@@ -115,21 +123,8 @@ class GemmRule(OpRule):
             ctx.atoms.block(layout.atoms, f"Gemm '{name}' reads channels on axis {layout.axis}")
 
     def prune(self, name, node, ctx: PruneContext) -> None:
-        keep_in, keep_out = ctx.keep_mask(node.input[0]), ctx.keep_mask(node.output[0])
-        if keep_in is None and keep_out is None:
-            return
-        b = ctx.const(node.input[1])
         trans_b = int(ctx.attr(node, "transB", 0))
-        k_axis, n_axis = (1, 0) if trans_b else (0, 1)
-        if keep_in is not None:
-            b = np.compress(keep_in, b, axis=k_axis)
-        if keep_out is not None:
-            b = np.compress(keep_out, b, axis=n_axis)
-            if len(node.input) > 2 and node.input[2]:
-                c = ctx.const(node.input[2])
-                if c.ndim >= 1 and c.shape[-1] == keep_out.shape[0] and c.shape[-1] > 1:
-                    ctx.set_const_input(name, node, 2, np.compress(keep_out, c, axis=c.ndim - 1))
-        ctx.set_const_input(name, node, 1, b)
+        _prune_matrix(name, node, ctx, in_axis=1 if trans_b else 0, out_axis=0 if trans_b else 1)
 
 
 @register("MatMul")
@@ -147,12 +142,4 @@ class MatMulRule(OpRule):
             ctx.atoms.block(layout.atoms, f"MatMul '{name}' reads channels on the last axis")
 
     def prune(self, name, node, ctx: PruneContext) -> None:
-        keep_in, keep_out = ctx.keep_mask(node.input[0]), ctx.keep_mask(node.output[0])
-        if keep_in is None and keep_out is None:
-            return
-        w = ctx.const(node.input[1])
-        if keep_in is not None:
-            w = w[keep_in]
-        if keep_out is not None:
-            w = w[:, keep_out]
-        ctx.set_const_input(name, node, 1, w)
+        _prune_matrix(name, node, ctx, in_axis=0, out_axis=1)  # W: [K, N]
