@@ -14,6 +14,7 @@ from graph_passes.errors import PrunequantError
 from graph_passes.loading import check_runnable, load_model
 from graph_passes.normalise import NormaliseResult, normalise
 from graph_passes.batch import generalise_batch_reshapes
+from graph_passes.untie import untie_weight_initializers
 from graph_passes.errors import VerificationError
 from graph_passes.ort_utils import compare_outputs, make_session, random_feeds
 from graph_passes.shapes import parse_input_shapes, static_input_shapes
@@ -54,6 +55,7 @@ def prepare_model(source: str | onnx.ModelProto, input_shapes: Sequence[str] | d
         logger.info("%d Reshape target(s) now copy the batch dim from their input", rewritten)
         if verify:
             _check_same(original, result)
+    result.model, _ = untie_weight_initializers(result.model)
     analysis = analyse(result.model)
     label = source if isinstance(source, str) else "<model>"
     return PreparedModel(label, original, result, analysis)

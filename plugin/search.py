@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from graph_passes.errors import ConfigError, DataError, PrunequantError
+from graph_passes.errors import ConfigError, DataError
 from plugin.plan import CompressionPlan
 from plugin.quantizers import DEFAULT_ACTIVATION_PRECISIONS, DEFAULT_WEIGHT_PRECISIONS
 

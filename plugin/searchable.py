@@ -548,19 +548,32 @@ class SearchableModel(nn.Module):
         return out
 
     def _keep_one_per_unit(self, alpha_index: int, theta: Tensor, bits: Tensor, precisions: Tensor) -> None:
+        """Each group keeps at least round(C_out_eff) of its channels (and at least one).
+
+        Thresholding theta_0 channel by channel can empty a group whose channels all sit just
+        above the threshold (measured: a stage feeding a pool and a linear layer, theta_0 = 0.65
+        on every channel, pruned to one channel, accuracy 11%), while the search's expected cost
+        counted C_out_eff = sum_c (1 - theta_0) channels. Channels are given back in order of
+        their keep probability, at their most likely non-zero width.
+        """
         zero = int((precisions == 0).nonzero()[0])
         for unit in self.map.units.values():
             if unit.alpha_index != alpha_index:
                 continue
-            cols = slice(unit.offset, unit.offset + unit.size)
-            if bool((bits[cols] != 0).any()):
+            cols = torch.arange(unit.offset, unit.offset + unit.size)
+            keep_prob = 1 - theta[zero, cols]
+            need = max(1, int(round(float(keep_prob.sum()))))
+            kept = int((bits[cols] != 0).sum())
+            if kept >= need:
                 continue
-            best = unit.offset + int((1 - theta[zero, cols]).argmax())
-            masked = theta[:, best].clone()
-            masked[zero] = -1.0
-            bits[best] = precisions[int(masked.argmax())]
-            logger.debug("group %s: argmax pruned every channel; keeping channel %d at %d bits",
-                        unit.key, best - unit.offset, int(bits[best]))
+            pruned = cols[bits[cols] == 0]
+            order = pruned[torch.argsort(keep_prob[pruned - unit.offset], descending=True)]
+            for col in order[: need - kept].tolist():
+                masked = theta[:, col].clone()
+                masked[zero] = -1.0
+                bits[col] = precisions[int(masked.argmax())]
+            logger.debug("group %s: kept %d channels (C_out_eff %.1f) instead of %d", unit.key, need,
+                         float(keep_prob.sum()), kept)
 
     def _plan_from_column_bits(self, column_bits: list[Tensor], site_bits: dict[str, int],
                                metadata: dict[str, Any] | None, with_scales: bool = True) -> CompressionPlan:

@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
 from graph_passes.ort_utils import compare_outputs
 from plugin.bridge import check_parity, convert

@@ -9,7 +9,6 @@ import tempfile
 import numpy as np
 import onnx
 import pytest
-from google.protobuf.message import EncodeError
 from onnx import numpy_helper
 
 from graph_passes import loading, ort_utils

@@ -602,3 +602,28 @@ def test_torchvision_exports_normalise_with_parity(arch, exporter, tmp_path):
     assert all(names) and len(set(names)) == len(names)
     onnx.checker.check_model(result.model, full_check=True)
     assert normalise(result.model, verify=False).passes_applied == []
+
+
+def test_weight_layers_get_their_own_copy_of_shared_initializers():
+    from graph_passes.untie import untie_weight_initializers
+    from graph_passes.ort_utils import compare_outputs, make_session, random_feeds
+
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,3,3] x) => (float[1,4,3,3] y) {
+      a = Conv <pads=[1,1,1,1]> (x, w, b)
+      y = Conv <pads=[1,1,1,1]> (a, w, b)
+    }
+    """)
+    rng = np.random.default_rng(0)
+    model.graph.initializer.extend([
+        numpy_helper.from_array(rng.standard_normal([4, 4, 3, 3]).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal([4]).astype(np.float32), "b"),
+    ])
+    untied, copies = untie_weight_initializers(model)
+    assert copies == 2
+    assert untied.graph.node[0].input[1:] == ["w", "b"]
+    assert len({*untied.graph.node[1].input[1:]} & {"w", "b"}) == 0
+    sess = make_session(model)
+    feeds = random_feeds(sess)
+    assert compare_outputs(make_session(untied).run(None, feeds), sess.run(None, feeds)).max_rel_error == 0

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx2torch
-import torch
 from onnx2torch.onnx_graph import OnnxGraph, ValueType
 from torch import fx, nn
 

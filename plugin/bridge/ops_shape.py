@@ -18,7 +18,6 @@ from plugin.bridge._common import (
     dynamic_mapping,
     full_mapping,
     input_name,
-    normalise_axes,
     result,
     unsupported,
 )
