@@ -1,0 +1,277 @@
+"""The methods compared by ``benchmarks/pareto.py``; each returns one result row (a dict).
+
+Every method starts from the same FP32 ONNX file (a "third-party" model) and the same labelled
+training subset; accuracy is always onnxruntime on the exported model over the task's held-out
+test split (never seen in training or search).
+
+* ``fp32``        - the original model.
+* ``uniform``     - uniform QAT wXa8 (w in 8, 4, 2) through prunequant's own pipeline with one
+  weight precision: the search phase then only trains weights, so the training budget is the
+  same as the joint search's (``epochs`` + ``finetune_epochs``).
+* ``ort_static``  - onnxruntime ``quantize_static`` (QDQ, per-channel int8 weights, int8
+  activations, MinMax calibration on 256 training samples): what most users try first.
+* ``sequential``  - structured pruning alone (the same gradient search with weight precisions
+  {0, 8}), QAT, channels physically removed -> a smaller FP32 ONNX model; then channel-wise
+  mixed precision {2, 4, 8} without the 0-bit option on the pruned model (search + QAT). Two
+  rows: ``prune-only`` (stage 1 exported at 8 bits) and ``sequential`` (stage 2).
+* ``joint``       - prunequant's joint search ({0, 2, 4, 8} per channel) at one lambda.
+
+All searches use 8-bit activations (``act_bits=(8,)``) so every row is a wXa8 model and the
+weight-size comparison is the paper's. Row fields: see ``ROW_FIELDS`` in ``pareto.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from plugin.pipeline import CompressConfig, compress
+from plugin.data import Dataset, input_specs, load_dataset
+from plugin.evaluate import evaluate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchConfig:
+    epochs: int = 20  # search epochs (uniform baselines: weight-only training epochs)
+    finetune_epochs: int = 10
+    batch_size: int = 64
+    max_steps_per_epoch: int | None = None
+    latency_runs: int = 50
+    seed: int = 0
+
+
+@dataclass
+class Context:
+    """One (task, network) experiment: the FP32 file and the data every method sees."""
+
+    task_name: str
+    network: str
+    model_path: Path
+    x_train: np.ndarray
+    y_train: np.ndarray
+    test: Dataset
+    sample_shape: tuple[int, ...]
+    cfg: BenchConfig
+    ref8: dict | None = None  # 8-bit cost figures of the original model (size bits, bops, mpic)
+
+
+def make_context(task, network: str, model_path: Path, x_train, y_train, cfg: BenchConfig) -> Context:
+    specs = input_specs(onnx.load(str(model_path)))
+    test = load_dataset({"input": task.x_test}, specs, task.y_test)
+    return Context(task.name, network, Path(model_path), x_train, y_train, test, task.sample_shape, cfg)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def ort_latency_ms(model: onnx.ModelProto | str | Path, sample_shape: tuple[int, ...], batch: int,
+                   runs: int) -> float | None:
+    """Median wall time of one onnxruntime CPU run (1 thread, all graph optimisations) in ms."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    try:
+        session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        x = np.random.default_rng(0).standard_normal((batch, *sample_shape)).astype(np.float32)
+        for _ in range(3):
+            session.run(None, {name: x})
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            session.run(None, {name: x})
+            times.append(time.perf_counter() - t0)
+    except Exception as exc:  # e.g. a model whose batch is fixed to 1
+        logger.warning("latency at batch %d failed: %s", batch, str(exc).splitlines()[0][:160])
+        return None
+    return 1000 * statistics.median(times)
+
+
+def _measure(ctx: Context, model: onnx.ModelProto | Path, row: dict) -> dict:
+    row["test_acc"] = evaluate(model if isinstance(model, onnx.ModelProto) else str(model), ctx.test,
+                               batch_size=256, progress=False).accuracy
+    row["file_bytes"] = (model.ByteSize() if isinstance(model, onnx.ModelProto) else os.path.getsize(model))
+    row["latency_b1_ms"] = ort_latency_ms(model, ctx.sample_shape, 1, ctx.cfg.latency_runs)
+    row["latency_b32_ms"] = ort_latency_ms(model, ctx.sample_shape, 32, max(5, ctx.cfg.latency_runs // 5))
+    return row
+
+
+def _base_row(ctx: Context, method: str, label: str, **extra: Any) -> dict:
+    return {"task": ctx.task_name, "network": ctx.network, "method": method, "label": label, **extra}
+
+
+def plan_summary(plan) -> dict:
+    weight_bits = Counter(b for lp in plan.layers.values() for b in lp.bits)
+    total = sum(weight_bits.values())
+    return {"weight_channels_kept": total - weight_bits.get(0, 0), "weight_channels_total": total,
+            "weight_bits": {int(b): n for b, n in sorted(weight_bits.items()) if b}}
+
+
+def _costs_row(row: dict, cost_after: dict) -> dict:
+    row["size_model_bytes"] = cost_after["size"] / 8
+    row["bops"] = cost_after.get("bops")
+    row["mpic_cycles"] = cost_after.get("mpic")
+    return row
+
+
+def _config(ctx: Context, **overrides: Any) -> CompressConfig:
+    c = ctx.cfg
+    base = dict(epochs=c.epochs, finetune_epochs=c.finetune_epochs, batch_size=c.batch_size,
+                max_steps_per_epoch=c.max_steps_per_epoch, seed=c.seed, progress=False, act_bits=(8,))
+    base.update(overrides)
+    return CompressConfig(**base)
+
+
+def _from_compress(ctx: Context, row: dict, result, wall: float) -> dict:
+    rep = result.report
+    sec = rep["seconds"]
+    if ctx.ref8 is None and "size" in rep["cost_before_8bit"]:
+        ctx.ref8 = dict(rep["cost_before_8bit"])
+    _costs_row(row, rep["cost_after"])
+    row["search_s"] = sec.get("search", 0.0)
+    row["finetune_s"] = sec.get("finetune", 0.0)
+    row["train_s"] = row["search_s"] + row["finetune_s"]
+    row["wall_s"] = wall
+    row["plan"] = plan_summary(result.plan)
+    row["heldout_acc_compress"] = rep["quality"].get("accuracy_after")
+    _measure(ctx, result.model, row)
+    return row
+
+
+def _compress(ctx: Context, model, config: CompressConfig):
+    return compress(model if isinstance(model, onnx.ModelProto) else str(model), {"input": ctx.x_train},
+                    labels=ctx.y_train, config=config)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def run_fp32(ctx: Context) -> dict:
+    row = _base_row(ctx, "fp32", "FP32 original")
+    _measure(ctx, ctx.model_path, row)
+    if ctx.ref8:
+        row["size_model_bytes"] = 4 * ctx.ref8["size"] / 8  # 32-bit weights
+        row["bops"] = 16 * ctx.ref8["bops"]  # 32 x 32 bit-ops per MAC
+    row["mpic_cycles"] = None  # the MPIC table has no float entry
+    row["train_s"] = 0.0
+    return row
+
+
+def run_uniform(ctx: Context, bits: int) -> dict:
+    row = _base_row(ctx, "uniform", f"W{bits}A8 QAT", weight_bits=bits)
+    start = time.perf_counter()
+    result = _compress(ctx, ctx.model_path, _config(ctx, weight_precisions=(bits,), lam=0.0))
+    return _from_compress(ctx, row, result, time.perf_counter() - start)
+
+
+def run_joint(ctx: Context, lam: float, cost: str = "size") -> dict:
+    row = _base_row(ctx, f"joint-{cost}", f"joint {cost} lam={lam:g}", lam=lam, cost_model=cost)
+    start = time.perf_counter()
+    result = _compress(ctx, ctx.model_path, _config(ctx, cost=cost, lam=lam, weight_precisions=(0, 2, 4, 8)))
+    return _from_compress(ctx, row, result, time.perf_counter() - start)
+
+
+class _Calibration:
+    def __init__(self, x: np.ndarray, batch: int = 32) -> None:
+        self.batches = iter([{"input": x[i:i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def run_ort_static(ctx: Context, n_calib: int = 256) -> dict:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(_Calibration, CalibrationDataReader):
+        pass
+
+    row = _base_row(ctx, "ort_static", "ORT quantize_static int8")
+    rng = np.random.default_rng(ctx.cfg.seed)
+    x = ctx.x_train[np.sort(rng.choice(len(ctx.x_train), min(n_calib, len(ctx.x_train)), replace=False))]
+    with tempfile.TemporaryDirectory(prefix="pq-bench-") as tmp:
+        out = Path(tmp) / "ort_static.onnx"
+        start = time.perf_counter()
+        quantize_static(str(ctx.model_path), str(out), Reader(x), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        row["train_s"] = row["search_s"] = time.perf_counter() - start  # calibration only
+        row["finetune_s"] = 0.0
+        row["wall_s"] = row["train_s"]
+        _measure(ctx, out, row)
+        row["file_bytes"] = os.path.getsize(out)
+    if ctx.ref8:  # int8 weights and activations: the 8-bit figures of every cost model
+        _costs_row(row, ctx.ref8)
+    return row
+
+
+def run_sequential(ctx: Context, lam_prune: float, lam_mp: float, cost: str = "size") -> list[dict]:
+    """Pruning alone ({0, 8}), then mixed precision ({2, 4, 8}) on the pruned FP32 model."""
+    from graph_passes.batch import restore_dynamic_batch
+    from graph_passes.prune import prune_channels
+    from plugin.bridge import write_back
+    from plugin.export import export_plan, removal_of
+    from plugin.finetune import FinetuneConfig, finetune
+    from plugin.inspect_cmd import prepare_model
+    from plugin.search import SearchConfig, run_search
+    from plugin.searchable import SearchableModel
+
+    c = ctx.cfg
+    start = time.perf_counter()
+    prepared = prepare_model(str(ctx.model_path))
+    data = load_dataset({"input": ctx.x_train}, input_specs(prepared.model), ctx.y_train)
+    train, _held = data.split(0.2, seed=c.seed)  # the same 80 % compress trains on
+    sc = SearchConfig(weight_precisions=(0, 8), act_bits=(8,), cost_model=cost, lam=lam_prune, epochs=c.epochs,
+                      batch_size=c.batch_size, max_steps_per_epoch=c.max_steps_per_epoch,
+                      task_loss="cross_entropy", seed=c.seed, progress=False)
+    searchable = SearchableModel.build(prepared.model, sc, analysis=prepared.analysis)
+    t0 = time.perf_counter()
+    plan = run_search(searchable, train, sc)
+    t_search1 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan = finetune(searchable, plan, train, FinetuneConfig(
+        epochs=c.finetune_epochs, batch_size=c.batch_size, task_loss="cross_entropy",
+        max_steps_per_epoch=c.max_steps_per_epoch, seed=c.seed, progress=False)).plan
+    t_ft1 = time.perf_counter() - t0
+    weighted = write_back(prepared.model, searchable.materialised_bridge())
+    removal = removal_of(plan, prepared.analysis)
+    pruned = prune_channels(weighted, prepared.analysis, removal) if removal else weighted
+    pruned, _ = restore_dynamic_batch(pruned)
+    stage1, _ = restore_dynamic_batch(export_plan(weighted, prepared.analysis, plan).model)
+    wall1 = time.perf_counter() - start
+    row1 = _base_row(ctx, "prune-only", f"prune-only lam={lam_prune:g}", lam=lam_prune, cost_model=cost,
+                     search_s=t_search1, finetune_s=t_ft1, train_s=t_search1 + t_ft1, wall_s=wall1,
+                     plan=plan_summary(plan))
+    _costs_row(row1, {n: searchable.cost_of_plan(plan, n) for n in ("size", "bops", "mpic")})
+    _measure(ctx, stage1, row1)
+
+    start2 = time.perf_counter()
+    result = _compress(ctx, pruned, _config(ctx, cost=cost, lam=lam_mp, weight_precisions=(2, 4, 8)))
+    row2 = _base_row(ctx, "sequential", f"sequential lam={lam_prune:g}/{lam_mp:g}", lam=lam_mp,
+                     lam_prune=lam_prune, cost_model=cost)
+    ref8 = ctx.ref8
+    ctx.ref8 = ref8 or {}  # do not take the pruned model's 8-bit cost as the reference
+    _from_compress(ctx, row2, result, time.perf_counter() - start2)
+    ctx.ref8 = ref8
+    # the whole sequential method: both stages' training
+    row2["search_s"] += t_search1
+    row2["finetune_s"] += t_ft1
+    row2["train_s"] += t_search1 + t_ft1
+    row2["wall_s"] += wall1
+    row2["stage1_train_s"] = t_search1 + t_ft1
+    row2["plan"]["weight_channels_total"] = row1["plan"]["weight_channels_total"]
+    return [row1, row2]

@@ -1,0 +1,354 @@
+"""Where prunequant stands on the paper's claims: Pareto fronts of joint pruning + channel-wise
+mixed precision against uniform QAT, onnxruntime's quantize_static and sequential
+pruning-then-mixed-precision, on the same third-party ONNX model.
+
+    /root/.cache/pq/venv-dev/bin/python benchmarks/pareto.py --quick     # digits + MNIST-1D, < 8 min
+    /root/.cache/pq/venv-dev/bin/python benchmarks/pareto.py             # full: 3 tasks, size + mpic
+    /root/.cache/pq/venv-dev/bin/python benchmarks/pareto.py --tasks digits:dscnn --lambdas 10,40
+
+Per (task, network): the network is trained here (cached under ~/.cache/prunequant/bench),
+exported with torch's legacy exporter (opset 17, BatchNorm kept) and from then on treated as a
+third-party ONNX file. Methods (``bench_baselines.py``): FP32 original; uniform QAT W8A8 / W4A8
+/ W2A8 (same training budget as the searches: ``epochs`` + ``finetune_epochs``); onnxruntime
+``quantize_static`` (QDQ, per-channel int8); sequential pruning ({0, 8}) then mixed precision
+({2, 4, 8}) on the pruned model (two rows: ``prune-only`` and ``sequential``); the joint search
+swept over lambda with the ``size`` cost (and ``mpic`` in full mode). All wXa8.
+
+Recorded per row: test accuracy (onnxruntime on the exported model, the task's held-out test
+split), size-model bytes (weights at their bit-widths, what the search optimises) and file
+bytes, BOPs, MPIC cycles, onnxruntime CPU latency (1 thread, batch 1 and 32, median), and the
+training wall time (search + fine-tuning; sequential: both stages). Outputs in ``--out``
+(default ``benchmarks/out/``): ``pareto.json``, ``pareto.csv``, ``pareto_<task>_<net>.png``.
+
+Headline (per experiment): the smallest joint plan whose accuracy is within ``--tolerance``
+points of a baseline, and how much smaller it is than that baseline (the paper: 47.50 % below
+all-8-bit and 69.54 % below all-2-bit at iso-accuracy); and joint vs sequential at the same
+accuracy, with training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# the repository root first: benchmarks/graph_passes.py must not shadow the graph_passes package
+if str(ROOT) in sys.path:
+    sys.path.remove(str(ROOT))
+sys.path.insert(0, str(ROOT))
+if str(HERE) not in sys.path:
+    sys.path.append(str(HERE))
+
+import bench_baselines as bb  # noqa: E402
+import bench_networks as bn  # noqa: E402
+from bench_tasks import load_task  # noqa: E402
+
+# per mode: experiments (task, network, width, fp32 epochs, compress-training subset), budget, sweeps
+MODES = {
+    "quick": {
+        "experiments": [("digits", "resnet8", 0.5, 30, None), ("mnist1d", "dscnn", 0.5, 15, 3000)],
+        "epochs": 8, "finetune_epochs": 4, "latency_runs": 30,
+        "lambdas": {"size": [15.0, 40.0]}, "sequential": [(15.0, 40.0)], "uniform_bits": (8, 4, 2),
+    },
+    "full": {
+        "experiments": [("digits", "resnet8", 1.0, 40, None), ("mnist1d", "dscnn", 1.0, 30, None),
+                        ("shapes32", "mobilenet", 1.0, 15, 6000)],
+        "epochs": 20, "finetune_epochs": 10, "latency_runs": 100,
+        "lambdas": {"size": [3.0, 10.0, 20.0, 30.0, 45.0, 60.0, 100.0, 300.0],
+                    "mpic": [3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]},
+        "sequential": [(10.0, 30.0), (30.0, 60.0)], "uniform_bits": (8, 4, 2),
+    },
+    # the smoke test: one task, one tiny network, 1-2 epochs, 2 lambdas
+    "smoke": {
+        "experiments": [("digits", "dscnn", 0.25, 3, 600)],
+        "epochs": 2, "finetune_epochs": 1, "latency_runs": 5,
+        "lambdas": {"size": [10.0, 100.0]}, "sequential": [(10.0, 100.0)], "uniform_bits": (8, 4, 2),
+    },
+}
+
+ROW_FIELDS = ["task", "network", "method", "label", "lam", "lam_prune", "cost_model", "test_acc",
+              "size_model_bytes", "size_vs_w8", "file_bytes", "bops", "mpic_cycles", "latency_b1_ms",
+              "latency_b32_ms", "search_s", "finetune_s", "train_s", "wall_s", "weight_channels_kept",
+              "weight_channels_total", "weight_bits", "error"]
+
+STYLE = {  # method -> (marker, colour, label)
+    "fp32": ("*", "black", "FP32 original"),
+    "uniform": ("s", "tab:blue", "uniform QAT wXa8"),
+    "ort_static": ("D", "tab:gray", "ORT quantize_static int8"),
+    "prune-only": ("v", "tab:olive", "pruning only {0,8}"),
+    "sequential": ("^", "tab:orange", "sequential prune -> MP"),
+    "joint-size": ("o", "tab:red", "joint (size cost)"),
+    "joint-mpic": ("P", "tab:purple", "joint (mpic cost)"),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _safe(fn, ctx, label: str, *args):
+    """Run one method; a failure is a result too (recorded with its error)."""
+    start = time.perf_counter()
+    try:
+        out = fn(ctx, *args)
+    except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
+        wall = time.perf_counter() - start
+        log(f"    {label}: FAILED after {wall:.0f}s: {type(exc).__name__}: {str(exc)[:200]}")
+        method = {"run_uniform": "uniform", "run_joint": "joint-" + str(args[1] if len(args) > 1 else "size"),
+                  "run_sequential": "sequential", "run_ort_static": "ort_static"}.get(fn.__name__, fn.__name__)
+        return [{"task": ctx.task_name, "network": ctx.network, "method": method, "label": label,
+                 "error": f"{type(exc).__name__}: {exc}", "wall_s": wall}]
+    rows = out if isinstance(out, list) else [out]
+    for r in rows:
+        log(f"    {r['label']:<30} acc {100 * r['test_acc']:6.2f}%  size {r.get('size_model_bytes') or 0:9,.0f} B  "
+            f"file {r['file_bytes']:8,} B  train {r.get('train_s') or 0:6.1f}s")
+    return rows
+
+
+def run_experiment(task_name: str, network: str, width: float, fp32_epochs: int, n_compress: int | None,
+                   mode: dict, cfg: bb.BenchConfig, costs: list[str]) -> dict:
+    start = time.perf_counter()
+    task = load_task(task_name, bn.CACHE)
+    path, meta = bn.get_model(task, network, width, fp32_epochs, cfg.seed, log=log)
+    x, y = task.compress_subset(n_compress, cfg.seed)
+    ctx = bb.make_context(task, network, path, x, y, cfg)
+    log(f"[{task_name} / {network}] {task.description}; compress sees {len(x)} labelled training samples "
+        f"(80% train / 20% its own validation); test {len(task.x_test)}")
+    rows: list[dict] = []
+    for bits in mode["uniform_bits"]:
+        rows += _safe(bb.run_uniform, ctx, f"W{bits}A8 QAT", bits)
+    rows += _safe(bb.run_fp32, ctx, "FP32 original")
+    rows += _safe(bb.run_ort_static, ctx, "ORT quantize_static")
+    for lam_p, lam_m in mode["sequential"]:
+        rows += _safe(bb.run_sequential, ctx, f"sequential {lam_p:g}/{lam_m:g}", lam_p, lam_m)
+    for cost in costs:
+        for lam in mode["lambdas"].get(cost, []):
+            rows += _safe(bb.run_joint, ctx, f"joint {cost} lam={lam:g}", lam, cost)
+    ref8 = ctx.ref8 or {}
+    for r in rows:  # rows measured before the 8-bit reference was known
+        if r.get("method") in ("fp32", "ort_static") and ref8 and r.get("size_model_bytes") is None:
+            if r["method"] == "fp32":
+                r["size_model_bytes"], r["bops"] = 4 * ref8["size"] / 8, 16 * ref8["bops"]
+            else:
+                bb._costs_row(r, ref8)
+        if ref8 and r.get("size_model_bytes") is not None:
+            r["size_vs_w8"] = r["size_model_bytes"] / (ref8["size"] / 8)
+    return {"task": task_name, "network": network, "width": width, "fp32_train": meta,
+            "task_description": task.description, "n_compress": len(x), "n_test": len(task.x_test),
+            "ref_8bit": {k: ref8.get(k) for k in ("size", "bops", "mpic")}, "rows": rows,
+            "headline": headline(rows, 0.5), "seconds": time.perf_counter() - start}
+
+
+def _ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "error" not in r and r.get("size_model_bytes") is not None]
+
+
+def headline(rows: list[dict], tolerance_pt: float) -> dict:
+    """Smallest joint plan at iso-accuracy (within ``tolerance_pt`` points) with each baseline."""
+    ok = _ok(rows)
+    joint = [r for r in ok if r["method"].startswith("joint")]
+    out: dict = {"tolerance_points": tolerance_pt}
+    for r in ok:
+        if r["method"] in ("uniform", "ort_static", "sequential", "fp32"):
+            iso = [j for j in joint if 100 * j["test_acc"] >= 100 * r["test_acc"] - tolerance_pt]
+            entry: dict = {"baseline_acc": r["test_acc"], "baseline_size_bytes": r["size_model_bytes"]}
+            if iso:
+                best = min(iso, key=lambda j: j["size_model_bytes"])
+                entry.update({"joint": best["label"], "joint_acc": best["test_acc"],
+                              "joint_size_bytes": best["size_model_bytes"],
+                              "size_reduction_pct": 100 * (1 - best["size_model_bytes"] / r["size_model_bytes"]),
+                              "file_reduction_pct": 100 * (1 - best["file_bytes"] / r["file_bytes"]),
+                              "joint_train_s": best.get("train_s"), "baseline_train_s": r.get("train_s")})
+                if r.get("mpic_cycles") and best.get("mpic_cycles"):
+                    entry["mpic_reduction_pct"] = 100 * (1 - best["mpic_cycles"] / r["mpic_cycles"])
+            else:
+                entry["joint"] = None
+            out[r["label"]] = entry
+    return out
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(cost, accuracy) points not dominated (lower cost, higher accuracy), by cost."""
+    front, best = [], -1.0
+    for c, a in sorted(points, key=lambda p: (p[0], -p[1])):
+        if a > best:
+            front.append((c, a))
+            best = a
+    return front
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
+
+    rows = _ok(result["rows"])
+    accs = [100 * r["test_acc"] for r in rows]
+    top = max(accs) if accs else 100.0
+    # the y range covers the useful region; collapsed runs are drawn hollow on the bottom edge
+    ylo = max(0.0, min([a for a in accs if a >= top - 30] + [top - 5]) - 3)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, xlabel in ((axes[0], "size_model_bytes", "weight size (cost model, bytes, log)"),
+                            (axes[1], "mpic_cycles", "MPIC latency (cycles, log)")):
+        for method, (marker, colour, label) in STYLE.items():
+            pts = [(r[key], 100 * r["test_acc"], r["label"]) for r in rows
+                   if r["method"] == method and r.get(key)]
+            if not pts:
+                continue
+            shown = [p for p in pts if p[1] >= ylo]
+            hidden = [p for p in pts if p[1] < ylo]
+            if shown:
+                ax.scatter([p[0] for p in shown], [p[1] for p in shown], marker=marker, color=colour, s=60,
+                           label=label, zorder=3, edgecolors="white" if marker != "*" else None)
+            if hidden:
+                ax.scatter([p[0] for p in hidden], [ylo + 0.4] * len(hidden), marker=marker, s=60, zorder=3,
+                           facecolors="none", edgecolors=colour, label=None if shown else label)
+                for x, y, _lab in hidden:
+                    ax.annotate(f"{y:.0f}%", (x, ylo + 0.4), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7, color=colour)
+            if method == "uniform":
+                for x, y, lab in shown:
+                    ax.annotate(lab.split()[0], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            if method.startswith("joint"):
+                front = pareto_front([(p[0], p[1]) for p in pts])
+                ax.plot([p[0] for p in front], [max(p[1], ylo + 0.4) for p in front], color=colour, lw=1, zorder=2)
+        ax.set_xscale("log")
+        lo, hi = ax.get_xlim()
+        if hi / lo > 10:  # minor labels only where no decade label is shown
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%, onnxruntime)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_ylim(ylo, top + 1.5)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{result['task']} / {result['network']}: accuracy vs size and MPIC cycles "
+                 "(hollow markers on the bottom edge: runs below the y range, accuracy annotated)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(results: list[dict], meta: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "pareto.json", "csv": out / "pareto.csv"}
+    paths["json"].write_text(json.dumps({"meta": meta, "experiments": results}, indent=2, default=str))
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for res in results:
+            for r in res["rows"]:
+                flat = dict(r)
+                plan = r.get("plan") or {}
+                flat["weight_channels_kept"] = plan.get("weight_channels_kept")
+                flat["weight_channels_total"] = plan.get("weight_channels_total")
+                flat["weight_bits"] = " ".join(f"{b}b:{n}" for b, n in (plan.get("weight_bits") or {}).items())
+                writer.writerow(flat)
+    for res in results:
+        p = out / f"pareto_{res['task']}_{res['network']}.png"
+        plot(res, p)
+        paths[f"png_{res['task']}_{res['network']}"] = p
+    return paths
+
+
+def print_table(res: dict) -> None:
+    log(f"\n== {res['task']} / {res['network']}: test accuracy (onnxruntime), {res['n_test']} test samples ==")
+    head = (f"{'method':<28} {'acc %':>6} {'size B':>8} {'xW8':>5} {'file B':>8} {'BOPs':>9} {'MPIC cyc':>9} "
+            f"{'lat1 ms':>7} {'lat32 ms':>8} {'train s':>7}  kept/total  weight bits")
+    log(head)
+    log("-" * len(head))
+    for r in res["rows"]:
+        if "error" in r:
+            log(f"{r['label']:<28} FAILED: {r['error'][:100]}")
+            continue
+
+        def f(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+        plan = r.get("plan") or {}
+        bits = " ".join(f"{b}b:{n}" for b, n in (plan.get("weight_bits") or {}).items())
+        kept = f"{plan['weight_channels_kept']}/{plan['weight_channels_total']}" if plan else ""
+        log(f"{r['label']:<28} {100 * r['test_acc']:6.2f} {f(r.get('size_model_bytes'), '8,.0f')} "
+            f"{f(r.get('size_vs_w8'), '5.3f')} {r['file_bytes']:8,} {f(r.get('bops'), '9.3g')} "
+            f"{f(r.get('mpic_cycles'), '9.3g')} {f(r.get('latency_b1_ms'), '7.3f')} "
+            f"{f(r.get('latency_b32_ms'), '8.3f')} {f(r.get('train_s'), '7.1f')}  {kept:>10}  {bits}")
+    h = res["headline"]
+    log(f"headline (smallest joint plan within {h['tolerance_points']} pt of each baseline's accuracy):")
+    for name, e in h.items():
+        if not isinstance(e, dict):
+            continue
+        if e.get("joint") is None:
+            log(f"  vs {name:<26} ({100 * e['baseline_acc']:.2f}%): no joint plan that accurate")
+        else:
+            extra = f", MPIC {-e['mpic_reduction_pct']:+.1f}%" if "mpic_reduction_pct" in e else ""
+            log(f"  vs {name:<26} ({100 * e['baseline_acc']:.2f}%): {e['joint']} ({100 * e['joint_acc']:.2f}%) "
+                f"size {-e['size_reduction_pct']:+.1f}%, file {-e['file_reduction_pct']:+.1f}%{extra}; "
+                f"train {e['joint_train_s'] or 0:.0f}s vs {e['baseline_train_s'] or 0:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="digits + MNIST-1D, small budget (< 8 min, 2 cores)")
+    parser.add_argument("--smoke", action="store_true", help="the smallest configuration (the smoke test)")
+    parser.add_argument("--tasks", help="comma-separated task:network[:width] (e.g. digits:dscnn,mnist1d:resnet8)")
+    parser.add_argument("--lambdas", help="comma-separated lambdas for the size cost (overrides the mode's)")
+    parser.add_argument("--costs", help="comma-separated cost models to sweep (default: size; full: size,mpic)")
+    parser.add_argument("--epochs", type=int, help="search epochs")
+    parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs")
+    parser.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default benchmarks/out)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared 2-core box)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs through the root logger
+    name = "smoke" if args.smoke else ("quick" if args.quick else "full")
+    mode = {k: (dict(v) if isinstance(v, dict) else v) for k, v in MODES[name].items()}
+    costs = args.costs.split(",") if args.costs else (["size", "mpic"] if name == "full" else ["size"])
+    if args.lambdas:
+        mode["lambdas"] = dict(mode["lambdas"], size=[float(x) for x in args.lambdas.split(",")])
+    experiments = mode["experiments"]
+    if args.tasks:
+        defaults = {e[0]: e for e in MODES["full"]["experiments"]} | {e[0]: e for e in experiments}
+        experiments = []
+        for spec in args.tasks.split(","):
+            parts = spec.split(":")
+            base = defaults.get(parts[0], (parts[0], "resnet8", 0.5, 20, None))
+            net = parts[1] if len(parts) > 1 else base[1]
+            width = float(parts[2]) if len(parts) > 2 else base[2]
+            experiments.append((parts[0], net, width, base[3], base[4]))
+    cfg = bb.BenchConfig(epochs=args.epochs or mode["epochs"],
+                         finetune_epochs=args.finetune_epochs if args.finetune_epochs is not None
+                         else mode["finetune_epochs"], latency_runs=mode["latency_runs"], seed=args.seed)
+    start = time.perf_counter()
+    results = []
+    for task_name, network, width, fp32_epochs, n in experiments:
+        results.append(run_experiment(task_name, network, width, fp32_epochs, n, mode, cfg, costs))
+    for res in results:
+        print_table(res)
+    import onnxruntime
+
+    meta = {"mode": name, "epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs, "costs": costs,
+            "lambdas": mode["lambdas"], "sequential": mode["sequential"], "seed": args.seed,
+            "torch_threads": args.threads, "seconds": time.perf_counter() - start,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+            "cpu_count": os.cpu_count(), "activations": "8-bit everywhere (act_bits=(8,))"}
+    paths = write_outputs(results, meta, args.out)
+    log(f"\ntotal {meta['seconds']:.0f}s; wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
