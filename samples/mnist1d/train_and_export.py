@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
-import random
 import sys
 import time
-import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -47,15 +44,11 @@ OPSET = 17
 MAX_REL_ERR = 1e-4
 SEQ_LEN = 40
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from sample_tools import export_and_verify, seed_everything, train  # noqa: E402
 
 
-def seed_everything(seed: int) -> None:
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
 
 
 def conv_bn_relu(c_in: int, c_out: int, k: int = 5) -> nn.Sequential:
@@ -104,61 +97,10 @@ def load_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def train(model: nn.Module, x_tr: np.ndarray, y_tr: np.ndarray) -> None:
-    gen = torch.Generator().manual_seed(SEED)
-    xt = torch.from_numpy(x_tr)
-    yt = torch.from_numpy(y_tr)
-    opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    steps_per_epoch = (len(xt) + BATCH_SIZE - 1) // BATCH_SIZE
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=LR, total_steps=EPOCHS * steps_per_epoch
-    )
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for _ in range(EPOCHS):
-        perm = torch.randperm(len(xt), generator=gen)
-        for s in range(steps_per_epoch):
-            idx = perm[s * BATCH_SIZE : (s + 1) * BATCH_SIZE]
-            if len(idx) < 2:  # BatchNorm needs more than one sample
-                continue
-            loss = loss_fn(model(xt[idx]), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
 
 
-def export(model: nn.Module, path: Path) -> None:
-    dummy = torch.zeros(2, 1, SEQ_LEN, dtype=torch.float32)
-    # TrainingMode.PRESERVE on an eval() model exports inference-mode
-    # BatchNormalization nodes instead of letting the exporter's eval peephole fuse
-    # them into the convolutions: prunequant folds BatchNorm itself.
-    with warnings.catch_warnings():
-        # Legacy-exporter deprecation notice and the PRESERVE + constant-folding hint
-        # (the model is in eval mode, so folding is safe here).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*constant folding.*", category=UserWarning)
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=True,
-        )
 
 
-def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return sess.run(["logits"], {"input": x})[0]
 
 
 def _pkg_version(name: str) -> str | None:
@@ -181,26 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     seed_everything(SEED)  # the generator reseeds numpy/random; start training from a known state
     model = MNIST1DNet()
-    train(model, x_tr, y_tr)
+    train(model, x_tr, y_tr, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY,
+          seed=SEED)
     train_s = time.perf_counter() - t1
 
-    with torch.no_grad():
-        torch_te = model(torch.from_numpy(x_te)).numpy()
-    torch_acc = float((torch_te.argmax(1) == y_te).mean())
-
     model_path = out / "model.onnx"
-    export(model, model_path)
-    onnx_model = onnx.load(str(model_path))
-    onnx.checker.check_model(onnx_model, full_check=True)
-    op_types = sorted({n.op_type for n in onnx_model.graph.node})
-    if "BatchNormalization" not in op_types:
-        raise RuntimeError("expected BatchNormalization nodes in the exported graph")
-
-    ort_te = ort_logits(model_path, x_te)
-    rel_err = float(np.abs(ort_te - torch_te).max() / max(np.abs(torch_te).max(), 1e-12))
-    if rel_err > MAX_REL_ERR:
-        raise RuntimeError(f"onnxruntime/torch mismatch: max rel error {rel_err:.3e}")
-    ort_acc = float((ort_te.argmax(1) == y_te).mean())
+    checked = export_and_verify(model, model_path, x_te, y_te, OPSET, MAX_REL_ERR)
+    op_types, rel_err, ort_acc, torch_acc = (checked[k] for k in ("op_types", "rel_err", "ort_acc", "torch_acc"))
 
     rng = np.random.default_rng(SEED)
     train_idx = np.sort(rng.choice(len(x_tr), size=min(N_TRAIN_SAVED, len(x_tr)), replace=False))
