@@ -20,15 +20,6 @@ from plugin.searchable import SearchableModel
 DIGITS = Path(__file__).resolve().parents[1] / "samples" / "digits"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is far faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits() -> PreparedModel:
     return prepare_model(str(DIGITS / "model.onnx"), ["input=1x1x8x8"])

@@ -44,15 +44,6 @@ W_PRECISIONS = (0, 2, 4, 8)
 A_PRECISIONS = (2, 4, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is far faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny_model(seed: int = 0) -> onnx.ModelProto:
     model = onnx.parser.parse_model(TINY)
     rng = np.random.default_rng(seed)
