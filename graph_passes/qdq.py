@@ -66,6 +66,15 @@ _SIGNED = {8: (TensorProto.INT8, np.int8), 4: (TensorProto.INT4, ml_dtypes.int4)
            2: (TensorProto.INT2, ml_dtypes.int2)}
 _UNSIGNED = {8: (TensorProto.UINT8, np.uint8), 4: (TensorProto.UINT4, ml_dtypes.uint4),
              2: (TensorProto.UINT2, ml_dtypes.uint2)}
+# onnxruntime (1.31, ENABLE_ALL) moves a QuantizeLinear backwards over these data-movement ops
+# and then drops the DequantizeLinear -> op -> QuantizeLinear pair, running the op on the
+# quantized type; below 8 bits it often has no kernel for that ("Failed to find kernel for
+# Reshape(25)" with INT2, "Type 'tensor(uint4)' of input parameter ... of operator (MaxPool)").
+# A sub-8-bit activation produced by one of them is written with an 8-bit container and a Clip
+# to its b-bit range after DequantizeLinear: the same values, and a model that loads.
+_PROPAGATING_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice",
+                              "Gather", "Expand", "Resize", "DepthToSpace", "SpaceToDepth", "Split",
+                              "Concat", "Tile", "Pad", "AveragePool", "GlobalMaxPool"})
 
 
 @dataclass(frozen=True)
@@ -314,7 +323,10 @@ def _quantize_activation(tensor: str, quant: ActivationQuant, ctx: _Context) -> 
         if missing:
             raise PlanError(f"activation tensor {tensor!r} is not read by node(s) {sorted(missing)}")
         consumers = [n for n in consumers if n.name in quant.consumers]
-    zp_type = (_SIGNED if quant.signed else _UNSIGNED)[quant.bits][1]
+    container = quant.bits
+    if quant.bits < 8 and _producer_op(graph, tensor) in _PROPAGATING_OPS:
+        container = 8  # see _PROPAGATING_OPS
+    zp_type = (_SIGNED if quant.signed else _UNSIGNED)[container][1]
     scale = np.float32(quant.scale)
     s_name = ctx.init(f"{tensor}_scale", np.asarray(scale))
     z_name = ctx.init(f"{tensor}_zp", np.zeros((), dtype=zp_type))
@@ -325,13 +337,15 @@ def _quantize_activation(tensor: str, quant: ActivationQuant, ctx: _Context) -> 
     dq = ctx.node("DequantizeLinear", [q, s_name, z_name], f"{tensor}_dq")
     if quant.signed:
         dq = _narrow_range(dq, scale * np.float32(2 ** (quant.bits - 1) - 1), ctx)
+    elif container != quant.bits:
+        dq = _narrow_range(dq, scale * np.float32(2 ** quant.bits - 1), ctx, low=np.float32(0))
     for node in consumers:
         for i, name in enumerate(node.input):
             if name == tensor:
                 node.input[i] = dq
 
 
-def _narrow_range(tensor: str, clip: np.float32, ctx: _Context) -> str:
+def _narrow_range(tensor: str, clip: np.float32, ctx: _Context, low: np.float32 | None = None) -> str:
     """Clip the dequantized value to [-clip, clip], clip = qmax * scale (float32).
 
     A signed QuantizeLinear saturates at -2^(b-1); the quantizer (narrow range, like the
@@ -339,7 +353,7 @@ def _narrow_range(tensor: str, clip: np.float32, ctx: _Context) -> str:
     values; a Clip *before* QuantizeLinear would do too, but onnxruntime 1.32 (ENABLE_ALL)
     fails to load Clip -> QuantizeLinear(INT2): "Unexpected data type for QuantizeLinear".
     """
-    lo = ctx.init(f"{tensor}_clip_min", np.asarray(-clip, dtype=np.float32))
+    lo = ctx.init(f"{tensor}_clip_min", np.asarray(-clip if low is None else low, dtype=np.float32))
     hi = ctx.init(f"{tensor}_clip_max", np.asarray(clip, dtype=np.float32))
     return ctx.node("Clip", [tensor, lo, hi], f"{tensor}_clipped")
 

@@ -491,3 +491,48 @@ def test_activation_quant_rewires_only_the_named_consumers():
     assert add.input[0] == "r" and conv.input[0] != "r"
     with pytest.raises(PlanError, match="not read by node"):
         insert_qdq(model, {}, {"r": ActivationQuant(8, False, 0.1, consumers=("nope",))})
+
+
+MOVEMENT = """<ir_version: 10, opset_import: ["" : 17]>
+movement (float[2,3,6,6] x) => (float y) {{
+    c = Conv <pads=[1,1,1,1]> (x, W1, B1)
+    a = {act} (c)
+    m = {movement}
+    y = Gemm <transB=1> (m, W2, B2)
+}}
+"""
+MOVEMENTS = {
+    "reshape": ("ReduceMean <axes=[2, 3], keepdims=1> (a)", "Reshape (p, shape)"),
+    "flatten": ("GlobalAveragePool (a)", "Flatten (p)"),
+    "maxpool": ("MaxPool <kernel_shape=[6, 6]> (a)", "Reshape (p, shape)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MOVEMENTS))
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("abits", [2, 4])
+def test_low_bit_activation_after_data_movement_loads_in_onnxruntime(kind, signed, abits):
+    """onnxruntime moves a Q backwards over Reshape/Flatten/MaxPool and then runs the op on the
+    quantized type, which has no INT2 kernel ('Failed to find kernel for Reshape(25)', found on
+    efficientnet_b0) nor a UINT4 MaxPool. Such sites use an 8-bit container clipped to the range."""
+    pool, move = MOVEMENTS[kind]
+    text = MOVEMENT.format(act="Sigmoid" if not signed else "Tanh",
+                           movement=f"p = {pool}\n    m = {move}").replace("    m = m = ", "    m = ")
+    model = parse(text.replace("m = p = ", "p = "))
+    rng = np.random.default_rng(0)
+    model.graph.initializer.extend([
+        numpy_helper.from_array(rng.standard_normal([4, 3, 3, 3]).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.standard_normal([4]).astype(np.float32), "B1"),
+        numpy_helper.from_array(rng.standard_normal([5, 4]).astype(np.float32), "W2"),
+        numpy_helper.from_array(rng.standard_normal([5]).astype(np.float32), "B2"),
+        numpy_helper.from_array(np.array([2, 4], np.int64), "shape")])
+    for i, node in enumerate(model.graph.node):
+        node.name = f"n{i}"
+    gemm = model.graph.node[-1].name
+    weights = {"n0": WeightQuant((2, 2, 4, 8)), gemm: WeightQuant((2,) * 5)}
+    acts = {"m": ActivationQuant(abits, signed, (0.4 if signed else 0.3) / abits)}
+    result = insert_qdq(model, weights, acts)
+    feeds = {"x": rng.standard_normal([2, 3, 6, 6]).astype(np.float32)}
+    assert_parity(model, result, weights, acts, feeds)  # both optimisation levels
+    zps = [t for t in result.model.graph.initializer if t.name == "m_zp"]
+    assert zps and zps[0].data_type == (TensorProto.INT8 if signed else TensorProto.UINT8)
