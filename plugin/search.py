@@ -83,6 +83,7 @@ class SearchConfig:
     temperature_decay: float = 0.045
     task_loss: str = "distill_kl"
     discretisation: str = "keep_first"
+    prune_init: float = 0.0
     init_clip: float | None = None
     device: str = "cpu"
     seed: int = 0

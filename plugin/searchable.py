@@ -308,6 +308,8 @@ class SearchableModel(nn.Module):
         self._wrap_sites()
         self.calibrated = self.config.init_clip is not None
         self._baseline: CompressionPlan | None = None
+        if self.config.prune_init > 0:
+            self._init_prune_logits(self.config.prune_init)
         self._rescale_initial()
         self.set_temperature(self._temperature)
         logger.info("searchable model: %d layers, %d alphas, %d activation sites",
@@ -373,6 +375,41 @@ class SearchableModel(nn.Module):
 
         handle = self.net.get_submodule(owner).register_forward_pre_hook(pre_hook)
         self._hooks.append((owner, site, handle))
+
+    @torch.no_grad()
+    def _init_prune_logits(self, strength: float) -> None:
+        """Break the symmetry between the channels of a group before the search starts.
+
+        With equal initial logits the channels of a group get the same cost gradient and tend
+        to cross the pruning threshold together. Here each column's 0-bit logit starts at
+        ``strength * (1 - r)`` (clipped to [-strength, strength]), ``r`` being the column's mean
+        |W| relative to its layer's mean (averaged over the group's layers; BatchNorm is already
+        folded, so this is the network-slimming criterion): weak channels start likelier to be
+        pruned, strong ones less. Weights are rescaled afterwards, so the expected effective
+        weights still equal the FP32 ones at the start.
+        """
+        sums = [torch.zeros(a.n_columns) for a in self.map.alphas]
+        counts = [torch.zeros(a.n_columns) for a in self.map.alphas]
+        for entry in self._layers.values():
+            index = entry.info.alpha_index
+            if 0 not in self.map.alphas[index].precisions:
+                continue
+            module = self.net.get_submodule(entry.owner)
+            weight = module.parametrizations[entry.weight_attr].original.detach().float().cpu()
+            axis = entry.quantizer.ch_axis
+            norms = weight.abs().movedim(axis, 0).reshape(weight.shape[axis], -1).mean(dim=1)
+            mean = norms.mean()
+            if not torch.isfinite(mean) or mean <= 0:
+                continue
+            columns = torch.as_tensor(entry.info.columns)
+            sums[index].index_add_(0, columns, norms / mean)
+            counts[index].index_add_(0, columns, torch.ones(len(columns)))
+        for index, alpha in enumerate(self.alphas):
+            if 0 not in alpha.precisions or not bool((counts[index] > 0).any()):
+                continue
+            rel = torch.where(counts[index] > 0, sums[index] / counts[index].clamp_min(1), torch.ones(1))
+            zero = alpha.precisions.index(0)
+            alpha.alpha[zero] += (strength * (1 - rel)).clamp(-strength, strength).to(alpha.alpha.dtype)
 
     @torch.no_grad()
     def _rescale_initial(self) -> None:

@@ -200,3 +200,28 @@ def test_cost_of_plan_counts_pruned_inputs(tiny: onnx.ModelProto) -> None:
     # c1: 1 ch * 3 * 9 * 2; c2: 1 * 1 * 9 * 2; dw: 9 * 2; c3: 1 * 1 * 2; Gemm: 1 * 5 * 2 (no 0-bit)
     assert minimal.cost_after["size"] == 3 * 9 * 2 + 9 * 2 + 9 * 2 + 2 + 5 * 2
     assert get_cost_model("size").unit == "bit"
+
+
+def test_prune_init_breaks_symmetry_by_channel_norm_and_keeps_the_start_exact(tiny: onnx.ModelProto) -> None:
+    model = onnx.ModelProto()
+    model.CopyFrom(tiny)
+    # scale c3's output channel 2 down: it becomes the weakest channel of its (own) group
+    w3 = next(t for t in model.graph.initializer if t.name == "w3")
+    value = numpy_helper.to_array(w3).copy()
+    value[2] *= 0.05
+    w3.CopyFrom(numpy_helper.from_array(value, "w3"))
+    plain, broken = _searchable(model), _searchable(model, prune_init=1.0)
+    group_c3 = next(e for e in broken._layers.values() if e.info.layer.weight == "w3").info.alpha_index
+    zero = W_PRECISIONS.index(0)
+    assert torch.equal(plain.alphas[group_c3].alpha[zero], torch.zeros(6))  # symmetric start
+    logits = broken.alphas[group_c3].alpha[zero].detach()
+    assert int(logits.argmax()) == 2 and float(logits[2]) > 0.8  # weak channel: likelier to be pruned
+    assert float(logits.min()) < 0  # strong channels: less likely than before
+    assert torch.allclose(broken.alphas[group_c3].alpha[1:], plain.alphas[group_c3].alpha[1:])
+    # the raw weights are rescaled by 1 / (1 - theta_0) channel by channel, so the expected
+    # effective weight starts at the FP32 one, as without the symmetry breaker
+    entry = next(e for e in broken._layers.values() if e.info.layer.weight == "w3")
+    raw = broken.net.get_submodule(entry.owner).parametrizations[entry.weight_attr].original.detach()
+    fp32 = getattr(broken._teacher_module().get_submodule(entry.owner), entry.weight_attr).detach()
+    keep = 1 - broken.thetas()[group_c3][zero].detach()
+    torch.testing.assert_close(raw * keep.reshape(-1, 1, 1, 1), fp32, rtol=1e-5, atol=1e-7)
