@@ -51,6 +51,7 @@ class BenchConfig:
     max_steps_per_epoch: int | None = None
     latency_runs: int = 50
     seed: int = 0
+    device: str = "cpu"  # search and fine-tuning (the FP32 networks are always trained on the CPU)
 
 
 @dataclass
@@ -133,7 +134,8 @@ def _costs_row(row: dict, cost_after: dict) -> dict:
 def _config(ctx: Context, **overrides: Any) -> CompressConfig:
     c = ctx.cfg
     base = dict(epochs=c.epochs, finetune_epochs=c.finetune_epochs, batch_size=c.batch_size,
-                max_steps_per_epoch=c.max_steps_per_epoch, seed=c.seed, progress=False, act_bits=(8,))
+                max_steps_per_epoch=c.max_steps_per_epoch, seed=c.seed, progress=False, act_bits=(8,),
+                device=c.device)
     base.update(overrides)
     return CompressConfig(**base)
 
@@ -237,7 +239,7 @@ def run_sequential(ctx: Context, lam_prune: float, lam_mp: float, cost: str = "s
     train, _held = data.split(0.2, seed=c.seed)  # the same 80 % compress trains on
     sc = SearchConfig(weight_precisions=(0, 8), act_bits=(8,), cost_model=cost, lam=lam_prune, epochs=c.epochs,
                       batch_size=c.batch_size, max_steps_per_epoch=c.max_steps_per_epoch,
-                      task_loss="cross_entropy", seed=c.seed, progress=False)
+                      task_loss="cross_entropy", seed=c.seed, progress=False, device=c.device)
     searchable = SearchableModel.build(prepared.model, sc, analysis=prepared.analysis)
     t0 = time.perf_counter()
     plan = run_search(searchable, train, sc)
@@ -245,7 +247,7 @@ def run_sequential(ctx: Context, lam_prune: float, lam_mp: float, cost: str = "s
     t0 = time.perf_counter()
     plan = finetune(searchable, plan, train, FinetuneConfig(
         epochs=c.finetune_epochs, batch_size=c.batch_size, task_loss="cross_entropy",
-        max_steps_per_epoch=c.max_steps_per_epoch, seed=c.seed, progress=False)).plan
+        max_steps_per_epoch=c.max_steps_per_epoch, seed=c.seed, progress=False, device=c.device)).plan
     t_ft1 = time.perf_counter() - t0
     weighted = write_back(prepared.model, searchable.materialised_bridge())
     removal = removal_of(plan, prepared.analysis)

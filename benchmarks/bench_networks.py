@@ -150,6 +150,19 @@ def train_fp32(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps))
     loss_fn = nn.CrossEntropyLoss()
     model.train()
+    # oneDNN's CPU convolution backward corrupts the heap when training these small nets with
+    # torch 2.14.1 on some AMD EPYC machines ("corrupted double-linked list", measured
+    # 2026-11-30, benchmarks only so far); torch's native kernels are used instead.
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # (mkldnn.flags() would also warn about TF32)
+    try:
+        _train_loop(model, xt, yt, opt, sched, loss_fn, epochs, steps, batch_size, gen, shift)
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+    model.eval()
+
+
+def _train_loop(model, xt, yt, opt, sched, loss_fn, epochs, steps, batch_size, gen, shift) -> None:
     for _ in range(epochs):
         perm = torch.randperm(len(xt), generator=gen)
         for s in range(steps):
@@ -161,7 +174,6 @@ def train_fp32(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed
             loss.backward()
             opt.step()
             sched.step()
-    model.eval()
 
 
 def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, ...]) -> None:

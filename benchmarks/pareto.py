@@ -61,13 +61,14 @@ MODES = {
         "epochs": 8, "finetune_epochs": 4, "latency_runs": 30,
         "lambdas": {"size": [15.0, 40.0]}, "sequential": [(15.0, 40.0)], "uniform_bits": (8, 4, 2),
     },
+    # full: sized for one 2-core machine with --jobs 2 (about an hour; see benchmarks/README.md)
     "full": {
-        "experiments": [("digits", "resnet8", 1.0, 40, None), ("mnist1d", "dscnn", 1.0, 30, None),
-                        ("shapes32", "mobilenet", 1.0, 15, 6000)],
-        "epochs": 20, "finetune_epochs": 10, "latency_runs": 100,
-        "lambdas": {"size": [3.0, 10.0, 20.0, 30.0, 45.0, 60.0, 100.0, 300.0],
-                    "mpic": [3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]},
-        "sequential": [(10.0, 30.0), (30.0, 60.0)], "uniform_bits": (8, 4, 2),
+        "experiments": [("digits", "resnet8", 1.0, 40, None), ("mnist1d", "dscnn", 1.0, 20, 4000),
+                        ("shapes32", "mobilenet", 0.5, 10, 2000)],
+        "epochs": 12, "finetune_epochs": 6, "latency_runs": 100,
+        "lambdas": {"size": [10.0, 20.0, 35.0, 50.0, 70.0, 100.0, 150.0],
+                    "mpic": [10.0, 20.0, 35.0, 50.0, 70.0, 100.0]},
+        "sequential": [(20.0, 35.0), (50.0, 50.0)], "uniform_bits": (8, 4, 2),
     },
     # the smoke test: one task, one tiny network, 1-2 epochs, 2 lambdas
     "smoke": {
@@ -76,6 +77,9 @@ MODES = {
         "lambdas": {"size": [10.0, 100.0]}, "sequential": [(10.0, 100.0)], "uniform_bits": (8, 4, 2),
     },
 }
+
+# the seed paper's headline figures (size reduction at iso-accuracy)
+PAPER = {"W8A8 QAT": "-47.50%", "W2A8 QAT": "-69.54%"}
 
 ROW_FIELDS = ["task", "network", "method", "label", "lam", "lam_prune", "cost_model", "test_acc",
               "size_model_bytes", "size_vs_w8", "file_bytes", "bops", "mpic_cycles", "latency_b1_ms",
@@ -117,7 +121,9 @@ def _safe(fn, ctx, label: str, *args):
 
 
 def run_experiment(task_name: str, network: str, width: float, fp32_epochs: int, n_compress: int | None,
-                   mode: dict, cfg: bb.BenchConfig, costs: list[str]) -> dict:
+                   mode: dict, cfg: bb.BenchConfig, costs: list[str], partial: Path | None = None) -> dict:
+    """All methods on one (task, network); with ``partial``, the rows so far are written there
+    after every method (a long run stopped early keeps what it measured)."""
     start = time.perf_counter()
     task = load_task(task_name, bn.CACHE)
     path, meta = bn.get_model(task, network, width, fp32_epochs, cfg.seed, log=log)
@@ -126,15 +132,16 @@ def run_experiment(task_name: str, network: str, width: float, fp32_epochs: int,
     log(f"[{task_name} / {network}] {task.description}; compress sees {len(x)} labelled training samples "
         f"(80% train / 20% its own validation); test {len(task.x_test)}")
     rows: list[dict] = []
-    for bits in mode["uniform_bits"]:
-        rows += _safe(bb.run_uniform, ctx, f"W{bits}A8 QAT", bits)
-    rows += _safe(bb.run_fp32, ctx, "FP32 original")
-    rows += _safe(bb.run_ort_static, ctx, "ORT quantize_static")
-    for lam_p, lam_m in mode["sequential"]:
-        rows += _safe(bb.run_sequential, ctx, f"sequential {lam_p:g}/{lam_m:g}", lam_p, lam_m)
-    for cost in costs:
-        for lam in mode["lambdas"].get(cost, []):
-            rows += _safe(bb.run_joint, ctx, f"joint {cost} lam={lam:g}", lam, cost)
+    calls = [(bb.run_uniform, f"W{bits}A8 QAT", (bits,)) for bits in mode["uniform_bits"]]
+    calls += [(bb.run_fp32, "FP32 original", ()), (bb.run_ort_static, "ORT quantize_static", ())]
+    calls += [(bb.run_sequential, f"sequential {p:g}/{m:g}", (p, m)) for p, m in mode["sequential"]]
+    calls += [(bb.run_joint, f"joint {cost} lam={lam:g}", (lam, cost))
+              for cost in costs for lam in mode["lambdas"].get(cost, [])]
+    for fn, label, args in calls:
+        rows += _safe(fn, ctx, label, *args)
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"task": task_name, "network": network, "rows": rows}, default=str))
     ref8 = ctx.ref8 or {}
     for r in rows:  # rows measured before the 8-bit reference was known
         if r.get("method") in ("fp32", "ort_static") and ref8 and r.get("size_model_bytes") is None:
@@ -175,7 +182,28 @@ def headline(rows: list[dict], tolerance_pt: float) -> dict:
             else:
                 entry["joint"] = None
             out[r["label"]] = entry
+    out["joint_vs_sequential"] = [joint_vs_sequential(s, joint, tolerance_pt)
+                                  for s in ok if s["method"] == "sequential"]
     return out
+
+
+def joint_vs_sequential(seq: dict, joint: list[dict], tolerance_pt: float) -> dict:
+    """The issue's time claim: a joint plan at equal or better accuracy (within ``tolerance_pt``)
+    *and* equal or smaller size than the sequential result, and its training time against the
+    sequential pipeline's (both stages)."""
+    entry: dict = {"sequential": seq["label"], "sequential_acc": seq["test_acc"],
+                   "sequential_size_bytes": seq["size_model_bytes"], "sequential_train_s": seq.get("train_s")}
+    match = [j for j in joint if 100 * j["test_acc"] >= 100 * seq["test_acc"] - tolerance_pt
+             and j["size_model_bytes"] <= seq["size_model_bytes"] * 1.0001]
+    if not match:
+        entry["joint"] = None
+        return entry
+    best = min(match, key=lambda j: j.get("train_s") or 0.0)
+    entry.update({"joint": best["label"], "joint_acc": best["test_acc"], "joint_size_bytes": best["size_model_bytes"],
+                  "joint_train_s": best.get("train_s")})
+    if best.get("train_s") and seq.get("train_s"):
+        entry["time_ratio"] = best["train_s"] / seq["train_s"]
+    return entry
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -241,9 +269,59 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(results: list[dict], meta: dict) -> str:
+    """The README's tables: every row per task, then the headline against the paper's claims."""
+    lines = [f"Mode `{meta['mode']}`: {meta['epochs']} search + {meta['finetune_epochs']} QAT epochs, "
+             f"8-bit activations, {meta.get('jobs', 1)} job(s) x {meta['torch_threads']} torch thread(s) "
+             f"on {meta['cpu_count']} CPUs ({meta.get('device', 'cpu')}), {meta['seconds'] / 60:.0f} min in all."]
+    for res in results:
+        lines += ["", f"**{res['task']} / {res['network']}** ({res['task_description']}; compress sees "
+                      f"{res['n_compress']} labelled samples, accuracy on {res['n_test']} test samples)", "",
+                  "| method | test acc | size (cost model) | x W8 | file | MPIC cycles | ORT b1 / b32 ms "
+                  "| train s | kept / total | weight bits |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['label']} | failed: {r['error'][:80]} |||||||||")
+                continue
+            plan = r.get("plan") or {}
+            bits = " ".join(f"{b}b:{n}" for b, n in (plan.get("weight_bits") or {}).items())
+            kept = f"{plan['weight_channels_kept']} / {plan['weight_channels_total']}" if plan else ""
+
+            def f(v, fmt):
+                return format(v, fmt) if v is not None else "-"
+            lines.append(f"| {r['label']} | {100 * r['test_acc']:.2f}% | {f(r.get('size_model_bytes'), ',.0f')} B "
+                         f"| {f(r.get('size_vs_w8'), '.3f')} | {r['file_bytes']:,} B | {f(r.get('mpic_cycles'), '.3g')} "
+                         f"| {f(r.get('latency_b1_ms'), '.3f')} / {f(r.get('latency_b32_ms'), '.2f')} "
+                         f"| {f(r.get('train_s'), '.0f')} | {kept} | {bits} |")
+        h = res["headline"]
+        lines += ["", f"Smallest joint plan within {h['tolerance_points']} pt of the baseline's accuracy:", ""]
+        for name in ("W8A8 QAT", "W2A8 QAT", "ORT quantize_static int8"):
+            e = h.get(name)
+            if not isinstance(e, dict):
+                continue
+            if e.get("joint") is None:
+                lines.append(f"- vs {name} ({100 * e['baseline_acc']:.2f}%): no joint plan that accurate")
+            else:
+                lines.append(f"- vs {name} ({100 * e['baseline_acc']:.2f}%): {e['joint']} "
+                             f"({100 * e['joint_acc']:.2f}%), size {-e['size_reduction_pct']:+.1f}% "
+                             f"(paper: {PAPER.get(name, 'n/a')}), file {-e['file_reduction_pct']:+.1f}%")
+        for e in h.get("joint_vs_sequential", []):
+            if e.get("joint") is None:
+                lines.append(f"- vs {e['sequential']} ({100 * e['sequential_acc']:.2f}%, "
+                             f"{e['sequential_size_bytes']:,.0f} B): no joint plan as accurate and as small")
+            else:
+                lines.append(f"- vs {e['sequential']} ({100 * e['sequential_acc']:.2f}%, "
+                             f"{e['sequential_size_bytes']:,.0f} B, {e['sequential_train_s'] or 0:.0f} s): "
+                             f"{e['joint']} ({100 * e['joint_acc']:.2f}%, {e['joint_size_bytes']:,.0f} B, "
+                             f"{e['joint_train_s'] or 0:.0f} s): training time x{e.get('time_ratio', 0):.2f} "
+                             "(target <= 0.5)")
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(results: list[dict], meta: dict, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "pareto.json", "csv": out / "pareto.csv"}
+    paths = {"json": out / "pareto.json", "csv": out / "pareto.csv", "md": out / "pareto.md"}
+    paths["md"].write_text(markdown(results, meta))
     paths["json"].write_text(json.dumps({"meta": meta, "experiments": results}, indent=2, default=str))
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
@@ -285,6 +363,13 @@ def print_table(res: dict) -> None:
             f"{f(r.get('latency_b32_ms'), '8.3f')} {f(r.get('train_s'), '7.1f')}  {kept:>10}  {bits}")
     h = res["headline"]
     log(f"headline (smallest joint plan within {h['tolerance_points']} pt of each baseline's accuracy):")
+    for e in h.get("joint_vs_sequential", []):
+        if e.get("joint") is None:
+            log(f"  joint vs {e['sequential']}: no joint plan at least as accurate and as small")
+        else:
+            log(f"  joint vs {e['sequential']} ({100 * e['sequential_acc']:.2f}%, {e['sequential_size_bytes']:,.0f} B, "
+                f"{e['sequential_train_s'] or 0:.0f}s): {e['joint']} ({100 * e['joint_acc']:.2f}%, "
+                f"{e['joint_size_bytes']:,.0f} B, {e['joint_train_s'] or 0:.0f}s), time x{e.get('time_ratio', 0):.2f}")
     for name, e in h.items():
         if not isinstance(e, dict):
             continue
@@ -295,6 +380,28 @@ def print_table(res: dict) -> None:
             log(f"  vs {name:<26} ({100 * e['baseline_acc']:.2f}%): {e['joint']} ({100 * e['joint_acc']:.2f}%) "
                 f"size {-e['size_reduction_pct']:+.1f}%, file {-e['file_reduction_pct']:+.1f}%{extra}; "
                 f"train {e['joint_train_s'] or 0:.0f}s vs {e['baseline_train_s'] or 0:.0f}s")
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def _run_parallel(jobs: list[tuple], n_workers: int, threads: int) -> list[dict]:
+    """Experiments in ``n_workers`` processes (one experiment each; results in the given order).
+
+    Each worker trains (or takes from the cache) its own FP32 network; the cache file is
+    written atomically. A failed experiment raises here, as it would in the serial loop."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # longest first: the 32x32 task, then by training-set size
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i][0] != "shapes32", -(jobs[i][4] or 0)))
+    with ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {i: pool.submit(run_experiment, *jobs[i]) for i in order}
+        return [futures[i].result() for i in range(len(jobs))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,7 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default benchmarks/out)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared 2-core box)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="experiments run in parallel processes (default 1; full mode on 2 cores: 2)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="device of the searches and fine-tuning (FP32 training stays on the CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
@@ -330,18 +441,23 @@ def main(argv: list[str] | None = None) -> int:
             experiments.append((parts[0], net, width, base[3], base[4]))
     cfg = bb.BenchConfig(epochs=args.epochs or mode["epochs"],
                          finetune_epochs=args.finetune_epochs if args.finetune_epochs is not None
-                         else mode["finetune_epochs"], latency_runs=mode["latency_runs"], seed=args.seed)
+                         else mode["finetune_epochs"], latency_runs=mode["latency_runs"], seed=args.seed,
+                         device=args.device)
     start = time.perf_counter()
-    results = []
-    for task_name, network, width, fp32_epochs, n in experiments:
-        results.append(run_experiment(task_name, network, width, fp32_epochs, n, mode, cfg, costs))
+    jobs = [(task_name, network, width, fp32_epochs, n, mode, cfg, costs,
+             args.out / "partial" / f"{task_name}_{network}.json")
+            for task_name, network, width, fp32_epochs, n in experiments]
+    if args.jobs > 1 and len(jobs) > 1:
+        results = _run_parallel(jobs, args.jobs, args.threads)
+    else:
+        results = [run_experiment(*job) for job in jobs]
     for res in results:
         print_table(res)
     import onnxruntime
 
     meta = {"mode": name, "epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs, "costs": costs,
             "lambdas": mode["lambdas"], "sequential": mode["sequential"], "seed": args.seed,
-            "torch_threads": args.threads, "seconds": time.perf_counter() - start,
+            "torch_threads": args.threads, "jobs": args.jobs, "device": args.device, "seconds": time.perf_counter() - start,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
             "cpu_count": os.cpu_count(), "activations": "8-bit everywhere (act_bits=(8,))"}

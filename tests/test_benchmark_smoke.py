@@ -59,3 +59,37 @@ def test_pareto_smoke(tmp_path, monkeypatch):
     png = out / f"pareto_{experiment['task']}_{experiment['network']}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
+
+
+def _row(label: str, method: str, acc: float, size: float, train: float, **extra: object) -> dict:
+    return {"label": label, "method": method, "test_acc": acc, "size_model_bytes": size, "file_bytes": int(size) + 1000,
+            "train_s": train, **extra}
+
+
+def test_headline_iso_accuracy_and_joint_vs_sequential(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT))
+    import pareto
+
+    rows = [_row("W8A8 QAT", "uniform", 0.980, 1000, 10), _row("W2A8 QAT", "uniform", 0.950, 250, 10),
+            _row("sequential 20/35", "sequential", 0.970, 400, 40),
+            _row("joint size lam=10", "joint-size", 0.978, 500, 15),  # iso with W8 (-0.2 pt)
+            _row("joint size lam=50", "joint-size", 0.968, 300, 18),  # as accurate as sequential, smaller
+            _row("joint size lam=150", "joint-size", 0.946, 70, 12),  # iso with W2
+            _row("broken", "joint-size", 0.99, 10, 1, error="boom")]
+    rows[-1].pop("size_model_bytes")
+    h = pareto.headline(rows, 0.5)
+    assert h["W8A8 QAT"]["joint"] == "joint size lam=10"
+    assert h["W8A8 QAT"]["size_reduction_pct"] == pytest.approx(50.0)
+    assert h["W2A8 QAT"]["joint"] == "joint size lam=150"
+    assert h["W2A8 QAT"]["size_reduction_pct"] == pytest.approx(72.0)
+    (seq,) = h["joint_vs_sequential"]
+    # lam=10 is as accurate but larger: not counted; lam=50 is within 0.5 pt and smaller
+    assert seq["joint"] == "joint size lam=50" and seq["time_ratio"] == pytest.approx(18 / 40)
+    meta = {"mode": "test", "epochs": 1, "finetune_epochs": 1, "torch_threads": 1, "cpu_count": 2, "seconds": 60}
+    result = {"task": "t", "network": "n", "task_description": "d", "n_compress": 1, "n_test": 1,
+              "rows": rows, "headline": h}
+    md = pareto.markdown([result], meta)
+    assert "| joint size lam=50 | 96.80% | 300 B |" in md
+    assert "size -72.0% (paper: -69.54%)" in md and "training time x0.45" in md
+    assert pareto.pareto_front([(1, 0.5), (2, 0.4), (3, 0.9), (3, 0.8)]) == [(1, 0.5), (3, 0.9)]
