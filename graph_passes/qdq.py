@@ -34,6 +34,8 @@ onnxruntime 1.32 pitfalls measured while writing this (ORT_ENABLE_ALL only):
 * it does *not* constant-fold ``DQ -> Concat -> Gather`` at session start (DQ nodes are
   excluded from constant folding): the weights are dequantized on every run. Sub-8-bit weights
   buy size, not speed, on CPU.
+* it moves a QuantizeLinear backwards over data-movement ops and runs them on the quantized
+  type, with no INT2 kernels for them (see ``_PROPAGATING_OPS``).
 
 Opsets: per-axis DequantizeLinear needs opset 13, INT4/UINT4 opset 21 (IR 10), INT2/UINT2
 opset 25 (IR 13). A model below what its bit-widths need is up-converted with
@@ -66,7 +68,7 @@ _SIGNED = {8: (TensorProto.INT8, np.int8), 4: (TensorProto.INT4, ml_dtypes.int4)
            2: (TensorProto.INT2, ml_dtypes.int2)}
 _UNSIGNED = {8: (TensorProto.UINT8, np.uint8), 4: (TensorProto.UINT4, ml_dtypes.uint4),
              2: (TensorProto.UINT2, ml_dtypes.uint2)}
-# onnxruntime (1.31, ENABLE_ALL) moves a QuantizeLinear backwards over these data-movement ops
+# onnxruntime (1.32, ENABLE_ALL) moves a QuantizeLinear backwards over these data-movement ops
 # and then drops the DequantizeLinear -> op -> QuantizeLinear pair, running the op on the
 # quantized type; below 8 bits it often has no kernel for that ("Failed to find kernel for
 # Reshape(25)" with INT2, "Type 'tensor(uint4)' of input parameter ... of operator (MaxPool)").
