@@ -62,7 +62,10 @@ class SearchConfig:
     ``act_bits`` fixes the activation precision set (e.g. ``(8,)``) instead of searching over
     ``activation_precisions``. ``init_clip`` None calibrates each activation clip from the data
     (99.9th percentile of |x| under the FP32 model) instead of the fixed PACT value.
-    ``max_steps_per_epoch`` caps an epoch (quick runs and tests).
+    ``max_steps_per_epoch`` caps an epoch (quick runs and tests). ``prune_init`` > 0 starts each
+    channel's 0-bit logit at ``prune_init * (1 - |W_c| / mean |W|)`` (weak channels likelier to
+    be pruned) instead of 0 for all; off by default: on the digits sample (10 + 5 epochs) it
+    pruned more at lambda 60 (0.20 vs 0.26 of W8, same 97.6%) and lost accuracy at 80 and 110.
     """
 
     weight_precisions: tuple[int, ...] = DEFAULT_WEIGHT_PRECISIONS
