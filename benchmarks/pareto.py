@@ -54,7 +54,14 @@ import bench_baselines as bb  # noqa: E402
 import bench_networks as bn  # noqa: E402
 from bench_tasks import load_task  # noqa: E402
 
-# per mode: experiments (task, network, width, fp32 epochs, compress-training subset), budget, sweeps
+# shapes32's cross-entropy stays near 1 (FP32: 74% accuracy), so the cost term needs ~10x
+# smaller lambdas than on digits / MNIST-1D before it trades accuracy (measured: lambda 20
+# pruned shapes32 to 37% accuracy, MNIST-1D to 94.6%).
+SHAPES32_GRID = {"lambdas": {"size": [1.0, 2.0, 3.5, 5.0, 7.0, 10.0], "mpic": [2.0, 3.5, 5.0, 7.0, 10.0, 20.0]},
+                 "sequential": [(3.5, 5.0), (7.0, 7.0)]}
+
+# per mode: experiments (task, network, width, fp32 epochs, compress-training subset[, per-task
+# lambdas / sequential]), budget, sweeps
 MODES = {
     "quick": {
         "experiments": [("digits", "resnet8", 0.5, 30, None), ("mnist1d", "dscnn", 0.5, 15, 3000)],
@@ -64,7 +71,7 @@ MODES = {
     # full: sized for one 2-core machine with --jobs 2 (about an hour; see benchmarks/README.md)
     "full": {
         "experiments": [("digits", "resnet8", 1.0, 40, None), ("mnist1d", "dscnn", 1.0, 20, 4000),
-                        ("shapes32", "mobilenet", 0.5, 10, 2000)],
+                        ("shapes32", "mobilenet", 0.5, 10, 2000, SHAPES32_GRID)],
         "epochs": 12, "finetune_epochs": 6, "latency_runs": 100,
         "lambdas": {"size": [10.0, 20.0, 35.0, 50.0, 70.0, 100.0, 150.0],
                     "mpic": [10.0, 20.0, 35.0, 50.0, 70.0, 100.0]},
@@ -120,30 +127,52 @@ def _safe(fn, ctx, label: str, *args):
     return rows
 
 
+METHODS = ("uniform", "fp32", "ort", "sequential", "joint")
+
+
 def run_experiment(task_name: str, network: str, width: float, fp32_epochs: int, n_compress: int | None,
-                   mode: dict, cfg: bb.BenchConfig, costs: list[str], partial: Path | None = None) -> dict:
-    """All methods on one (task, network); with ``partial``, the rows so far are written there
+                   mode: dict, cfg: bb.BenchConfig, costs: list[str], partial: Path | None = None,
+                   overrides: dict | None = None, methods: tuple[str, ...] = METHODS) -> dict:
+    """All methods on one (task, network); ``overrides`` replaces the mode's ``lambdas`` /
+    ``sequential`` for this experiment. With ``partial``, the result so far is written there
     after every method (a long run stopped early keeps what it measured)."""
     start = time.perf_counter()
+    settings = {**{k: mode[k] for k in ("lambdas", "sequential", "uniform_bits")}, **(overrides or {})}
     task = load_task(task_name, bn.CACHE)
     path, meta = bn.get_model(task, network, width, fp32_epochs, cfg.seed, log=log)
     x, y = task.compress_subset(n_compress, cfg.seed)
     ctx = bb.make_context(task, network, path, x, y, cfg)
     log(f"[{task_name} / {network}] {task.description}; compress sees {len(x)} labelled training samples "
         f"(80% train / 20% its own validation); test {len(task.x_test)}")
+    calls = []
+    if "uniform" in methods:
+        calls += [(bb.run_uniform, f"W{bits}A8 QAT", (bits,)) for bits in settings["uniform_bits"]]
+    if "fp32" in methods:
+        calls.append((bb.run_fp32, "FP32 original", ()))
+    if "ort" in methods:
+        calls.append((bb.run_ort_static, "ORT quantize_static", ()))
+    if "sequential" in methods:
+        calls += [(bb.run_sequential, f"sequential {p:g}/{m:g}", (p, m)) for p, m in settings["sequential"]]
+    if "joint" in methods:
+        calls += [(bb.run_joint, f"joint {cost} lam={lam:g}", (lam, cost))
+                  for cost in costs for lam in settings["lambdas"].get(cost, [])]
     rows: list[dict] = []
-    calls = [(bb.run_uniform, f"W{bits}A8 QAT", (bits,)) for bits in mode["uniform_bits"]]
-    calls += [(bb.run_fp32, "FP32 original", ()), (bb.run_ort_static, "ORT quantize_static", ())]
-    calls += [(bb.run_sequential, f"sequential {p:g}/{m:g}", (p, m)) for p, m in mode["sequential"]]
-    calls += [(bb.run_joint, f"joint {cost} lam={lam:g}", (lam, cost))
-              for cost in costs for lam in mode["lambdas"].get(cost, [])]
-    for fn, label, args in calls:
+    info = {"task": task_name, "network": network, "width": width, "fp32_train": meta,
+            "task_description": task.description, "n_compress": len(x), "n_test": len(task.x_test),
+            "settings": settings, "epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs}
+    for i, (fn, label, args) in enumerate(calls):
         rows += _safe(fn, ctx, label, *args)
         if partial is not None:
+            result = finish_experiment(info, rows, ctx.ref8, time.perf_counter() - start, i + 1 == len(calls))
             partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps({"task": task_name, "network": network, "rows": rows}, default=str))
-    ref8 = ctx.ref8 or {}
-    for r in rows:  # rows measured before the 8-bit reference was known
+            partial.write_text(json.dumps(result, default=str))
+    return finish_experiment(info, rows, ctx.ref8, time.perf_counter() - start, True)
+
+
+def finish_experiment(info: dict, rows: list[dict], ref8: dict | None, seconds: float, complete: bool) -> dict:
+    """Fill in the rows measured before the 8-bit reference was known; add the headline."""
+    ref8 = ref8 or {}
+    for r in rows:
         if r.get("method") in ("fp32", "ort_static") and ref8 and r.get("size_model_bytes") is None:
             if r["method"] == "fp32":
                 r["size_model_bytes"], r["bops"] = 4 * ref8["size"] / 8, 16 * ref8["bops"]
@@ -151,10 +180,22 @@ def run_experiment(task_name: str, network: str, width: float, fp32_epochs: int,
                 bb._costs_row(r, ref8)
         if ref8 and r.get("size_model_bytes") is not None:
             r["size_vs_w8"] = r["size_model_bytes"] / (ref8["size"] / 8)
-    return {"task": task_name, "network": network, "width": width, "fp32_train": meta,
-            "task_description": task.description, "n_compress": len(x), "n_test": len(task.x_test),
-            "ref_8bit": {k: ref8.get(k) for k in ("size", "bops", "mpic")}, "rows": rows,
-            "headline": headline(rows, 0.5), "seconds": time.perf_counter() - start}
+    return {**info, "ref_8bit": {k: ref8.get(k) for k in ("size", "bops", "mpic")}, "rows": rows,
+            "headline": headline(rows, 0.5), "seconds": seconds, "complete": complete}
+
+
+def merge_results(results: list[dict]) -> dict:
+    """One experiment from several runs of it (e.g. baselines from one, a lambda sweep from
+    another): rows by label, the later run winning; the headline recomputed."""
+    rows: dict[str, dict] = {}
+    for res in results:
+        rows.update({r["label"]: r for r in res["rows"]})
+    base = dict(results[0])
+    ref8 = next((r["ref_8bit"] for r in results if r.get("ref_8bit", {}).get("size")), None)
+    info = {k: v for k, v in base.items() if k not in ("rows", "headline", "seconds", "complete", "ref_8bit")}
+    info["merged_from"] = len(results)
+    return finish_experiment(info, list(rows.values()), ref8, sum(r["seconds"] for r in results),
+                             all(r.get("complete") for r in results))
 
 
 def _ok(rows: list[dict]) -> list[dict]:
@@ -290,7 +331,8 @@ def markdown(results: list[dict], meta: dict) -> str:
             def f(v, fmt):
                 return format(v, fmt) if v is not None else "-"
             lines.append(f"| {r['label']} | {100 * r['test_acc']:.2f}% | {f(r.get('size_model_bytes'), ',.0f')} B "
-                         f"| {f(r.get('size_vs_w8'), '.3f')} | {r['file_bytes']:,} B | {f(r.get('mpic_cycles'), '.3g')} "
+                         f"| {f(r.get('size_vs_w8'), '.3f')} | {r['file_bytes']:,} B "
+                         f"| {f(r.get('mpic_cycles'), '.3g')} "
                          f"| {f(r.get('latency_b1_ms'), '.3f')} / {f(r.get('latency_b32_ms'), '.2f')} "
                          f"| {f(r.get('train_s'), '.0f')} | {kept} | {bits} |")
         h = res["headline"]
@@ -404,16 +446,67 @@ def _run_parallel(jobs: list[tuple], n_workers: int, threads: int) -> list[dict]
         return [futures[i].result() for i in range(len(jobs))]
 
 
+def _experiments(name: str, mode: dict, args: argparse.Namespace) -> list[tuple]:
+    """(task, network, width, fp32 epochs, compress samples, overrides) per experiment."""
+    experiments = [(*e, {}) if len(e) == 5 else e for e in mode["experiments"]]
+    if args.tasks:
+        defaults = {e[0]: e for e in MODES["full"]["experiments"]} | {e[0]: e for e in mode["experiments"]}
+        chosen = []
+        for spec in args.tasks.split(","):
+            parts = spec.split(":")
+            base = defaults.get(parts[0], (parts[0], "resnet8", 0.5, 20, None))
+            net = parts[1] if len(parts) > 1 else base[1]
+            width = float(parts[2]) if len(parts) > 2 else base[2]
+            chosen.append((parts[0], net, width, base[3], base[4], base[5] if len(base) > 5 else {}))
+        experiments = chosen
+    if args.lambdas:  # the command line wins over the mode's per-task grids
+        size = [float(x) for x in args.lambdas.split(",")]
+        experiments = [(*e[:5], {**e[5], "lambdas": {**e[5].get("lambdas", mode["lambdas"]), "size": size}})
+                       for e in experiments]
+    return experiments
+
+
+def report_only(folders: list[Path], out: Path) -> int:
+    """Rebuild the outputs from ``partial/`` results of earlier runs (same experiment: merged)."""
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    metas = []
+    for folder in folders:
+        files = sorted((folder / "partial").glob("*.json"))
+        if not files:
+            log(f"{folder}: no partial/*.json results")
+            return 2
+        for f in files:
+            res = json.loads(f.read_text())
+            by_key.setdefault((res["task"], res["network"]), []).append(res)
+        if (folder / "pareto.json").exists():
+            metas.append(json.loads((folder / "pareto.json").read_text())["meta"])
+    results = [merge_results(v) if len(v) > 1 else v[0] for v in by_key.values()]
+    for res in results:
+        print_table(res)
+    meta = dict(metas[0]) if metas else {"mode": "merged", "epochs": results[0].get("epochs"),
+                                         "finetune_epochs": results[0].get("finetune_epochs"),
+                                         "torch_threads": 1, "cpu_count": os.cpu_count()}
+    meta["seconds"] = sum(r["seconds"] for r in results)
+    meta["merged_from"] = [str(f) for f in folders]
+    paths = write_outputs(results, meta, out)
+    log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="digits + MNIST-1D, small budget (< 8 min, 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="digits + MNIST-1D, small budget (about 6 min, 2 cores)")
     parser.add_argument("--smoke", action="store_true", help="the smallest configuration (the smoke test)")
     parser.add_argument("--tasks", help="comma-separated task:network[:width] (e.g. digits:dscnn,mnist1d:resnet8)")
     parser.add_argument("--lambdas", help="comma-separated lambdas for the size cost (overrides the mode's)")
     parser.add_argument("--costs", help="comma-separated cost models to sweep (default: size; full: size,mpic)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     parser.add_argument("--epochs", type=int, help="search epochs")
     parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default benchmarks/out)")
+    parser.add_argument("--report-only", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="no training: rebuild the outputs in --out from these runs' partial/ results")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -421,32 +514,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="device of the searches and fine-tuning (FP32 training stays on the CPU)")
     args = parser.parse_args(argv)
+    if args.report_only:
+        return report_only(args.report_only, args.out)
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    if set(methods) - set(METHODS):
+        parser.error(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; choose from {', '.join(METHODS)}")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs through the root logger
     name = "smoke" if args.smoke else ("quick" if args.quick else "full")
     mode = {k: (dict(v) if isinstance(v, dict) else v) for k, v in MODES[name].items()}
     costs = args.costs.split(",") if args.costs else (["size", "mpic"] if name == "full" else ["size"])
-    if args.lambdas:
-        mode["lambdas"] = dict(mode["lambdas"], size=[float(x) for x in args.lambdas.split(",")])
-    experiments = mode["experiments"]
-    if args.tasks:
-        defaults = {e[0]: e for e in MODES["full"]["experiments"]} | {e[0]: e for e in experiments}
-        experiments = []
-        for spec in args.tasks.split(","):
-            parts = spec.split(":")
-            base = defaults.get(parts[0], (parts[0], "resnet8", 0.5, 20, None))
-            net = parts[1] if len(parts) > 1 else base[1]
-            width = float(parts[2]) if len(parts) > 2 else base[2]
-            experiments.append((parts[0], net, width, base[3], base[4]))
+    experiments = _experiments(name, mode, args)
     cfg = bb.BenchConfig(epochs=args.epochs or mode["epochs"],
                          finetune_epochs=args.finetune_epochs if args.finetune_epochs is not None
                          else mode["finetune_epochs"], latency_runs=mode["latency_runs"], seed=args.seed,
                          device=args.device)
     start = time.perf_counter()
     jobs = [(task_name, network, width, fp32_epochs, n, mode, cfg, costs,
-             args.out / "partial" / f"{task_name}_{network}.json")
-            for task_name, network, width, fp32_epochs, n in experiments]
+             args.out / "partial" / f"{task_name}_{network}.json", overrides, methods)
+            for task_name, network, width, fp32_epochs, n, overrides in experiments]
     if args.jobs > 1 and len(jobs) > 1:
         results = _run_parallel(jobs, args.jobs, args.threads)
     else:
@@ -456,8 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     meta = {"mode": name, "epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs, "costs": costs,
-            "lambdas": mode["lambdas"], "sequential": mode["sequential"], "seed": args.seed,
-            "torch_threads": args.threads, "jobs": args.jobs, "device": args.device, "seconds": time.perf_counter() - start,
+            "methods": methods, "lambdas": mode["lambdas"], "sequential": mode["sequential"], "seed": args.seed,
+            "torch_threads": args.threads, "jobs": args.jobs, "device": args.device,
+            "seconds": time.perf_counter() - start,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
             "cpu_count": os.cpu_count(), "activations": "8-bit everywhere (act_bits=(8,))"}

@@ -93,3 +93,32 @@ def test_headline_iso_accuracy_and_joint_vs_sequential(monkeypatch):
     assert "| joint size lam=50 | 96.80% | 300 B |" in md
     assert "size -72.0% (paper: -69.54%)" in md and "training time x0.45" in md
     assert pareto.pareto_front([(1, 0.5), (2, 0.4), (3, 0.9), (3, 0.8)]) == [(1, 0.5), (3, 0.9)]
+
+
+def test_report_only_merges_partial_runs(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT))
+    import pareto
+
+    info = {"task": "t", "network": "n", "task_description": "d", "n_compress": 10, "n_test": 5}
+    ref8 = {"size": 8000.0, "bops": 1.0, "mpic": 1.0}
+    baselines = pareto.finish_experiment(info, [_row("W8A8 QAT", "uniform", 0.98, 1000, 10),
+                                                _row("joint size lam=10", "joint-size", 0.90, 400, 10)],
+                                         ref8, 30.0, True)
+    sweep = pareto.finish_experiment(info, [_row("joint size lam=10", "joint-size", 0.979, 450, 12),
+                                            _row("joint size lam=20", "joint-size", 0.95, 300, 12)],
+                                     None, 20.0, True)
+    for name, res in (("a", baselines), ("b", sweep)):
+        (tmp_path / name / "partial").mkdir(parents=True)
+        (tmp_path / name / "partial" / "t_n.json").write_text(json.dumps(res))
+    out = tmp_path / "merged"
+    assert pareto.main(["--report-only", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    (merged,) = json.loads((out / "pareto.json").read_text())["experiments"]
+    by = {r["label"]: r for r in merged["rows"]}
+    assert set(by) == {"W8A8 QAT", "joint size lam=10", "joint size lam=20"}
+    assert by["joint size lam=10"]["test_acc"] == 0.979  # the later run wins
+    assert by["joint size lam=20"]["size_vs_w8"] == pytest.approx(0.3)  # 8-bit reference carried over
+    assert merged["headline"]["W8A8 QAT"]["joint"] == "joint size lam=10"
+    assert (out / "pareto.md").exists() and (out / "pareto_t_n.png").exists()
+    assert pareto.main(["--report-only", str(tmp_path / "empty"), "--out", str(out)]) == 2
