@@ -184,18 +184,32 @@ def finish_experiment(info: dict, rows: list[dict], ref8: dict | None, seconds: 
             "headline": headline(rows, 0.5), "seconds": seconds, "complete": complete}
 
 
+def sweep_labels(settings: dict) -> set[str]:
+    """The labels of the sweep rows (joint, prune-only, sequential) that ``settings`` produce."""
+    labels = {f"joint {cost} lam={lam:g}" for cost, lams in settings.get("lambdas", {}).items() for lam in lams}
+    for p, m in settings.get("sequential", []):
+        labels |= {f"prune-only lam={p:g}", f"sequential lam={p:g}/{m:g}"}
+    return labels
+
+
 def merge_results(results: list[dict]) -> dict:
     """One experiment from several runs of it (e.g. baselines from one, a lambda sweep from
-    another): rows by label, the later run winning; the headline recomputed."""
+    another): rows by label, the later run winning; where the last run records its settings,
+    sweep rows it would not produce (an earlier grid) are dropped; the headline recomputed."""
     rows: dict[str, dict] = {}
     for res in results:
         rows.update({r["label"]: r for r in res["rows"]})
-    base = dict(results[0])
-    ref8 = next((r["ref_8bit"] for r in results if r.get("ref_8bit", {}).get("size")), None)
+    settings = results[-1].get("settings")
+    if settings:
+        keep = sweep_labels(settings)
+        rows = {k: r for k, r in rows.items()
+                if r.get("method") in ("uniform", "fp32", "ort_static") or k in keep}
+    base = dict(results[-1])
+    ref8 = next((r["ref_8bit"] for r in results if (r.get("ref_8bit") or {}).get("size")), None)
     info = {k: v for k, v in base.items() if k not in ("rows", "headline", "seconds", "complete", "ref_8bit")}
     info["merged_from"] = len(results)
-    return finish_experiment(info, list(rows.values()), ref8, sum(r["seconds"] for r in results),
-                             all(r.get("complete") for r in results))
+    return finish_experiment(info, list(rows.values()), ref8, sum(r.get("seconds", 0.0) for r in results),
+                             all(r.get("complete", True) for r in results))
 
 
 def _ok(rows: list[dict]) -> list[dict]:
@@ -467,26 +481,28 @@ def _experiments(name: str, mode: dict, args: argparse.Namespace) -> list[tuple]
 
 
 def report_only(folders: list[Path], out: Path) -> int:
-    """Rebuild the outputs from ``partial/`` results of earlier runs (same experiment: merged)."""
+    """Rebuild the outputs from earlier runs: each folder's ``pareto.json`` if the run finished,
+    else its ``partial/`` results; one experiment found in several runs is merged (in order)."""
     by_key: dict[tuple[str, str], list[dict]] = {}
     metas = []
     for folder in folders:
-        files = sorted((folder / "partial").glob("*.json"))
-        if not files:
-            log(f"{folder}: no partial/*.json results")
-            return 2
-        for f in files:
-            res = json.loads(f.read_text())
-            by_key.setdefault((res["task"], res["network"]), []).append(res)
         if (folder / "pareto.json").exists():
-            metas.append(json.loads((folder / "pareto.json").read_text())["meta"])
-    results = [merge_results(v) if len(v) > 1 else v[0] for v in by_key.values()]
+            data = json.loads((folder / "pareto.json").read_text())
+            found, metas = data["experiments"], [*metas, data["meta"]]
+        else:
+            found = [json.loads(f.read_text()) for f in sorted((folder / "partial").glob("*.json"))]
+        if not found:
+            log(f"{folder}: no pareto.json and no partial/*.json results")
+            return 2
+        for res in found:
+            by_key.setdefault((res["task"], res["network"]), []).append(res)
+    results = [merge_results(v) for v in by_key.values()]  # also recomputes each headline
     for res in results:
         print_table(res)
     meta = dict(metas[0]) if metas else {"mode": "merged", "epochs": results[0].get("epochs"),
                                          "finetune_epochs": results[0].get("finetune_epochs"),
                                          "torch_threads": 1, "cpu_count": os.cpu_count()}
-    meta["seconds"] = sum(r["seconds"] for r in results)
+    meta["seconds"] = sum(r.get("seconds", 0.0) for r in results)
     meta["merged_from"] = [str(f) for f in folders]
     paths = write_outputs(results, meta, out)
     log("wrote " + ", ".join(str(p) for p in paths.values()))
