@@ -54,11 +54,18 @@ import bench_baselines as bb  # noqa: E402
 import bench_networks as bn  # noqa: E402
 from bench_tasks import load_task  # noqa: E402
 
-# shapes32's cross-entropy stays near 1 (FP32: 74% accuracy), so the cost term needs ~10x
-# smaller lambdas than on digits / MNIST-1D before it trades accuracy (measured: lambda 20
-# pruned shapes32 to 37% accuracy, MNIST-1D to 94.6%).
-SHAPES32_GRID = {"lambdas": {"size": [1.0, 2.0, 3.5, 5.0, 7.0, 10.0], "mpic": [2.0, 3.5, 5.0, 7.0, 10.0, 20.0]},
-                 "sequential": [(3.5, 5.0), (7.0, 7.0)]}
+# shapes32's cross-entropy stays near 1 (FP32: 74% accuracy), so the trade starts at smaller
+# lambdas than on digits / MNIST-1D (measured: lambda 20 pruned it to 37% accuracy with {0, 8},
+# MNIST-1D to 94.6%; with the size cost it stays all-8-bit up to lambda 5).
+SHAPES32_GRID = {"lambdas": {"size": [5.0, 7.0, 10.0, 20.0, 35.0, 50.0], "mpic": [5.0, 7.0, 10.0, 20.0, 35.0, 50.0]},
+                 "sequential": [(3.5, 5.0), (7.0, 7.0), (20.0, 35.0)]}
+
+# finer size grids where the first full run jumped (digits: 99.4% at lambda 100, 91.7% at 150;
+# MNIST-1D: 8 bits at 10, 96.0% at 20)
+DIGITS_GRID = {"lambdas": {"size": [10.0, 20.0, 35.0, 50.0, 70.0, 85.0, 100.0, 115.0, 130.0, 150.0],
+                           "mpic": [10.0, 20.0, 35.0, 50.0, 70.0, 100.0]}}
+MNIST1D_GRID = {"lambdas": {"size": [10.0, 14.0, 20.0, 27.0, 35.0, 42.0, 50.0, 70.0, 100.0, 150.0],
+                            "mpic": [10.0, 20.0, 35.0, 50.0, 70.0, 100.0]}}
 
 # per mode: experiments (task, network, width, fp32 epochs, compress-training subset[, per-task
 # lambdas / sequential]), budget, sweeps
@@ -70,7 +77,8 @@ MODES = {
     },
     # full: sized for one 2-core machine with --jobs 2 (about an hour; see benchmarks/README.md)
     "full": {
-        "experiments": [("digits", "resnet8", 1.0, 40, None), ("mnist1d", "dscnn", 1.0, 20, 4000),
+        "experiments": [("digits", "resnet8", 1.0, 40, None, DIGITS_GRID),
+                        ("mnist1d", "dscnn", 1.0, 20, 4000, MNIST1D_GRID),
                         ("shapes32", "mobilenet", 0.5, 10, 2000, SHAPES32_GRID)],
         "epochs": 12, "finetune_epochs": 6, "latency_runs": 100,
         "lambdas": {"size": [10.0, 20.0, 35.0, 50.0, 70.0, 100.0, 150.0],
@@ -192,14 +200,14 @@ def sweep_labels(settings: dict) -> set[str]:
     return labels
 
 
-def merge_results(results: list[dict]) -> dict:
+def merge_results(results: list[dict], settings: dict | None = None) -> dict:
     """One experiment from several runs of it (e.g. baselines from one, a lambda sweep from
-    another): rows by label, the later run winning; where the last run records its settings,
-    sweep rows it would not produce (an earlier grid) are dropped; the headline recomputed."""
+    another): rows by label, the later run winning; with ``settings`` (a mode's grids for this
+    experiment), sweep rows those grids do not produce (an earlier grid) are dropped; the
+    headline is recomputed."""
     rows: dict[str, dict] = {}
     for res in results:
         rows.update({r["label"]: r for r in res["rows"]})
-    settings = results[-1].get("settings")
     if settings:
         keep = sweep_labels(settings)
         rows = {k: r for k, r in rows.items()
@@ -480,9 +488,18 @@ def _experiments(name: str, mode: dict, args: argparse.Namespace) -> list[tuple]
     return experiments
 
 
+def mode_settings(mode: dict, task: str, network: str) -> dict | None:
+    """The grids ``mode`` runs for (task, network), None if it has no such experiment."""
+    for e in mode["experiments"]:
+        if e[0] == task and e[1] == network:
+            return {**{k: mode[k] for k in ("lambdas", "sequential", "uniform_bits")}, **(e[5] if len(e) > 5 else {})}
+    return None
+
+
 def report_only(folders: list[Path], out: Path) -> int:
     """Rebuild the outputs from earlier runs: each folder's ``pareto.json`` if the run finished,
-    else its ``partial/`` results; one experiment found in several runs is merged (in order)."""
+    else its ``partial/`` results; one experiment found in several runs is merged (in order),
+    keeping the sweep rows the first run's mode (as the code defines it now) produces."""
     by_key: dict[tuple[str, str], list[dict]] = {}
     metas = []
     for folder in folders:
@@ -496,7 +513,9 @@ def report_only(folders: list[Path], out: Path) -> int:
             return 2
         for res in found:
             by_key.setdefault((res["task"], res["network"]), []).append(res)
-    results = [merge_results(v) for v in by_key.values()]  # also recomputes each headline
+    mode = MODES.get(metas[0]["mode"]) if metas else None
+    results = [merge_results(v, mode_settings(mode, *key) if mode else None)  # also recomputes each headline
+               for key, v in by_key.items()]
     for res in results:
         print_table(res)
     meta = dict(metas[0]) if metas else {"mode": "merged", "epochs": results[0].get("epochs"),

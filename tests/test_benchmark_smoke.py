@@ -101,26 +101,28 @@ def test_report_only_merges_partial_runs(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     import pareto
 
-    info = {"task": "t", "network": "n", "task_description": "d", "n_compress": 10, "n_test": 5}
+    # the smoke mode's experiment: digits / dscnn, size lambdas 10 and 100
+    info = {"task": "digits", "network": "dscnn", "task_description": "d", "n_compress": 10, "n_test": 5}
     ref8 = {"size": 8000.0, "bops": 1.0, "mpic": 1.0}
     baselines = pareto.finish_experiment(info, [_row("W8A8 QAT", "uniform", 0.98, 1000, 10),
-                                                _row("joint size lam=10", "joint-size", 0.90, 400, 10)],
+                                                _row("joint size lam=10", "joint-size", 0.90, 400, 10),
+                                                _row("joint size lam=99", "joint-size", 0.5, 10, 1)],  # old grid
                                          ref8, 30.0, True)
-    sweep = pareto.finish_experiment({**info, "settings": {"lambdas": {"size": [10, 20]}, "sequential": []}},
-                                     [_row("joint size lam=10", "joint-size", 0.979, 450, 12),
-                                      _row("joint size lam=20", "joint-size", 0.95, 300, 12)],
+    sweep = pareto.finish_experiment(info, [_row("joint size lam=10", "joint-size", 0.979, 450, 12),
+                                            _row("joint size lam=100", "joint-size", 0.95, 300, 12)],
                                      None, 20.0, True)
-    baselines["rows"].append(_row("joint size lam=99", "joint-size", 0.5, 10, 1))  # an earlier grid
-    for name, res in (("a", baselines), ("b", sweep)):
-        (tmp_path / name / "partial").mkdir(parents=True)
-        (tmp_path / name / "partial" / "t_n.json").write_text(json.dumps(res))
+    meta = {"mode": "smoke", "epochs": 2, "finetune_epochs": 1, "torch_threads": 1, "cpu_count": 2, "seconds": 1}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "pareto.json").write_text(json.dumps({"meta": meta, "experiments": [baselines]}))
+    (tmp_path / "b" / "partial").mkdir(parents=True)
+    (tmp_path / "b" / "partial" / "digits_dscnn.json").write_text(json.dumps(sweep))
     out = tmp_path / "merged"
     assert pareto.main(["--report-only", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
     (merged,) = json.loads((out / "pareto.json").read_text())["experiments"]
     by = {r["label"]: r for r in merged["rows"]}
-    assert set(by) == {"W8A8 QAT", "joint size lam=10", "joint size lam=20"}  # lam=99: not in the last grid
+    assert set(by) == {"W8A8 QAT", "joint size lam=10", "joint size lam=100"}  # lam=99: not in the mode's grid
     assert by["joint size lam=10"]["test_acc"] == 0.979  # the later run wins
-    assert by["joint size lam=20"]["size_vs_w8"] == pytest.approx(0.3)  # 8-bit reference carried over
+    assert by["joint size lam=100"]["size_vs_w8"] == pytest.approx(0.3)  # 8-bit reference carried over
     assert merged["headline"]["W8A8 QAT"]["joint"] == "joint size lam=10"
-    assert (out / "pareto.md").exists() and (out / "pareto_t_n.png").exists()
+    assert (out / "pareto.md").exists() and (out / "pareto_digits_dscnn.png").exists()
     assert pareto.main(["--report-only", str(tmp_path / "empty"), "--out", str(out)]) == 2
