@@ -216,8 +216,20 @@ def merge_results(results: list[dict], settings: dict | None = None) -> dict:
     ref8 = next((r["ref_8bit"] for r in results if (r.get("ref_8bit") or {}).get("size")), None)
     info = {k: v for k, v in base.items() if k not in ("rows", "headline", "seconds", "complete", "ref_8bit")}
     info["merged_from"] = len(results)
-    return finish_experiment(info, list(rows.values()), ref8, sum(r.get("seconds", 0.0) for r in results),
-                             all(r.get("complete", True) for r in results))
+    return finish_experiment(info, sorted(rows.values(), key=_row_order), ref8,
+                             sum(r.get("seconds", 0.0) for r in results), all(r.get("complete", True) for r in results))
+
+
+_METHOD_ORDER = ("uniform", "fp32", "ort_static", "prune-only", "sequential", "joint-size", "joint-mpic")
+
+
+def _row_order(row: dict) -> tuple:
+    """Baselines first (W8, W4, W2), then sequential pairs, then each sweep by lambda."""
+    method = row.get("method", "")
+    rank = _METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER)
+    if method in ("prune-only", "sequential"):
+        return (_METHOD_ORDER.index("prune-only"), row.get("lam_prune") or row.get("lam") or 0.0, rank)
+    return (rank, -(row.get("weight_bits") or 0), row.get("lam") or 0.0)
 
 
 def _ok(rows: list[dict]) -> list[dict]:
@@ -336,7 +348,13 @@ def markdown(results: list[dict], meta: dict) -> str:
     """The README's tables: every row per task, then the headline against the paper's claims."""
     lines = [f"Mode `{meta['mode']}`: {meta['epochs']} search + {meta['finetune_epochs']} QAT epochs, "
              f"8-bit activations, {meta.get('jobs', 1)} job(s) x {meta['torch_threads']} torch thread(s) "
-             f"on {meta['cpu_count']} CPUs ({meta.get('device', 'cpu')}), {meta['seconds'] / 60:.0f} min in all."]
+             f"on {meta['cpu_count']} CPUs ({meta.get('device', 'cpu')}), {meta['seconds'] / 60:.0f} min of "
+             "experiment time in all"
+             + (f", merged from {len(meta['merged_from'])} runs (`--report-only`)."
+                if meta.get("merged_from") else ".")]
+    if meta.get("jobs", 1) > 1 or meta.get("merged_from"):
+        lines += ["", "Training times (train s) were measured with other jobs running: compare them only "
+                      "as rough figures; a timing comparison needs a run alone on the machine."]
     for res in results:
         lines += ["", f"**{res['task']} / {res['network']}** ({res['task_description']}; compress sees "
                       f"{res['n_compress']} labelled samples, accuracy on {res['n_test']} test samples)", "",
