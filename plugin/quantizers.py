@@ -302,7 +302,9 @@ class SearchableWeightQuantizer(_SearchableBase):
     def rescale_factor(self) -> Tensor:
         """Per-channel ``1 / sum_{b != 0} theta_b`` (detached); 1 without a 0-bit option."""
         theta = self.theta().detach()
-        kept = [j for j, b in enumerate(self.precisions) if b != 0]
+        # widest first: autograd then sums the weight gradient in the order the per-width
+        # graph did (bit-identical to sum_j theta_j * quantize_weight_per_channel(w, b_j))
+        kept = sorted((j for j, b in enumerate(self.precisions) if b != 0), key=lambda j: -self.precisions[j])
         return 1.0 / theta[kept].sum(dim=0)
 
     @torch.no_grad()
@@ -337,15 +339,32 @@ class SearchableWeightQuantizer(_SearchableBase):
         return self._mixture(w)
 
     def _mixture(self, w: Tensor) -> QuantOutput:
+        """``sum_j theta_j * Q_{b_j}(W)``, all non-zero widths in one batched fake-quantization
+        (the 0-bit term is zero): one absmax and one rounding pass instead of one per width.
+
+        Bit-identical to summing ``quantize_weight_per_channel`` per width (values and
+        gradients): widths are stacked widest first, so autograd sums the weight gradient in
+        the per-width graph's order, and the forward adds narrowest first as that sum did.
+        """
         theta = self.theta().to(w.dtype)
-        view = _channel_view_shape(w.ndim, self.ch_axis % w.ndim, self.c_out)
-        outputs = [quantize_weight_per_channel(w, b, self.ch_axis) for b in self.precisions]
-        y = sum(theta[j].reshape(view) * out.y for j, out in enumerate(outputs))
+        ch = self.ch_axis % w.ndim
+        kept = sorted((j for j, b in enumerate(self.precisions) if b != 0), key=lambda j: -self.precisions[j])
+        qmax = w.new_tensor([2 ** (self.precisions[j] - 1) - 1 for j in kept])  # [K]
+        scale = _per_channel_absmax(w, ch)[None, :] / qmax[:, None]  # [K, C]
+        scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+        view = [len(kept), *_channel_view_shape(w.ndim, ch, self.c_out)]
+        q = _SymmetricRoundSTE.apply(w.unsqueeze(0), scale.reshape(view),
+                                     qmax.reshape([len(kept)] + [1] * w.ndim))  # [K, *w.shape]
+        weighted = theta[kept].reshape(view) * q
+        y = weighted[-1]
+        for k in range(len(kept) - 2, -1, -1):
+            y = y + weighted[k]
         best = theta.detach().argmax(dim=0)
-        scales = torch.stack([out.scale for out in outputs])
-        scale = scales.gather(0, best[None]).squeeze(0)
+        scales = torch.ones(len(self.precisions), self.c_out, dtype=w.dtype, device=w.device)
+        scales[kept] = scale.detach()
+        scale_best = scales.gather(0, best[None]).squeeze(0)
         zero_point = torch.zeros(self.c_out, dtype=torch.int32, device=w.device)
-        return QuantOutput(y, scale, zero_point, self.expected_bit_width())
+        return QuantOutput(y, scale_best, zero_point, self.expected_bit_width())
 
     def forward(self, w: Tensor) -> Tensor:
         return self.quant(w).y

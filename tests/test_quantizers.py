@@ -430,3 +430,34 @@ def test_parameter_groups() -> None:
     assert len(decayed["params"]) == 4 and {id(p) for p in undecayed["params"]} == {id(p) for p in clips}
     assert set_temperature(model, 0.5) == 3
     assert model.wq1.temperature == model.aq.temperature == 0.5
+
+
+@pytest.mark.parametrize("precisions", [(0, 2, 4, 8), (0, 8), (2, 4, 8), (4,)])
+@pytest.mark.parametrize("ch_axis", [0, 1])
+def test_batched_mixture_equals_the_sum_of_per_width_quantizers(precisions, ch_axis) -> None:
+    """The batched mixture (one rounding pass for all widths) against the definition
+    ``sum_j theta_j Q_bj(W)`` built from quantize_weight_per_channel: values, gradients
+    w.r.t. W and alpha, and the reported scale of each channel's likeliest width."""
+    torch.manual_seed(0)
+    shape = [5, 3, 3, 3] if ch_axis == 0 else [3, 5, 3, 3]
+    w = torch.randn(*shape, dtype=torch.float64)
+    w.select(ch_axis, 2).zero_()  # an all-zero channel: scale 1
+    q = SearchableWeightQuantizer(5, precisions, ch_axis=ch_axis, temperature=0.7)
+    with torch.no_grad():
+        q.alpha.alpha.add_(torch.randn_like(q.alpha.alpha))
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    out = q.quant(w1)
+    theta = q.theta().to(w.dtype)
+    view = [1] * w.ndim
+    view[ch_axis] = 5
+    parts = [quantize_weight_per_channel(w2, b, ch_axis) for b in precisions]
+    ref = sum(theta[j].reshape(view) * p.y for j, p in enumerate(parts))
+    torch.testing.assert_close(out.y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(w)
+    (ga_w, ga_a) = torch.autograd.grad((out.y * g).sum(), (w1, q.alpha.alpha))
+    (gb_w, gb_a) = torch.autograd.grad((ref * g).sum(), (w2, q.alpha.alpha))
+    torch.testing.assert_close(ga_w, gb_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ga_a, gb_a, rtol=1e-12, atol=1e-12)
+    best = theta.argmax(dim=0)
+    expected_scale = torch.stack([p.scale for p in parts]).gather(0, best[None]).squeeze(0)
+    torch.testing.assert_close(out.scale, expected_scale)
