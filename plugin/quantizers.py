@@ -342,9 +342,12 @@ class SearchableWeightQuantizer(_SearchableBase):
         """``sum_j theta_j * Q_{b_j}(W)``, all non-zero widths in one batched fake-quantization
         (the 0-bit term is zero): one absmax and one rounding pass instead of one per width.
 
-        Bit-identical to summing ``quantize_weight_per_channel`` per width (values and
-        gradients): widths are stacked widest first, so autograd sums the weight gradient in
-        the per-width graph's order, and the forward adds narrowest first as that sum did.
+        On one quantizer this is bit-identical to summing ``quantize_weight_per_channel`` per
+        width (values and gradients; widths are stacked widest first so autograd sums the
+        weight gradient in the per-width graph's order, and the forward adds narrowest first).
+        In a whole model the alpha gradients, shared with bias gates and the cost, are summed
+        in another order, so training differs from the per-width version by float rounding.
+        Measured alone on 2 cores: 10-20% less training time per search (benchmarks/README.md).
         """
         theta = self.theta().to(w.dtype)
         ch = self.ch_axis % w.ndim
