@@ -347,7 +347,7 @@ class SearchableWeightQuantizer(_SearchableBase):
         weight gradient in the per-width graph's order, and the forward adds narrowest first).
         In a whole model the alpha gradients, shared with bias gates and the cost, are summed
         in another order, so training differs from the per-width version by float rounding.
-        Measured alone on 2 cores: 10-20% less training time per search (benchmarks/README.md).
+        Measured alone on 2 cores: 5-20% less training time per search (benchmarks/README.md).
         """
         theta = self.theta().to(w.dtype)
         ch = self.ch_axis % w.ndim
