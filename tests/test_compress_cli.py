@@ -105,9 +105,13 @@ def test_compress_digits_end_to_end(tmp_path):
 def test_ctrl_c_leaves_no_partial_output(tmp_path):
     exe = Path(sys.executable).with_name("prunequant")
     target = tmp_path / "m.onnx"
+    # a test run started in the background of a non-interactive shell inherits SIGINT ignored
+    # (and Python then keeps ignoring it): give the child the default disposition, as a
+    # terminal would
     proc = subprocess.Popen([str(exe), "compress", str(DIGITS / "model.onnx"), "--data", str(DIGITS / "train.npz"),
                              "-o", str(target), "--epochs", "50", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(8)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
