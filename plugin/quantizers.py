@@ -302,9 +302,7 @@ class SearchableWeightQuantizer(_SearchableBase):
     def rescale_factor(self) -> Tensor:
         """Per-channel ``1 / sum_{b != 0} theta_b`` (detached); 1 without a 0-bit option."""
         theta = self.theta().detach()
-        # widest first: autograd then sums the weight gradient in the order the per-width
-        # graph did (bit-identical to sum_j theta_j * quantize_weight_per_channel(w, b_j))
-        kept = sorted((j for j, b in enumerate(self.precisions) if b != 0), key=lambda j: -self.precisions[j])
+        kept = [j for j, b in enumerate(self.precisions) if b != 0]
         return 1.0 / theta[kept].sum(dim=0)
 
     @torch.no_grad()
