@@ -156,24 +156,20 @@ def train_fp32(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed
     enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False  # (mkldnn.flags() would also warn about TF32)
     try:
-        _train_loop(model, xt, yt, opt, sched, loss_fn, epochs, steps, batch_size, gen, shift)
+        for _ in range(epochs):
+            perm = torch.randperm(len(xt), generator=gen)
+            for s in range(steps):
+                idx = perm[s * batch_size:(s + 1) * batch_size]
+                if len(idx) < 2:
+                    continue
+                loss = loss_fn(model(_augment(xt[idx], gen, shift)), yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
     finally:
         torch.backends.mkldnn.enabled = enabled
     model.eval()
-
-
-def _train_loop(model, xt, yt, opt, sched, loss_fn, epochs, steps, batch_size, gen, shift) -> None:
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for s in range(steps):
-            idx = perm[s * batch_size:(s + 1) * batch_size]
-            if len(idx) < 2:
-                continue
-            loss = loss_fn(model(_augment(xt[idx], gen, shift)), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
 
 
 def export_onnx(model: nn.Module, path: Path, sample_shape: tuple[int, ...]) -> None:

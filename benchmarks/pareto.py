@@ -344,6 +344,15 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _fmt(value, spec: str) -> str:
+    return format(value, spec) if value is not None else "-"
+
+
+def _bits_text(plan: dict) -> str:
+    """``"2b:174 4b:80 8b:10"``: weight channels per bit-width of a plan summary."""
+    return " ".join(f"{b}b:{n}" for b, n in (plan.get("weight_bits") or {}).items())
+
+
 def markdown(results: list[dict], meta: dict) -> str:
     """The README's tables: every row per task, then the headline against the paper's claims."""
     lines = [f"Mode `{meta['mode']}`: {meta['epochs']} search + {meta['finetune_epochs']} QAT epochs, "
@@ -365,16 +374,13 @@ def markdown(results: list[dict], meta: dict) -> str:
                 lines.append(f"| {r['label']} | failed: {r['error'][:80]} |||||||||")
                 continue
             plan = r.get("plan") or {}
-            bits = " ".join(f"{b}b:{n}" for b, n in (plan.get("weight_bits") or {}).items())
+            bits = _bits_text(plan)
             kept = f"{plan['weight_channels_kept']} / {plan['weight_channels_total']}" if plan else ""
-
-            def f(v, fmt):
-                return format(v, fmt) if v is not None else "-"
-            lines.append(f"| {r['label']} | {100 * r['test_acc']:.2f}% | {f(r.get('size_model_bytes'), ',.0f')} B "
-                         f"| {f(r.get('size_vs_w8'), '.3f')} | {r['file_bytes']:,} B "
-                         f"| {f(r.get('mpic_cycles'), '.3g')} "
-                         f"| {f(r.get('latency_b1_ms'), '.3f')} / {f(r.get('latency_b32_ms'), '.2f')} "
-                         f"| {f(r.get('train_s'), '.0f')} | {kept} | {bits} |")
+            lines.append(f"| {r['label']} | {100 * r['test_acc']:.2f}% | {_fmt(r.get('size_model_bytes'), ',.0f')} B "
+                         f"| {_fmt(r.get('size_vs_w8'), '.3f')} | {r['file_bytes']:,} B "
+                         f"| {_fmt(r.get('mpic_cycles'), '.3g')} "
+                         f"| {_fmt(r.get('latency_b1_ms'), '.3f')} / {_fmt(r.get('latency_b32_ms'), '.2f')} "
+                         f"| {_fmt(r.get('train_s'), '.0f')} | {kept} | {bits} |")
         h = res["headline"]
         lines += ["", f"Smallest joint plan within {h['tolerance_points']} pt of the baseline's accuracy:", ""]
         for name in ("W8A8 QAT", "W2A8 QAT", "ORT quantize_static int8"):
@@ -414,7 +420,7 @@ def write_outputs(results: list[dict], meta: dict, out: Path) -> dict[str, Path]
                 plan = r.get("plan") or {}
                 flat["weight_channels_kept"] = plan.get("weight_channels_kept")
                 flat["weight_channels_total"] = plan.get("weight_channels_total")
-                flat["weight_bits"] = " ".join(f"{b}b:{n}" for b, n in (plan.get("weight_bits") or {}).items())
+                flat["weight_bits"] = _bits_text(plan)
                 writer.writerow(flat)
     for res in results:
         p = out / f"pareto_{res['task']}_{res['network']}.png"
@@ -433,16 +439,13 @@ def print_table(res: dict) -> None:
         if "error" in r:
             log(f"{r['label']:<28} FAILED: {r['error'][:100]}")
             continue
-
-        def f(v, fmt):
-            return format(v, fmt) if v is not None else "-"
         plan = r.get("plan") or {}
-        bits = " ".join(f"{b}b:{n}" for b, n in (plan.get("weight_bits") or {}).items())
+        bits = _bits_text(plan)
         kept = f"{plan['weight_channels_kept']}/{plan['weight_channels_total']}" if plan else ""
-        log(f"{r['label']:<28} {100 * r['test_acc']:6.2f} {f(r.get('size_model_bytes'), '8,.0f')} "
-            f"{f(r.get('size_vs_w8'), '5.3f')} {r['file_bytes']:8,} {f(r.get('bops'), '9.3g')} "
-            f"{f(r.get('mpic_cycles'), '9.3g')} {f(r.get('latency_b1_ms'), '7.3f')} "
-            f"{f(r.get('latency_b32_ms'), '8.3f')} {f(r.get('train_s'), '7.1f')}  {kept:>10}  {bits}")
+        log(f"{r['label']:<28} {100 * r['test_acc']:6.2f} {_fmt(r.get('size_model_bytes'), '8,.0f')} "
+            f"{_fmt(r.get('size_vs_w8'), '5.3f')} {r['file_bytes']:8,} {_fmt(r.get('bops'), '9.3g')} "
+            f"{_fmt(r.get('mpic_cycles'), '9.3g')} {_fmt(r.get('latency_b1_ms'), '7.3f')} "
+            f"{_fmt(r.get('latency_b32_ms'), '8.3f')} {_fmt(r.get('train_s'), '7.1f')}  {kept:>10}  {bits}")
     h = res["headline"]
     log(f"headline (smallest joint plan within {h['tolerance_points']} pt of each baseline's accuracy):")
     for e in h.get("joint_vs_sequential", []):
