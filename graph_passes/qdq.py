@@ -54,6 +54,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
+from .bitwidths import ACTIVATION_BITS, WEIGHT_BITS
 from .errors import PlanError, PrunequantError, UnsupportedModelError, VerificationError
 from .fold_utils import unique_name
 from .graph import subgraph_references
@@ -61,8 +62,6 @@ from .ort_utils import compare_outputs, make_session, random_feeds
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_BITS = (2, 4, 8)
-ACTIVATION_BITS = (2, 4, 8)
 MIN_OPSET = {8: 13, 4: 21, 2: 25}
 _SIGNED = {8: (TensorProto.INT8, np.int8), 4: (TensorProto.INT4, ml_dtypes.int4),
            2: (TensorProto.INT2, ml_dtypes.int2)}

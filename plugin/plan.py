@@ -40,14 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from graph_passes.bitwidths import ACTIVATION_BITS as _ACT_WIDTHS, PRUNED, WEIGHT_BITS as _WEIGHT_WIDTHS
 from graph_passes.errors import InputFileError, OutputError, PlanError
 
 logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "prunequant.plan"
 PLAN_VERSION = 1
-WEIGHT_BITS: frozenset[int] = frozenset({0, 2, 4, 8})
-ACTIVATION_BITS: frozenset[int] = frozenset({2, 4, 8})
+WEIGHT_BITS: frozenset[int] = frozenset((PRUNED, *_WEIGHT_WIDTHS))
+ACTIVATION_BITS: frozenset[int] = frozenset(_ACT_WIDTHS)
 _TOP_LEVEL_KEYS = ("format", "version", "model_sha256", "groups", "layers", "activations", "costs", "metadata")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
