@@ -1,0 +1,72 @@
+"""The ONNX-only prologue every command starts with: load, verify, normalise, analyse.
+
+Torch-free: ``prunequant inspect`` and the dry run of the export path need nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Sequence
+
+import onnx
+
+from .batch import generalise_batch_reshapes
+from .channel_groups import ChannelAnalysis, analyse
+from .errors import VerificationError
+from .loading import check_runnable, load_model
+from .normalise import NormaliseResult, normalise
+from .ort_utils import compare_outputs, make_session, random_feeds
+from .shapes import parse_input_shapes
+from .untie import untie_weight_initializers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PreparedModel:
+    """A loaded, verified, normalised and analysed model: the start of every command."""
+
+    source: str
+    original: onnx.ModelProto
+    normalised: NormaliseResult
+    analysis: ChannelAnalysis
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self.normalised.model
+
+
+def prepare_model(source: str | onnx.ModelProto, input_shapes: Sequence[str] | dict = (),
+                  verify: bool = True, batch: int | None = 1) -> PreparedModel:
+    """Load safely, check onnxruntime can run it, normalise (verified), analyse.
+
+    A dynamic leading (batch) dim is taken as ``batch``; other symbolic dims need
+    ``input_shapes`` (texts like "input=1x3x224x224" or a dict)."""
+    shapes = input_shapes if isinstance(input_shapes, dict) else parse_input_shapes(input_shapes)
+    original = load_model(source, shapes or None, batch=batch)
+    if verify:
+        check_runnable(original)
+    result = normalise(original, verify=verify)
+    # Reshape targets that spell out the batch size: make them batch-agnostic (same results)
+    result.model, rewritten = generalise_batch_reshapes(result.model)
+    if rewritten:
+        logger.info("%d Reshape target(s) now copy the batch dim from their input", rewritten)
+        if verify:
+            _check_same(original, result)
+    result.model, _ = untie_weight_initializers(result.model)
+    analysis = analyse(result.model)
+    label = source if isinstance(source, str) else "<model>"
+    return PreparedModel(label, original, result, analysis)
+
+
+def _check_same(original: onnx.ModelProto, result: NormaliseResult) -> None:
+    reference = make_session(original)
+    feeds = random_feeds(reference, seed=1)
+    err = compare_outputs(make_session(result.model).run(None, feeds), reference.run(None, feeds))
+    if not err.ok(1e-4):
+        raise VerificationError(f"making Reshape targets batch-agnostic changed output {err.worst_output} "
+                                f"by {err.max_rel_error:.2e}; pin the batch with --input-shape instead")
+
+
+__all__ = ["PreparedModel", "prepare_model"]
