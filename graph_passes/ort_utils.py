@@ -134,3 +134,30 @@ def compare_outputs(got: list[np.ndarray], ref: list[np.ndarray]) -> Comparison:
         if err > worst:
             worst, worst_i = err, i
     return Comparison(worst, worst_i)
+
+
+def static_batch(session: ort.InferenceSession, samples: int) -> int | None:
+    """The chunk size to run ``samples`` samples in: the inputs' common static leading dim when
+    it is not ``samples`` (a model fixed to batch 1 runs sample by sample), else None (at once)."""
+    dims = set()
+    for inp in session.get_inputs():
+        if not inp.shape:
+            return None
+        dims.add(inp.shape[0])
+    if len(dims) != 1:
+        return None
+    (dim,) = dims
+    return dim if isinstance(dim, int) and dim > 0 and dim != samples else None
+
+
+def run_batched(
+    session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], batch: int | None = None
+) -> list[np.ndarray]:
+    """Run ``feeds`` (N samples along axis 0) in chunks of ``batch`` (None: all at once) and
+    concatenate every output along axis 0."""
+    n = len(next(iter(feeds.values()))) if batch is not None else 0
+    if batch is None or batch >= n:
+        return [np.asarray(o) for o in session.run(None, dict(feeds))]
+    chunks = [session.run(None, {k: v[i : i + batch] for k, v in feeds.items()})
+              for i in range(0, n, batch)]
+    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
