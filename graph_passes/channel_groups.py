@@ -105,7 +105,7 @@ class ChannelAnalysis:
         return sum(layer.prunable_out_channels for layer in self.layers) / total if total else 0.0
 
     def conv_prunable_share(self) -> float:
-        convs = [layer for layer in self.layers if layer.op_type in ("Conv", "ConvTranspose")]
+        convs = [layer for layer in self.layers if layer.is_conv]
         total = sum(layer.out_channels for layer in convs)
         return sum(layer.prunable_out_channels for layer in convs) / total if total else 0.0
 

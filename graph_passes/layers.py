@@ -1,4 +1,9 @@
-"""Weight layers and activation sites of a model, with shapes, MACs and parameter counts."""
+"""Weight layers and activation sites of a model, with shapes, MACs and parameter counts.
+
+What a weight layer is (channel axes, C_in / C_out, MACs, the kind and shape cost models see)
+comes from its op's rule (:class:`graph_passes.op_rules.WeightOpRule`); nothing here switches on
+weight op types.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .graph import ModelGraph
-
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+from .graph import DEFAULT_DOMAINS, ModelGraph
+from .op_rules import weight_rule
 
 # Producers whose output is never negative: an activation quantizer after them can be unsigned.
 _NON_NEGATIVE_OPS = {"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Abs", "Exp", "Softplus"}
@@ -22,7 +26,20 @@ _VALUE_PRESERVING_OPS = {
 
 @dataclass
 class WeightLayer:
-    """A Conv/ConvTranspose/Gemm/MatMul whose weight is a constant initializer."""
+    """A weight op (Conv/ConvTranspose/Gemm/MatMul) whose weight is a constant initializer.
+
+    Computed by the op's rule, so consumers never look at ``op_type`` (kept for reports):
+
+    * ``weight_out_axis`` / ``weight_in_axis``: the axis of the weight initializer holding the
+      output / input channels (Conv 0/1, ConvTranspose 1/0, Gemm transB=1 0/1, Gemm transB=0
+      and MatMul 1/0);
+    * ``cost_kind``: ``"conv"``, ``"depthwise"`` (a Conv with ``groups > 1`` and
+      ``groups == in_channels``) or ``"linear"`` (Gemm, MatMul), as ``cost_models`` names them;
+    * ``cost_kernel`` / ``cost_spatial``: per sample, two ints each: the kernel, and the output
+      spatial size (ConvTranspose: the *input*'s; linear: ``(1, positions)``, the positions
+      being the product of the output dims between batch and channels, 1 for rank 2);
+    * ``macs`` counts one forward pass at the model's static shapes (the batch included).
+    """
 
     name: str
     op_type: str
@@ -37,13 +54,23 @@ class WeightLayer:
     groups: int
     macs: int
     params: int
+    weight_out_axis: int
+    weight_in_axis: int
+    cost_kind: str
+    cost_kernel: tuple[int, int]
+    cost_spatial: tuple[int, int]
     output_groups: list[str] = field(default_factory=list)
     input_groups: list[str] = field(default_factory=list)
     prunable_out_channels: int = 0
 
     @property
     def is_depthwise(self) -> bool:
-        return self.op_type == "Conv" and self.groups > 1 and self.groups == self.in_channels
+        return self.cost_kind == "depthwise"
+
+    @property
+    def is_conv(self) -> bool:
+        """A convolution (Conv, grouped or depthwise, or ConvTranspose), not a linear layer."""
+        return self.cost_kind != "linear"
 
 
 @dataclass
@@ -56,37 +83,24 @@ class ActivationSite:
     non_negative: bool
 
 
-def _numel(shape: list[int] | None) -> int:
-    return int(np.prod(shape)) if shape else 0
-
-
 def describe_weight_layer(name: str, node: onnx.NodeProto, graph: ModelGraph) -> WeightLayer | None:
-    """Shapes, MACs (one forward pass at the model's static input shapes) and parameters."""
-    w = graph.constant(node.input[1]) if len(node.input) > 1 else None
-    if node.op_type not in WEIGHT_OPS or w is None:
+    """Shapes, MACs (one forward pass at the model's static input shapes) and parameters;
+    None when ``node`` is not a weight op of the default domain with a constant weight."""
+    rule = weight_rule(node, graph.opset) if node.domain in DEFAULT_DOMAINS else None
+    facts = rule.describe(node, graph) if rule is not None else None
+    if facts is None:
         return None
-    if node.op_type == "MatMul" and w.ndim != 2:
-        return None
+    w = graph.constant(node.input[1])
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    out_shape = graph.shape(node.output[0])
-    groups, kernel = int(graph.attr(node, "group", 1)), list(w.shape[2:])
-    if node.op_type == "Conv":
-        cin, cout = w.shape[1] * groups, w.shape[0]
-        macs = _numel(out_shape) * w.shape[1] * int(np.prod(kernel))
-    elif node.op_type == "ConvTranspose":
-        cin, cout = w.shape[0], w.shape[1] * groups
-        macs = _numel(graph.shape(node.input[0])) * w.shape[1] * int(np.prod(kernel))
-    elif node.op_type == "Gemm" and int(graph.attr(node, "transB", 0)):
-        cout, cin = w.shape
-        macs = _numel(out_shape) * cin
-    else:  # Gemm without transB, MatMul: W is [K, N]
-        cin, cout = w.shape
-        macs = _numel(out_shape) * cin
-    params = int(w.size) + (int(graph.constant(bias).size) if bias and graph.constant(bias) is not None else 0)
+    bias_value = graph.constant(bias) if bias else None
+    params = int(w.size) + (int(bias_value.size) if bias_value is not None else 0)
     return WeightLayer(
         name=name, op_type=node.op_type, input=node.input[0], output=node.output[0],
-        weight=node.input[1], bias=bias, weight_shape=list(w.shape), in_channels=int(cin),
-        out_channels=int(cout), kernel=kernel, groups=groups, macs=int(macs), params=params,
+        weight=node.input[1], bias=bias, weight_shape=list(w.shape), in_channels=facts.in_channels,
+        out_channels=facts.out_channels, kernel=list(facts.kernel), groups=facts.groups,
+        macs=int(facts.macs), params=params, weight_out_axis=facts.weight_out_axis,
+        weight_in_axis=facts.weight_in_axis, cost_kind=facts.cost_kind,
+        cost_kernel=facts.cost_kernel, cost_spatial=facts.cost_spatial,
     )
 
 

@@ -21,7 +21,7 @@ from .channel_groups import ChannelAnalysis
 from .errors import PruningError
 from .graph import ModelGraph
 from .normalise import infer_shapes
-from .op_rules import PruneContext, find_rule
+from .op_rules import PruneContext, find_rule, weight_rule
 from .validate import check_model
 from .ort_utils import compare_outputs, make_session, random_feeds
 
@@ -142,16 +142,6 @@ def prune_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, removal: R
     return _finish(work, ctx.initializer_protos())
 
 
-def _zero_conv_inputs(w: np.ndarray, groups: int, positions: np.ndarray) -> np.ndarray:
-    """Zero input channels of a (grouped) conv weight [Cout, Cin/groups, k...]."""
-    w = w.copy()
-    cin_g, cout_g = w.shape[1], w.shape[0] // groups
-    for p in positions.tolist():
-        g = p // cin_g
-        w[g * cout_g : (g + 1) * cout_g, p % cin_g] = 0
-    return w
-
-
 def zero_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, removal: Removal) -> onnx.ModelProto:
     """The oracle: same graph, consumers' input slices for the removed channels set to zero."""
     removed = removal_mask(analysis, removal)
@@ -166,14 +156,10 @@ def zero_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, removal: Re
         if positions.size == 0:
             continue
         node = graph.nodes[layer.name]
-        trans_b = layer.op_type == "Gemm" and int(graph.attr(node, "transB", 0)) == 1
-        w = numpy_helper.to_array(inits[layer.weight]).copy()
-        if layer.op_type == "Conv":
-            w = _zero_conv_inputs(w, layer.groups, positions)
-        elif trans_b:
-            w[:, positions] = 0
-        else:  # ConvTranspose [Cin, ...], Gemm [K, N], MatMul [K, N]
-            w[positions] = 0
+        rule = weight_rule(node, graph.opset)
+        if rule is None:  # pragma: no cover - analysis layers are weight ops
+            raise ValueError(f"layer {layer.name!r} ({node.op_type}) has no weight-op rule")
+        w = rule.zero_input_channels(numpy_helper.to_array(inits[layer.weight]), node, layer.groups, positions)
         new_name = f"{layer.weight}__zeroed_{layer.name}"
         work.graph.initializer.append(numpy_helper.from_array(w, new_name))
         node.input[1] = new_name

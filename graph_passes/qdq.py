@@ -57,7 +57,8 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 from .bitwidths import ACTIVATION_BITS, WEIGHT_BITS
 from .errors import PlanError, PrunequantError, UnsupportedModelError, VerificationError
 from .fold_utils import unique_name
-from .graph import subgraph_references
+from .graph import DEFAULT_DOMAINS, subgraph_references
+from .op_rules import weight_rule
 from .ort_utils import compare_outputs, make_session, random_feeds
 
 logger = logging.getLogger(__name__)
@@ -184,17 +185,13 @@ def quantize_weight(
 
 
 def weight_axis(node: onnx.NodeProto) -> int:
-    """The output-channel axis of a weight layer's weight tensor."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose" or node.op_type == "MatMul":
-        return 1
-    if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    raise UnsupportedModelError(
-        f"node {node.name!r} is a {node.op_type}; only Conv, ConvTranspose, Gemm and MatMul "
-        "weights can be quantized")
+    """The output-channel axis of a weight layer's weight tensor (asked of the op's rule)."""
+    rule = weight_rule(node) if node.domain in DEFAULT_DOMAINS else None
+    if rule is None:
+        raise UnsupportedModelError(
+            f"node {node.name!r} is a {node.op_type}; only Conv, ConvTranspose, Gemm and MatMul "
+            "weights can be quantized")
+    return rule.weight_out_axis(node)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections import Counter
 
 import onnx
 
-from .layers import WEIGHT_OPS
+from .op_rules import weight_rule
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def untie_weight_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
     copies = 0
     seen: set[str] = set()
     for index, node in enumerate(work.graph.node):
-        if node.op_type not in WEIGHT_OPS:
+        if weight_rule(node) is None:
             continue
         for slot in (1, 2):
             if len(node.input) <= slot or node.input[slot] not in shared:

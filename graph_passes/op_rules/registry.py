@@ -1,8 +1,9 @@
 """The per-op rule registry, keyed by (domain, op_type) with opset ranges.
 
 One rule object holds all knowledge of an op family: how channels flow through it
-(:meth:`OpRule.propagate`) and how to rewrite it when channels are removed
-(:meth:`OpRule.prune`). An op without a registered rule blocks every channel it touches; there is
+(:meth:`OpRule.propagate`), how to rewrite it when channels are removed
+(:meth:`OpRule.prune`) and, for weight ops, the weight-layer facts
+(:class:`~graph_passes.op_rules.weights.WeightOpRule`). An op without a registered rule blocks every channel it touches; there is
 no other place in the code base that switches on op types.
 """
 
@@ -52,9 +53,14 @@ def register(*op_types: str, versions: tuple[int, int | None] = (1, None), domai
     return deco
 
 
-def find_rule(domain: str, op_type: str, opset: int) -> OpRule | None:
+def find_rule(domain: str, op_type: str, opset: int | None) -> OpRule | None:
+    """The rule for ``op_type`` at ``opset`` (None: the rule of the newest opset range)."""
     domain = "" if domain == "ai.onnx" else domain
-    for entry in _REGISTRY.get((domain, op_type), []):
+    entries = _REGISTRY.get((domain, op_type), [])
+    if opset is None:
+        open_ended = [e for e in entries if e.last is None]
+        return open_ended[-1].rule if open_ended else (entries[-1].rule if entries else None)
+    for entry in entries:
         if entry.first <= opset and (entry.last is None or opset <= entry.last):
             return entry.rule
     return None

@@ -4,15 +4,108 @@ A weight layer *consumes* the channels of its data input (an input slice of its 
 channel) and *produces* fresh atoms, one per output channel. A grouped convolution can only lose
 whole groups, so each group's input and output channels are tied into one unit; a depthwise
 convolution is the case of one input channel per group, which ties input channel i to output i.
+
+Besides channel propagation and pruning, each weight op's rule is the one place that knows its
+weight-layer facts (:class:`WeightOpRule`): which weight axis holds output / input channels,
+C_in / C_out, MACs, and the per-sample layer shape cost models see (:class:`WeightFacts`).
+Nothing outside ``op_rules`` switches on a weight op's ``op_type``: ask :func:`weight_rule`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import onnx
 
 from .context import PropagationContext, PruneContext
-from .registry import OpRule, register
+from .registry import OpRule, find_rule, register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..graph import ModelGraph
+
+#: The layer kinds cost models know (``cost_models.spec.LAYER_KINDS``).
+COST_KINDS = ("conv", "depthwise", "linear")
+
+
+@dataclass(frozen=True)
+class WeightFacts:
+    """What a weight op's rule knows of one node with a constant weight.
+
+    ``macs`` counts one forward pass at the model's static shapes (the batch included);
+    ``cost_kernel`` and ``cost_spatial`` are per sample: a 1-d size ``k`` is ``(1, k)``, more
+    than two dims are flattened to ``(1, prod)``, none is ``(1, 1)``.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel: list[int]
+    groups: int
+    macs: int
+    weight_out_axis: int
+    weight_in_axis: int
+    cost_kind: str
+    cost_kernel: tuple[int, int]
+    cost_spatial: tuple[int, int]
+
+
+def _numel(shape: Sequence[int] | None) -> int:
+    return int(np.prod(shape)) if shape else 0
+
+
+def flat_pair(dims: Sequence[int]) -> tuple[int, int]:
+    """Two dims for a cost model: ``()`` -> (1, 1), ``(k,)`` -> (1, k), ``(h, w)`` as is,
+    more -> (1, prod)."""
+    dims = [int(d) for d in dims]
+    if not dims:
+        return (1, 1)
+    if len(dims) == 1:
+        return (1, dims[0])
+    if len(dims) == 2:
+        return (dims[0], dims[1])
+    return (1, int(np.prod(dims)))
+
+
+class WeightOpRule(OpRule):
+    """A rule for an op whose input 1 is a weight: the weight-layer facet.
+
+    Subclasses define :meth:`weight_axes` (from the node's attributes alone) and
+    :meth:`describe`; :meth:`zero_input_channels` zeroes input slices (the pruning oracle).
+    """
+
+    def weight_axes(self, node: onnx.NodeProto) -> tuple[int, int]:
+        """(output-channel axis, input-channel axis) of the weight initializer."""
+        raise NotImplementedError
+
+    def weight_out_axis(self, node: onnx.NodeProto) -> int:
+        return self.weight_axes(node)[0]
+
+    def weight_in_axis(self, node: onnx.NodeProto) -> int:
+        return self.weight_axes(node)[1]
+
+    def describe(self, node: onnx.NodeProto, graph: "ModelGraph") -> WeightFacts | None:
+        """The node's facts, or None when its weight is not a constant of a shape we handle."""
+        raise NotImplementedError
+
+    def zero_input_channels(self, w: np.ndarray, node: onnx.NodeProto, groups: int,
+                            positions: np.ndarray) -> np.ndarray:
+        """A copy of ``w`` with the input channels at ``positions`` zeroed."""
+        w = w.copy()
+        index: list[slice | np.ndarray] = [slice(None)] * w.ndim
+        index[self.weight_in_axis(node)] = np.asarray(positions, dtype=np.int64)
+        w[tuple(index)] = 0
+        return w
+
+    @staticmethod
+    def _weight(node: onnx.NodeProto, graph: "ModelGraph") -> np.ndarray | None:
+        return graph.constant(node.input[1]) if len(node.input) > 1 else None
+
+
+def weight_rule(node: onnx.NodeProto, opset: int | None = None) -> WeightOpRule | None:
+    """The weight-op rule of ``node`` (None: not a weight op). ``opset`` None: the newest rule."""
+    rule = find_rule(node.domain, node.op_type, opset)
+    return rule if isinstance(rule, WeightOpRule) else None
 
 
 def _bias_ok(ctx: PropagationContext, node: onnx.NodeProto, index: int) -> bool:
@@ -45,7 +138,37 @@ def _prune_matrix(name: str, node: onnx.NodeProto, ctx: PruneContext, in_axis: i
 
 
 @register("Conv")
-class ConvRule(OpRule):
+class ConvRule(WeightOpRule):
+    """Conv: W is [C_out, C_in / group, k...]."""
+
+    def weight_axes(self, node: onnx.NodeProto) -> tuple[int, int]:
+        return 0, 1
+
+    def describe(self, node: onnx.NodeProto, graph: "ModelGraph") -> WeightFacts | None:
+        w = self._weight(node, graph)
+        if w is None or w.ndim < 2:
+            return None
+        groups, kernel = int(graph.attr(node, "group", 1)), [int(k) for k in w.shape[2:]]
+        cin, cout = int(w.shape[1]) * groups, int(w.shape[0])
+        out_shape = graph.shape(node.output[0]) or []
+        depthwise = groups > 1 and groups == cin
+        return WeightFacts(
+            in_channels=cin, out_channels=cout, kernel=kernel, groups=groups,
+            macs=_numel(out_shape) * int(w.shape[1]) * int(np.prod(kernel)),
+            weight_out_axis=0, weight_in_axis=1, cost_kind="depthwise" if depthwise else "conv",
+            cost_kernel=flat_pair(kernel), cost_spatial=flat_pair(out_shape[2:]),
+        )
+
+    def zero_input_channels(self, w: np.ndarray, node: onnx.NodeProto, groups: int,
+                            positions: np.ndarray) -> np.ndarray:
+        """Input channel p of a grouped conv is slice p % (C_in/group) of group p // (C_in/group)."""
+        w = w.copy()
+        cin_g, cout_g = w.shape[1], w.shape[0] // groups
+        for p in np.asarray(positions).tolist():
+            g = p // cin_g
+            w[g * cout_g : (g + 1) * cout_g, p % cin_g] = 0
+        return w
+
     def propagate(self, name, node, ctx: PropagationContext) -> None:
         x, w_name, out = node.input[0], node.input[1], node.output[0]
         w = ctx.const(w_name)
@@ -90,7 +213,25 @@ class ConvRule(OpRule):
 
 
 @register("ConvTranspose")
-class ConvTransposeRule(OpRule):
+class ConvTransposeRule(WeightOpRule):
+    """ConvTranspose: W is [C_in, C_out / group, k...]; cost models see the input's spatial size."""
+
+    def weight_axes(self, node: onnx.NodeProto) -> tuple[int, int]:
+        return 1, 0
+
+    def describe(self, node: onnx.NodeProto, graph: "ModelGraph") -> WeightFacts | None:
+        w = self._weight(node, graph)
+        if w is None or w.ndim < 2:
+            return None
+        groups, kernel = int(graph.attr(node, "group", 1)), [int(k) for k in w.shape[2:]]
+        in_shape = graph.shape(node.input[0]) or []
+        return WeightFacts(
+            in_channels=int(w.shape[0]), out_channels=int(w.shape[1]) * groups, kernel=kernel,
+            groups=groups, macs=_numel(in_shape) * int(w.shape[1]) * int(np.prod(kernel)),
+            weight_out_axis=1, weight_in_axis=0, cost_kind="conv",
+            cost_kernel=flat_pair(kernel), cost_spatial=flat_pair(in_shape[2:]),
+        )
+
     def propagate(self, name, node, ctx: PropagationContext) -> None:
         w = ctx.const(node.input[1])
         if w is None or not _bias_ok(ctx, node, 2) or int(ctx.attr(node, "group", 1)) != 1:
@@ -106,11 +247,36 @@ class ConvTransposeRule(OpRule):
             ctx.atoms.block(layout.atoms, f"ConvTranspose '{name}' reads channels on axis {layout.axis}")
 
     def prune(self, name, node, ctx: PruneContext) -> None:
-        _prune_matrix(name, node, ctx, in_axis=0, out_axis=1)  # W: [Cin, Cout, k...]
+        out_axis, in_axis = self.weight_axes(node)  # W: [Cin, Cout, k...]
+        _prune_matrix(name, node, ctx, in_axis=in_axis, out_axis=out_axis)
+
+
+class _LinearRule(WeightOpRule):
+    """Gemm / MatMul: a 2-D weight; cost models see the positions it is applied at."""
+
+    def describe(self, node: onnx.NodeProto, graph: "ModelGraph") -> WeightFacts | None:
+        w = self._weight(node, graph)
+        if w is None or w.ndim != 2:
+            return None
+        out_axis, in_axis = self.weight_axes(node)
+        cin, cout = int(w.shape[in_axis]), int(w.shape[out_axis])
+        out_shape = graph.shape(node.output[0]) or []
+        positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
+        return WeightFacts(
+            in_channels=cin, out_channels=cout, kernel=[], groups=int(graph.attr(node, "group", 1)),
+            macs=_numel(out_shape) * cin, weight_out_axis=out_axis, weight_in_axis=in_axis,
+            cost_kind="linear", cost_kernel=(1, 1), cost_spatial=(1, positions),
+        )
 
 
 @register("Gemm")
-class GemmRule(OpRule):
+class GemmRule(_LinearRule):
+    """Gemm: B is [C_out, C_in] with transB, [C_in, C_out] without."""
+
+    def weight_axes(self, node: onnx.NodeProto) -> tuple[int, int]:
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return (0, 1) if trans_b else (1, 0)
+
     def propagate(self, name, node, ctx: PropagationContext) -> None:
         b = ctx.const(node.input[1])
         if b is None or int(ctx.attr(node, "transA", 0)) or not _bias_ok(ctx, node, 2):
@@ -123,12 +289,17 @@ class GemmRule(OpRule):
             ctx.atoms.block(layout.atoms, f"Gemm '{name}' reads channels on axis {layout.axis}")
 
     def prune(self, name, node, ctx: PruneContext) -> None:
-        trans_b = int(ctx.attr(node, "transB", 0))
-        _prune_matrix(name, node, ctx, in_axis=1 if trans_b else 0, out_axis=0 if trans_b else 1)
+        out_axis, in_axis = self.weight_axes(node)
+        _prune_matrix(name, node, ctx, in_axis=in_axis, out_axis=out_axis)
 
 
 @register("MatMul")
-class MatMulRule(OpRule):
+class MatMulRule(_LinearRule):
+    """MatMul by a constant 2-D weight W [K, N]: K input, N output channels."""
+
+    def weight_axes(self, node: onnx.NodeProto) -> tuple[int, int]:
+        return 1, 0
+
     def propagate(self, name, node, ctx: PropagationContext) -> None:
         x, w_name, out = node.input[0], node.input[1], node.output[0]
         w = ctx.const(w_name)
@@ -142,4 +313,5 @@ class MatMulRule(OpRule):
             ctx.atoms.block(layout.atoms, f"MatMul '{name}' reads channels on the last axis")
 
     def prune(self, name, node, ctx: PruneContext) -> None:
-        _prune_matrix(name, node, ctx, in_axis=0, out_axis=1)  # W: [K, N]
+        out_axis, in_axis = self.weight_axes(node)  # W: [K, N]
+        _prune_matrix(name, node, ctx, in_axis=in_axis, out_axis=out_axis)
