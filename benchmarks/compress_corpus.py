@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--target", default="size=0.5", help="budget the short search must meet")
+    parser.add_argument("--target", default="size=50%", help="budget the short search must meet")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     try:

@@ -53,9 +53,9 @@ ALL_VARIANTS = [
     ("W8A8 QAT", dict(weight_precisions=(8,), activation_precisions=(8,), lam=0.0), False),
     ("W2A8 QAT", dict(weight_precisions=(2,), activation_precisions=(8,), lam=0.0), False),
     ("W4A8 QAT", dict(weight_precisions=(4,), activation_precisions=(8,), lam=0.0), False),
-    *[(f"joint size={x}", dict(target=f"size={x}"), False) for x in ("0.5", "0.35", "0.25", "0.15", "0.10")],
+    *[(f"joint size={x}", dict(target=f"size={float(x) * 100:g}%"), False) for x in ("0.5", "0.35", "0.25", "0.15", "0.10")],
     *[(f"joint lam={x:g}", dict(lam=float(x)), False) for x in (1, 3, 10, 30, 100, 300)],
-    *[(f"joint size={x} KD", dict(target=f"size={x}"), True) for x in ("0.5", "0.35", "0.25", "0.15")],
+    *[(f"joint size={x} KD", dict(target=f"size={float(x) * 100:g}%"), True) for x in ("0.5", "0.35", "0.25", "0.15")],
     *[(f"joint lam={x:g} KD", dict(lam=float(x)), True) for x in (3, 10, 30)],
 ]
 FULL_NAMES = ["W8A8 QAT", "W4A8 QAT", "W2A8 QAT", "joint size=0.5", "joint size=0.35", "joint size=0.25",

@@ -59,7 +59,7 @@ def test_bad_inputs_write_nothing(tmp_path):
         ("labels", [_npz(tmp_path / "ok.npz", input=x), "--labels", _npz(tmp_path / "lab.npz", labels=y[:10])], "labels"),
         ("cost", [str(DIGITS / "calib.npz"), "--cost", "latency9000"], "latency9000"),
         ("budget", [str(DIGITS / "calib.npz"), "--target", "size=10B"], "smallest reachable"),
-        ("both", [str(DIGITS / "calib.npz"), "--target", "size=0.5", "--lambda", "1"], "not both"),
+        ("both", [str(DIGITS / "calib.npz"), "--target", "size=50%", "--lambda", "1"], "not both"),
     ]
     before = set(os.listdir(out))
     for label, data_args, needle in cases:
@@ -125,7 +125,7 @@ def test_python_api_is_seeded_and_deterministic():
 
     data = np.load(DIGITS / "train.npz")
     dataset = {"input": data["input"][:400]}
-    config = dict(epochs=2, finetune_epochs=1, target="size=0.4", progress=False, seed=7)
+    config = dict(epochs=2, finetune_epochs=1, target="size=40%", progress=False, seed=7)
     first = plugin.compress(str(DIGITS / "model.onnx"), dataset, config=plugin.CompressConfig(**config))
     second = plugin.compress(str(DIGITS / "model.onnx"), dataset, config=plugin.CompressConfig(**config))
     assert first.plan.to_json() == second.plan.to_json()

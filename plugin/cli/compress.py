@@ -1,0 +1,160 @@
+"""`prunequant compress`: search a plan with a strategy, fine-tune, export, gate, write.
+
+Every flag is validated here before the model is touched (bit-widths, budget, cost model,
+strategy name and option syntax, input shapes, output location); the work is
+:func:`plugin.api.compress`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import click
+
+from graph_passes.errors import ConfigError
+
+from .errors import handle_errors
+
+logger = logging.getLogger(__name__)
+
+_SHAPE_HELP = "Pin a model input's shape (NAME=DxDxD); needed for symbolic dims other than the batch."
+_TARGET_HELP = (
+    "Budget the plan must meet, relative with % (size=35%: 35% of the all-8-bit model) or absolute "
+    "with a unit of the cost model (size=40KB, size=39KiB, mpic=1.2e6cycles, mpic_energy=350uJ, "
+    "bops=2e9BOPs). Only strategies that follow --target use it (`prunequant strategies`). "
+    "[default: <cost>=35% when no --lambda]"
+)
+
+
+def parse_strategy_options(texts: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``("temperature=5", "steps=3")`` -> ``{"temperature": "5", "steps": "3"}``; values stay text
+    (the strategy parses them); ConfigError naming the flag for malformed or repeated names."""
+    options: dict[str, str] = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        name = name.strip()
+        if not sep or not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"--strategy-option {text!r}: expected NAME=VALUE, e.g. -S epochs_per_round=2 "
+                              "(`prunequant strategies` lists each strategy's options)")
+        if name in options:
+            raise ConfigError(f"--strategy-option {name}: given twice")
+        options[name] = value.strip()
+    return options
+
+
+def check_flags(*, cost: str, target: str | None, weight_bits: str | None, act_bits: str | None,
+                strategy: str, strategy_options: tuple[str, ...], input_shapes: tuple[str, ...],
+                output: str | None) -> dict[str, Any]:
+    """Validate every flag without loading the model; the keyword arguments they give the config.
+
+    Torch-free and fast: this is why a wrong flag fails in well under a second, naming the flag.
+    """
+    from cost_models import get_cost_model
+    from graph_passes.shapes import parse_input_shapes
+    from graph_passes.writing import check_output_path
+    from plugin.space import Precisions
+    from plugin.strategies import available_strategies, get_strategy
+    from plugin.targets import parse_target
+
+    precisions = Precisions.parse(weight_bits, act_bits)
+    get_cost_model(cost)  # unknown: CostModelError listing the known ones
+    if target is not None:
+        parse_target(target)
+    if strategy not in available_strategies():
+        get_strategy(strategy)  # raises ConfigError listing the known names
+    options = parse_strategy_options(strategy_options)
+    shapes = parse_input_shapes(input_shapes)
+    if output is not None:
+        check_output_path(output)
+    kwargs: dict[str, Any] = {"cost": cost, "target": target, "strategy": strategy, "strategy_options": options,
+                              "input_shapes": shapes}
+    if weight_bits is not None:
+        kwargs["weight_precisions"] = precisions.weights
+    if act_bits is not None:
+        kwargs["act_bits"] = precisions.activations
+    return kwargs
+
+
+@click.command("compress")
+@click.argument("model", type=str)
+@click.option("--data", required=True,
+              help="Inputs: .npy, .npz (one array per model input) or a folder of them.")
+@click.option("--labels", default=None,
+              help="Class labels (.npy or .npz key 'labels'): cross-entropy instead of distillation.")
+@click.option("-o", "--output", required=True,
+              help="Where to write the compressed model (plus NAME.plan.json, NAME.report.json).")
+@click.option("--strategy", default="gradient", show_default=True, metavar="NAME",
+              help="Search strategy: gradient, uniform, sequential, or a registered one (`prunequant strategies`).")
+@click.option("-S", "--strategy-option", "strategy_options", multiple=True, metavar="NAME=VALUE",
+              help="A strategy-specific option (repeatable); `prunequant strategies` lists them with defaults.")
+@click.option("--cost", default="size", show_default=True,
+              help="Cost model the search minimises: size, bops, mpic, mpic_energy, ne16, or a registered one.")
+@click.option("--lambda", "lam", type=float, default=None,
+              help="Weight of the cost in the loss, relative to the 8-bit model's cost (instead of --target).")
+@click.option("--target", default=None, metavar="COST=N%|COST=N UNIT", help=_TARGET_HELP)
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=0), help="Search epochs.")
+@click.option("--finetune-epochs", default=10, show_default=True, type=click.IntRange(min=0),
+              help="QAT epochs with the plan frozen.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--weight-bits", default=None, metavar="B[,B...]",
+              help="Weight bit-widths to choose from (0 = prune the channel): any of 0,2,4,8. "
+                   "[default: 0,2,4,8]")
+@click.option("--act-bits", default=None, metavar="B[,B...]",
+              help="Activation bit-widths to choose from, any of 2,4,8; e.g. 8 for targets that need "
+                   "8-bit activations [default: search 2,4,8].")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Same seed, same data, same plan (on CPU).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads [default: 1 for models under 50M MACs, else all].")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDxD", help=_SHAPE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@handle_errors
+def compress_command(model: str, data: str, labels: str | None, output: str, strategy: str,
+                     strategy_options: tuple[str, ...], cost: str, lam: float | None, target: str | None,
+                     epochs: int, finetune_epochs: int, batch_size: int, weight_bits: str | None,
+                     act_bits: str | None, device: str, seed: int, threads: int | None,
+                     input_shapes: tuple[str, ...], as_json: bool, no_progress: bool) -> None:
+    """Compress MODEL: a search strategy chooses which channels to remove and the bit-width of
+    every remaining weight channel and activation; then quantization-aware fine-tuning, then
+    export to a QDQ ONNX model that is validated (checker, onnxruntime, agreement with the
+    fake-quantized model) before it is written atomically with NAME.plan.json and
+    NAME.report.json.
+
+    \b
+    Strategies (--strategy; `prunequant strategies` lists all, with their -S options):
+      gradient    (default) one joint differentiable search of pruning and per-channel
+                  bit-widths; follows --lambda or --target (budget), searches --weight-bits
+                  and --act-bits for --epochs epochs.
+      uniform     no search: one width for every layer, then QAT; give one non-zero
+                  --weight-bits and one --act-bits width, e.g. --weight-bits 8 --act-bits 8
+                  is W8A8 QAT (--weight-bits 4 --act-bits 8: W4A8).
+      sequential  pruning alone searched to the budget (--target), then mixed precision
+                  (--weight-bits, --act-bits) on the pruned model.
+
+    \b
+    Examples:
+      prunequant compress samples/digits/model.onnx --data samples/digits/train.npz -o digits_pq.onnx
+      prunequant compress model.onnx --data calib.npz -o small.onnx --target size=25%
+      prunequant compress model.onnx --data calib.npz -o small.onnx --target size=40KB
+      prunequant compress model.onnx --data calib.npz -o fast.onnx --cost mpic --act-bits 8
+      prunequant compress model.onnx --data calib.npz -o w8a8.onnx --strategy uniform --weight-bits 8 --act-bits 8
+
+    Without --labels the loss distils the original model's outputs: unlabelled inputs suffice.
+    """
+    settings = check_flags(cost=cost, target=target, weight_bits=weight_bits, act_bits=act_bits, strategy=strategy,
+                           strategy_options=strategy_options, input_shapes=input_shapes, output=output)
+    from plugin import api
+
+    config = api.CompressConfig(
+        lam=lam, epochs=epochs, finetune_epochs=finetune_epochs, batch_size=batch_size, device=device,
+        seed=seed, progress=not no_progress, threads=threads, **settings,
+    )
+    result = api.compress(model, data, labels=labels, output=output, config=config)
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2, default=str))
+    else:
+        click.echo(api.summary_table(result.report))
+        click.echo(f"wrote {output}")
