@@ -12,14 +12,6 @@ from .errors import handle_errors
 _SHAPE_HELP = "Pin a model input's shape (NAME=DxDxD); needed for symbolic dims other than the batch."
 
 
-def sidecar_names(output: str) -> list[str]:
-    """The files ``apply_plan`` / ``compress`` write next to ``output``: the model, NAME.plan.json,
-    NAME.report.json."""
-    directory, base = os.path.split(output)
-    stem = os.path.splitext(base)[0]
-    return [output, *(os.path.join(directory, f"{stem}.{kind}.json") for kind in ("plan", "report"))]
-
-
 @click.command("export")
 @click.argument("model", type=str)
 @click.option("--plan", "plan_path", required=True, metavar="PLAN.json",
@@ -47,19 +39,19 @@ def export_command(model: str, plan_path: str, output: str, data: str | None, la
     """
     from graph_passes.shapes import parse_input_shapes
     from graph_passes.writing import check_output_path
-    from plugin.plan import CompressionPlan
 
     shapes = parse_input_shapes(input_shapes)
     check_output_path(output)
-    plan = CompressionPlan.load(plan_path)
 
     from plugin import api
 
-    result = api.apply_plan(model, plan, output=output, input_shapes=shapes or None, data=data, labels=labels,
+    # the plan by path: apply_plan reads it before the model, and refuses an -o whose sidecar
+    # NAME.plan.json would overwrite it
+    result = api.apply_plan(model, plan_path, output=output, input_shapes=shapes or None, data=data, labels=labels,
                             progress=not no_progress)
     if as_json:
         click.echo(json.dumps(result.report, indent=2, default=str))
         return
     size = os.path.getsize(output) if os.path.exists(output) else result.model.ByteSize()
-    written = [path for path in sidecar_names(output) if os.path.exists(path)] or [output]
+    written = [path for path in [output, *api.sidecar_paths(output)] if os.path.exists(path)] or [output]
     click.echo(f"wrote {', '.join(written)} (model {size:,} bytes)")
