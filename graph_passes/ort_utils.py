@@ -161,3 +161,19 @@ def run_batched(
     chunks = [session.run(None, {k: v[i : i + batch] for k, v in feeds.items()})
               for i in range(0, n, batch)]
     return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+
+
+def run_model(
+    model: onnx.ModelProto | ort.InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    optimize: bool = False,
+    batch: int | None = None,
+) -> list[np.ndarray]:
+    """All outputs of ``model`` over ``feeds`` (N samples along axis 0), in chunks of ``batch``;
+    ``batch=None``: the inputs' static leading dim when it is not N (see :func:`static_batch`),
+    else all at once. Graph optimisations off unless ``optimize``."""
+    session = model if isinstance(model, ort.InferenceSession) else make_session(model, optimize)
+    first = next(iter(feeds.values()), None)
+    n = int(first.shape[0]) if first is not None and np.ndim(first) else 1
+    return run_batched(session, feeds, batch if batch is not None else static_batch(session, n))

@@ -1,12 +1,20 @@
 """The one gate (graph_passes.gate): a multi-output and a regression model pass against their own
 outputs; deliberately broken variants (wrong shape, NaN, one output off, checker failure) are
-refused with a one-line VerificationError naming the output; fidelity figures on known arrays."""
+refused with a one-line VerificationError naming the output; fidelity figures on known arrays.
+
+:func:`break_output` breaks one output of ANY model in one of the ways the gate must refuse; the
+command-level tests (compress / export write nothing) use it on the exported model, e.g. by
+wrapping ``plugin.export.export_plan``::
+
+    from tests.test_gate import BREAKS, break_output
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,8 +23,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graph_passes.errors import VerificationError
 from graph_passes.gate import fidelity, gate, refusal_of, sqnr_db
-from graph_passes.ort_utils import make_session, run_batched
+from graph_passes.ort_utils import make_session, run_batched, run_model
 
+ROOT = Path(__file__).resolve().parent.parent
 N = 64
 RNG = np.random.default_rng(0)
 W_LOGITS = RNG.standard_normal((4, 10)).astype(np.float32)
@@ -72,6 +81,52 @@ def _assert_one_line(exc: Exception) -> str:
     text = str(exc)
     assert "\n" not in text and text.endswith("nothing was written"), text
     return text
+
+
+#: the ways :func:`break_output` breaks an output, and what the gate's message then says
+BREAKS: dict[str, str] = {
+    "scale": "differs from the reference",       # numerically off (x 1.5): SQNR 6 dB
+    "nan": "NaN or Inf",                         # NaN values
+    "shape": "has shape",                        # one element fewer on the last axis
+    "shapeless": "Field 'shape' of 'type' is required but missing",  # the checker refuses
+}
+
+
+def break_output(model: onnx.ModelProto, output: str | int = 0, how: str = "scale",
+                 factor: float = 1.5) -> onnx.ModelProto:
+    """A copy of ``model`` with one graph output broken (see :data:`BREAKS`); the other outputs
+    and every internal reader of the tensor keep the original values."""
+    if how not in BREAKS:
+        raise ValueError(f"how must be one of {sorted(BREAKS)}")
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    g = work.graph
+    out = g.output[output] if isinstance(output, int) else next(o for o in g.output if o.name == output)
+    name, pre = out.name, out.name + "_before_break"
+    if how == "shapeless":
+        out.type.tensor_type.ClearField("shape")
+        return work
+    for node in g.node:
+        node.input[:] = [pre if i == name else i for i in node.input]
+        node.output[:] = [pre if o == name else o for o in node.output]
+    kept = [v for v in g.value_info if v.name != name]
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    if how == "scale":
+        g.initializer.append(numpy_helper.from_array(np.array(factor, np.float32), pre + "_k"))
+        g.node.append(helper.make_node("Mul", [pre, pre + "_k"], [name]))
+    elif how == "nan":
+        g.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), pre + "_k"))
+        g.node.append(helper.make_node("Add", [pre, pre + "_k"], [name]))
+    else:  # shape: drop the last element of the last axis
+        last = out.type.tensor_type.shape.dim[-1]
+        ends = np.array([-1], np.int64)
+        for k, v in {"_s": np.array([0], np.int64), "_e": ends, "_a": np.array([-1], np.int64)}.items():
+            g.initializer.append(numpy_helper.from_array(v, pre + k))
+        g.node.append(helper.make_node("Slice", [pre, pre + "_s", pre + "_e", pre + "_a"], [name]))
+        if last.HasField("dim_value"):
+            last.dim_value -= 1
+    return work
 
 
 # --- passing models -------------------------------------------------------------------------
@@ -254,6 +309,54 @@ def test_integer_output_element_agreement():
     wrong[:5] = (wrong[:5] + 1) % 10
     text = _assert_one_line(refusal_of(model, f, [wrong]))
     assert "95.00% of its elements" in text
+
+
+@pytest.mark.parametrize("how", sorted(BREAKS))
+@pytest.mark.parametrize("which", ["logits", "reg"])
+def test_break_output_on_the_multi_output_model(how, which):
+    model, f = multi_output(), feeds()
+    exc = refusal_of(break_output(model, which, how), f, outputs_of(model, f))
+    text = _assert_one_line(exc)
+    assert BREAKS[how] in text
+    if how != "shapeless":  # the checker names no output
+        assert f"output {which!r}" in text
+        other = "reg" if which == "logits" else "logits"
+        assert repr(other) not in text
+
+
+@pytest.mark.parametrize("how", sorted(BREAKS))
+def test_break_output_on_the_regression_model(how):
+    model, f = regression(), feeds()
+    text = _assert_one_line(refusal_of(break_output(model, 0, how), f, outputs_of(model, f)))
+    assert BREAKS[how] in text
+
+
+@pytest.fixture(scope="module")
+def digits_qdq():
+    """A real QDQ export of the digits sample (every width, mixed layers; no torch needed)."""
+    from graph_passes.prepare import prepare_model
+    from graph_passes.qdq import ActivationQuant, WeightQuant, insert_qdq
+
+    prepared = prepare_model(str(ROOT / "samples" / "digits" / "model.onnx"))
+    weights = {layer.name: WeightQuant(tuple((8, 4, 2)[i % 3] for i in range(layer.out_channels)))
+               for layer in prepared.analysis.layers}
+    acts = {site.tensor: ActivationQuant(4, not site.non_negative, 0.4, tuple(site.consumers))
+            for site in prepared.analysis.sites}
+    model = insert_qdq(prepared.model, weights, acts).model
+    data = np.load(ROOT / "samples" / "digits" / "test.npz")
+    name = model.graph.input[0].name
+    f = {name: data["input"][:32]}
+    return model, f
+
+
+def test_real_qdq_export_passes_and_broken_ones_are_refused(digits_qdq):
+    model, f = digits_qdq
+    reference = run_model(model, f)
+    report = gate(model, f, reference)
+    assert report.batch == 1 and report.samples == 32  # the sample's batch is fixed to 1
+    assert report.plain[0].sqnr_db == math.inf and report.plain[0].top1_agreement == 100.0
+    for how, expected in BREAKS.items():
+        assert expected in _assert_one_line(refusal_of(break_output(model, 0, how), f, reference))
 
 
 # --- fidelity (reported, not gated) --------------------------------------------------------------
