@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from plugin.pipeline import CompressConfig, compress
+from plugin.api import CompressConfig, compress
 from plugin.data import Dataset, input_specs, load_dataset
 from plugin.evaluate import evaluate
 
@@ -227,10 +227,11 @@ def run_sequential(ctx: Context, lam_prune: float, lam_mp: float, cost: str = "s
     from graph_passes.prune import prune_channels
     from plugin.bridge import write_back
     from plugin.export import export_plan, removal_of
-    from plugin.finetune import FinetuneConfig, finetune
+    from plugin.engine.training import FinetuneConfig, finetune
     from plugin.inspect_cmd import prepare_model
-    from plugin.search import SearchConfig, run_search
-    from plugin.searchable import SearchableModel
+    from plugin.engine.config import SearchConfig
+from plugin.engine.supernet import run_search
+    from plugin.engine.supernet import Supernet as SearchableModel
 
     c = ctx.cfg
     start = time.perf_counter()

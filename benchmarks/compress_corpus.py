@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from graph_passes.errors import PrunequantError  # noqa: E402
-from plugin.pipeline import CompressConfig, compress  # noqa: E402
+from plugin.api import CompressConfig, compress  # noqa: E402
 from tests import corpus  # noqa: E402
 
 

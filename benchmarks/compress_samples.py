@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from plugin.pipeline import CompressConfig, compress  # noqa: E402
+from plugin.api import CompressConfig, compress  # noqa: E402
 from plugin.data import input_specs, load_dataset  # noqa: E402
 from plugin.evaluate import evaluate  # noqa: E402
 from plugin.inspect_cmd import prepare_model  # noqa: E402
@@ -98,9 +98,9 @@ def budget_equal(prepared, specs, data, config: CompressConfig, test, label: str
     from plugin.bridge import write_back
     from plugin.budget import search_to_budget
     from plugin.export import export_plan
-    from plugin.finetune import FinetuneConfig, finetune
-    from plugin.search import SearchConfig
-    from plugin.searchable import SearchableModel
+    from plugin.engine.training import FinetuneConfig, finetune
+    from plugin.engine.config import SearchConfig
+    from plugin.engine.supernet import Supernet as SearchableModel
 
     start = time.perf_counter()
     dataset = load_dataset(data, specs)

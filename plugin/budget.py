@@ -22,19 +22,17 @@ training, naming that smallest reachable value.
 from __future__ import annotations
 
 import logging
-import math
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cost_models import get_cost_model
 from graph_passes.errors import CostModelError
+from plugin.engine.config import SearchConfig, SearchConfigError
+from plugin.engine.supernet import SearchRunner
 from plugin.plan import CompressionPlan
 from plugin.targets import Budget, format_cost, parse_target
-from plugin.search import SearchConfig, SearchConfigError, SearchRunner
 
 if TYPE_CHECKING:
-    from plugin.searchable import SearchableModel
+    from plugin.engine.supernet import Supernet
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +62,7 @@ class BudgetResult:
     trace: list[dict[str, float]] = field(default_factory=list)
 
 
-def check_reachable(searchable: SearchableModel, budget: Budget) -> float:
+def check_reachable(searchable: Supernet, budget: Budget) -> float:
     """The absolute target; CostModelError (with the smallest reachable value) if unreachable."""
     name = budget.cost_model
     before = searchable.cost_before(name)
@@ -78,7 +76,7 @@ def check_reachable(searchable: SearchableModel, budget: Budget) -> float:
     return target
 
 
-def search_to_budget(searchable: SearchableModel, data: Any, target: str | Budget,
+def search_to_budget(searchable: Supernet, data: Any, target: str | Budget,
                      config: SearchConfig | None = None, budget_config: BudgetConfig | None = None) -> BudgetResult:
     """Raise lambda (warm start) until the discretised plan meets ``target``; see the module doc."""
     budget = parse_target(target) if isinstance(target, str) else target
@@ -118,12 +116,12 @@ def search_to_budget(searchable: SearchableModel, data: Any, target: str | Budge
         "lam_factor, or relax the budget")
 
 
-def _plan_cost(searchable: SearchableModel, name: str, threshold: float = 0.5) -> float:
+def _plan_cost(searchable: Supernet, name: str, threshold: float = 0.5) -> float:
     plan = searchable.discretise(cost_models=[], prune_threshold=threshold, with_scales=False)
     return searchable.cost_of_plan(plan, name)
 
 
-def _loosest_threshold(searchable: SearchableModel, name: str, absolute: float) -> float:
+def _loosest_threshold(searchable: Supernet, name: str, absolute: float) -> float:
     """The largest prune threshold (>= 0.5) whose plan still meets the budget.
 
     A whole group's columns tend to cross theta_0 = 1/2 together, so the first plan under the
@@ -142,7 +140,7 @@ def _loosest_threshold(searchable: SearchableModel, name: str, absolute: float) 
     return best
 
 
-def _result(searchable: SearchableModel, runner: SearchRunner, budget: Budget, absolute: float, lam: float,
+def _result(searchable: Supernet, runner: SearchRunner, budget: Budget, absolute: float, lam: float,
             trace: list[dict[str, float]], threshold: float = 0.5) -> BudgetResult:
     metadata = runner.metadata(**{"budget": budget.text, "budget_absolute": float(absolute), "lambda": float(lam),
                                   "prune_threshold": float(threshold)})

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from graph_passes.errors import DataError, InputFileError, UnsupportedModelError
-from plugin.cmd_evaluate import evaluate_command
+from plugin.cli.evaluate import evaluate_command
 from plugin.data import Dataset, input_specs, load_dataset
 from plugin.evaluate import EvaluationResult, evaluate, load_runnable
 

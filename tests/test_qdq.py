@@ -333,7 +333,7 @@ def test_input_model_not_modified_and_errors():
                                         ([5, 8], 0), ([16, 1, 3, 3], 0)])
 def test_numpy_weight_quantizer_bit_identical_to_torch(shape, axis):
     torch = pytest.importorskip("torch")
-    from plugin.quantizers import quantize_weight_per_channel
+    from plugin.engine.quantizers import quantize_weight_per_channel
     rng = np.random.default_rng(sum(shape))
     for trial in range(20):
         w = (rng.standard_normal(shape) * rng.uniform(1e-4, 10)).astype(np.float32)
@@ -353,7 +353,7 @@ def test_onnxruntime_activation_quant_bit_identical_to_torch(bits, signed):
     """QuantizeLinear/DequantizeLinear in onnxruntime == the torch PACT / symmetric quantizers,
     ties (x exactly half a step) included."""
     torch = pytest.importorskip("torch")
-    from plugin.quantizers import pact_quantize, symmetric_clip_quantize
+    from plugin.engine.quantizers import pact_quantize, symmetric_clip_quantize
     clip = torch.tensor(2.7)
     out = (symmetric_clip_quantize if signed else pact_quantize)(torch.zeros(1), clip, bits)
     scale = float(out.scale)

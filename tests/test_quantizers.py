@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from torch import nn
 
-from plugin.quantizers import (
+from plugin.engine.quantizers import (
     PACTQuantizer,
     QuantOutput,
     SearchableActivationQuantizer,

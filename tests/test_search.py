@@ -12,10 +12,11 @@ import torch
 from graph_passes.errors import CostModelError
 from plugin.budget import BudgetConfig, parse_target, search_to_budget
 from plugin.data import Dataset
-from plugin.finetune import FinetuneConfig, evaluate, finetune
+from plugin.engine.training import FinetuneConfig, evaluate, finetune
 from plugin.inspect_cmd import PreparedModel, prepare_model
-from plugin.search import SearchConfig, SearchConfigError, run_search
-from plugin.searchable import SearchableModel
+from plugin.engine.config import SearchConfig, SearchConfigError
+from plugin.engine.supernet import run_search
+from plugin.engine.supernet import Supernet as SearchableModel
 
 DIGITS = Path(__file__).resolve().parents[1] / "samples" / "digits"
 

@@ -15,9 +15,11 @@ from cost_models import get_cost_model
 from graph_passes.channel_groups import analyse
 from graph_passes.normalise import normalise
 from plugin.bridge import convert
-from plugin.quantizers import quantize_weight_per_channel
-from plugin.search import SearchConfig, run_search
-from plugin.searchable import SearchableModel
+from plugin.engine.quantizers import quantize_weight_per_channel
+from plugin.engine.config import SearchConfig
+from plugin.engine.supernet import run_search
+from plugin.engine.supernet import Supernet as SearchableModel
+from plugin.space import Precisions, SearchSpace
 
 # c1, c2 (tied by the Add) and the depthwise dw form one group of 8; c3 one of 6; the Gemm
 # reaches the graph output (unprunable).
@@ -60,7 +62,8 @@ def tiny() -> onnx.ModelProto:
 
 def _searchable(model: onnx.ModelProto, **config: object) -> SearchableModel:
     cfg = SearchConfig(init_clip=4.0, progress=False, **config)  # type: ignore[arg-type]
-    return SearchableModel(model, analyse(model), convert(model), cfg)
+    space = SearchSpace(analyse(model), Precisions(cfg.weight_precisions, cfg.site_precisions))
+    return SearchableModel(model, space, convert(model), cfg)
 
 
 def _by_op(sm: SearchableModel) -> dict[str, list]:

@@ -48,8 +48,7 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WEIGHT_PRECISIONS: tuple[int, ...] = (0, 2, 4, 8)
-DEFAULT_ACTIVATION_PRECISIONS: tuple[int, ...] = (2, 4, 8)
+from plugin.space import DEFAULT_ACTIVATION_PRECISIONS, DEFAULT_WEIGHT_PRECISIONS  # noqa: E402
 DEFAULT_INIT_CLIP = 6.0
 MAX_BITS = 16
 _MIN_CLIP = 1e-6
@@ -190,14 +189,39 @@ class SharedAlpha(nn.Module):
             raise ValueError(f"SharedAlpha: n_channels must be >= 1, got {n_channels}")
         init = torch.tensor(self.precisions, dtype=torch.float32) / max(self.precisions)
         self.alpha = nn.Parameter(init.unsqueeze(1).repeat(1, n_channels))
+        self.register_buffer("logit_mask", None, persistent=False)
 
     @property
     def n_channels(self) -> int:
         return self.alpha.shape[1]
 
+    @torch.no_grad()
+    def fix_columns(self, columns: Sequence[int], bits: int) -> None:
+        """Force ``columns`` to precision ``bits`` (theta one-hot there, for good)."""
+        if bits not in self.precisions:
+            raise ValueError(f"fix_columns: {bits} is not in the precision set {self.precisions}")
+        mask = self.logit_mask if self.logit_mask is not None else torch.zeros_like(self.alpha)
+        index = torch.as_tensor(list(columns), dtype=torch.long)
+        mask[:, index] = float("-inf")
+        mask[self.precisions.index(bits), index] = 0.0
+        self.logit_mask = mask
+
+    @torch.no_grad()
+    def forbid(self, columns: Sequence[int], bits: int) -> None:
+        """Take precision ``bits`` away from ``columns`` (e.g. no pruning of kept channels)."""
+        mask = self.logit_mask if self.logit_mask is not None else torch.zeros_like(self.alpha)
+        index = torch.as_tensor(list(columns), dtype=torch.long)
+        mask[self.precisions.index(bits), index] = float("-inf")
+        if bool(torch.isinf(mask[:, index]).all(dim=0).any()):
+            raise ValueError("forbid: a column would have no precision left")
+        self.logit_mask = mask
+
     def theta(self, temperature: float) -> Tensor:
         """``softmax(alpha / T)`` over precisions, shape ``[len(precisions), n_channels]``."""
-        return torch.softmax(self.alpha / temperature, dim=0)
+        logits = self.alpha / temperature
+        if self.logit_mask is not None:
+            logits = logits + self.logit_mask
+        return torch.softmax(logits, dim=0)
 
 
 class _SearchableBase(nn.Module):
@@ -303,7 +327,8 @@ class SearchableWeightQuantizer(_SearchableBase):
         """Per-channel ``1 / sum_{b != 0} theta_b`` (detached); 1 without a 0-bit option."""
         theta = self.theta().detach()
         kept = [j for j, b in enumerate(self.precisions) if b != 0]
-        return 1.0 / theta[kept].sum(dim=0)
+        mass = theta[kept].sum(dim=0)
+        return torch.where(mass > 0, 1.0 / mass.clamp_min(torch.finfo(mass.dtype).tiny), torch.ones_like(mass))
 
     @torch.no_grad()
     def rescale_weight_(self, weight: Tensor) -> None:
@@ -535,6 +560,74 @@ class SearchableActivationQuantizer(_SearchableBase, _ClipHolder):
         y = sum(theta[j] * out.y for j, out in enumerate(outputs))
         best = outputs[int(theta.detach().argmax())]
         return QuantOutput(y, best.scale, best.zero_point, self.expected_bit_width())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quant(x).y
+
+
+# ----------------------------------------------------------------------------- frozen (plan) quantizers
+
+
+class FrozenWeightQuantizer(nn.Module):
+    """One fixed bit-width per output channel (0 = pruned): the quantizer of the fake-quantized
+    model that freezes any plan (no logits, no temperature). Starts at 8 bits everywhere."""
+
+    precisions: tuple[int, ...] = (0, *range(2, MAX_BITS + 1))
+
+    def __init__(self, c_out: int, *, ch_axis: int = 0, bits: int = 8) -> None:
+        super().__init__()
+        if c_out < 1:
+            raise ValueError(f"FrozenWeightQuantizer: c_out must be >= 1, got {c_out}")
+        self.c_out = c_out
+        self.ch_axis = ch_axis
+        self.register_buffer("frozen_bits", torch.full((c_out,), int(bits), dtype=torch.long), persistent=False)
+
+    @property
+    def is_frozen(self) -> bool:
+        return True
+
+    def freeze(self, bits_per_channel: Sequence[int] | Tensor) -> None:
+        bits = _bits_tensor(torch.as_tensor(bits_per_channel, dtype=torch.long).reshape(-1), self.c_out,
+                            self.frozen_bits.device)
+        self.frozen_bits = bits
+
+    def unfreeze(self) -> None:
+        """Nothing to go back to: this quantizer is always frozen."""
+
+    def rescale_factor(self) -> Tensor:
+        return torch.ones(self.c_out)
+
+    def quant(self, w: Tensor) -> QuantOutput:
+        if w.shape[self.ch_axis] != self.c_out:
+            raise ValueError(f"FrozenWeightQuantizer: weight has {w.shape[self.ch_axis]} channels on axis "
+                             f"{self.ch_axis}, expected {self.c_out}")
+        return quantize_weight_per_channel(w, self.frozen_bits, self.ch_axis)
+
+    def forward(self, w: Tensor) -> Tensor:
+        return self.quant(w).y
+
+
+class FrozenActivationQuantizer(_ClipHolder):
+    """A fixed bit-width with a learned clip (PACT, or symmetric where ``signed``)."""
+
+    def __init__(self, bits: int = 8, *, signed: bool = False, init_clip: float = DEFAULT_INIT_CLIP) -> None:
+        super().__init__()
+        self.signed = signed
+        self._init_clip(init_clip)
+        self.frozen_bits: int = _check_bits(int(bits), minimum=2, what="FrozenActivationQuantizer")
+        self.precisions = tuple(range(2, MAX_BITS + 1))
+
+    def freeze(self, bits: int) -> None:
+        self.frozen_bits = _check_bits(int(bits), minimum=2, what="FrozenActivationQuantizer")
+
+    def unfreeze(self) -> None:
+        """Nothing to go back to: this quantizer is always frozen."""
+
+    def argmax_bits(self) -> int:
+        return self.frozen_bits
+
+    def quant(self, x: Tensor) -> QuantOutput:
+        return _activation_quantize(x, self.clip, self.frozen_bits, self.signed)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.quant(x).y

@@ -1,0 +1,511 @@
+"""The library API: :func:`compress`, :func:`apply_plan` and :func:`evaluate`.
+
+    from plugin import api
+    result = api.compress("model.onnx", "calib.npz", output="small.onnx",
+                          config=api.CompressConfig(target="size=25%", strategy="gradient"))
+    result.plan, result.report, result.model
+    again = api.apply_plan("model.onnx", "small.plan.json", output="again.onnx", data="calib.npz")
+
+``compress``: load -> normalise -> analyse (``graph_passes.prepare``) -> dry run of the export
+path (fails in seconds) -> a strategy (``plugin.strategies``) finds a plan -> QAT with the plan
+frozen -> export (channels removed, QDQ) -> the one gate (``graph_passes.gate``) -> the model,
+its plan and its report written together, atomically. Nothing is written when any step fails.
+
+No process-wide side effects: torch's thread count is restored on return, and the caller's
+config is never mutated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+
+from graph_passes.errors import ConfigError, DataError, OutputError
+from graph_passes.writing import check_output_path, write_outputs
+
+from .data import Dataset, input_specs, load_dataset
+from .evaluate import evaluate
+from .plan import CompressionPlan, LayerPlan
+from .space import DEFAULT_ACTIVATION_PRECISIONS, DEFAULT_WEIGHT_PRECISIONS, Precisions
+
+logger = logging.getLogger(__name__)
+
+#: the cost weight when neither a lambda nor a target is given and the strategy cannot follow a target
+DEFAULT_LAMBDA = 1.0
+SMALL_MODEL_MACS = 50_000_000
+
+
+@dataclass
+class CompressConfig:
+    """Settings of one compress run (the CLI flags map one to one).
+
+    ``target``: a budget such as ``size=35%`` or ``size=40KB`` (``plugin.targets``); with neither
+    ``lam`` nor ``target`` a steerable strategy gets ``<cost>=35%`` (measured on both samples:
+    0.29-0.33 of W8 within 0.5 points of FP32, where no single lambda worked on both).
+    ``strategy`` names a registered strategy (``prunequant strategies``); ``strategy_options`` its
+    options (texts or values). ``act_bits`` (when set) replaces ``activation_precisions``.
+    """
+
+    cost: str = "size"
+    lam: float | None = None
+    target: str | None = None
+    strategy: str = "gradient"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 20
+    finetune_epochs: int = 10
+    batch_size: int = 64
+    max_steps_per_epoch: int | None = None
+    weight_precisions: tuple[int, ...] = DEFAULT_WEIGHT_PRECISIONS
+    activation_precisions: tuple[int, ...] = DEFAULT_ACTIVATION_PRECISIONS
+    act_bits: tuple[int, ...] | None = None
+    held_out: float = 0.2
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    min_top1_agreement: float = 99.0
+    threads: int | None = None  # torch intra-op threads; None: 1 for small models, else torch's default
+
+    def precisions(self) -> Precisions:
+        """The validated precisions (ConfigError naming the flag)."""
+        return Precisions(tuple(self.weight_precisions),
+                          tuple(self.act_bits if self.act_bits is not None else self.activation_precisions))
+
+
+@dataclass
+class CompressResult:
+    model: onnx.ModelProto
+    plan: CompressionPlan
+    report: dict
+    output: str | None = None
+
+
+@dataclass
+class ApplyResult:
+    model: onnx.ModelProto
+    plan: CompressionPlan
+    report: dict
+    output: str | None = None
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        logger.info("phase %s ...", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r} is not one of cpu, cuda, auto")
+    return device
+
+
+@contextmanager
+def torch_threads(threads: int | None, macs: int) -> Iterator[None]:
+    """Small models train faster on one thread (measured: several times, more when the cores
+    are shared); large ones use torch's default. The caller's setting is restored."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is None and macs < SMALL_MODEL_MACS:
+        threads = 1
+    try:
+        if threads:
+            torch.set_num_threads(int(threads))
+            logger.info("torch uses %d thread(s)", threads)
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------- inputs and outputs
+
+
+def _same_file(a: str | os.PathLike, b: Any) -> bool:
+    if not isinstance(b, (str, os.PathLike)):
+        return False
+    try:
+        return Path(a).resolve() == Path(b).resolve() or (
+            Path(b).exists() and Path(a).exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output_not_input(output: str | os.PathLike, **inputs: Any) -> None:
+    """An output (or one of its sidecars) must never replace an input (the model, data, plan...)."""
+    targets = [Path(output)] + [Path(p) for p in sidecar_paths(output)]
+    for what, source in inputs.items():
+        for target in targets:
+            if _same_file(target, source):
+                raise OutputError(f"the output {str(target)!r} is the {what} given as input; choose another "
+                                  "-o so that nothing you gave is overwritten")
+
+
+def sidecar_paths(output: str | os.PathLike) -> list[str]:
+    """NAME.plan.json and NAME.report.json next to NAME.onnx."""
+    out = Path(output)
+    stem = out.with_suffix("") if out.suffix else out
+    return [f"{stem}.plan.json", f"{stem}.report.json"]
+
+
+def _sidecars(output: str, files: dict[str, str]) -> dict[str, str]:
+    stem = os.path.splitext(os.path.basename(output))[0]
+    return {f"{stem}.{name}": content for name, content in files.items()}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"onnx": onnx.__version__}
+    try:
+        out["prunequant"] = version("prunequant")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        out["prunequant"] = "unknown"
+    return out
+
+
+def _with_metadata(plan: CompressionPlan, **extra: Any) -> CompressionPlan:
+    metadata = {**plan.metadata, **extra}
+    return CompressionPlan(plan.model_sha256, plan.groups, plan.layers, plan.activations, plan.cost_before,
+                           plan.cost_after, metadata)
+
+
+# ----------------------------------------------------------------------------- compress
+
+
+def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, output: str | None = None,
+             config: CompressConfig | None = None) -> CompressResult:
+    """Compress ``model`` with ``config.strategy``; see the module docstring."""
+    from graph_passes.digest import model_digest
+    from graph_passes.dry_run import dry_run_export
+    from graph_passes.prepare import prepare_model
+
+    from .strategies import get_strategy, resolve_options
+    from .strategies.problem import Problem, RunSettings
+    from .targets import default_target, parse_target
+
+    config = copy.deepcopy(config or CompressConfig())
+    precisions = config.precisions()
+    if config.lam is not None and config.target is not None:
+        raise ConfigError("give either a lambda or a target budget, not both")
+    strategy_cls = get_strategy(config.strategy)
+    options = resolve_options(strategy_cls, config.strategy_options)
+    steerable = bool(getattr(strategy_cls, "steerable", False))
+    if config.target is not None and not steerable:
+        raise ConfigError(f"--strategy {config.strategy} cannot follow a --target budget (it does not search); "
+                          "drop --target, or use a strategy that can (`prunequant strategies`)")
+    target = config.target or (default_target(config.cost) if config.lam is None and steerable else None)
+    if target is not None:
+        parse_target(target)
+    if output is not None:
+        check_output_path(output)
+        check_output_not_input(output, model=model, data=data, labels=labels)
+    timer = _Timer()
+    with timer.phase("prepare"):
+        prepared = prepare_model(model, config.input_shapes)
+    with timer.phase("dry_run"):
+        dry = dry_run_export(prepared.model, prepared.analysis, precisions.weight_widths, precisions.activations,
+                             prunes=precisions.prunes)
+    with timer.phase("data"):
+        dataset = data if isinstance(data, Dataset) else load_dataset(data, input_specs(prepared.model), labels)
+        if len(dataset) < 2:
+            raise DataError(f"{dataset.source}: need at least 2 samples (some are held out for validation)")
+        train, held = dataset.split(config.held_out, seed=config.seed)
+    device = resolve_device(config.device)
+    from .space import SearchSpace
+
+    space = SearchSpace(prepared.analysis, precisions, model_sha256=model_digest(prepared.original))
+    settings = RunSettings(precisions, cost=config.cost, lam=config.lam if config.lam is not None else (
+        None if target else DEFAULT_LAMBDA), target=target, epochs=config.epochs,
+        finetune_epochs=config.finetune_epochs, batch_size=config.batch_size,
+        max_steps_per_epoch=config.max_steps_per_epoch,
+        task_loss="cross_entropy" if train.labels is not None else "distill_kl", device=device,
+        seed=config.seed, progress=config.progress)
+    problem = Problem(prepared, space, train, held, settings)
+    with torch_threads(config.threads, sum(layer.macs for layer in prepared.analysis.layers)):
+        from .engine.training import FinetuneConfig, finetune
+
+        with timer.phase("search"):
+            found = strategy_cls().search(problem, options)
+        engine = found.engine if found.engine is not None else problem.fake_quant()
+        if not engine.calibrated:
+            engine.calibrate(train, config.batch_size)
+        finetune_epochs = config.finetune_epochs
+        if found.epochs_used is not None:  # a budget met early: the unused search epochs go to QAT
+            finetune_epochs += max(0, config.epochs - found.epochs_used)
+        with timer.phase("finetune"):
+            ft = finetune(engine, found.plan, train, FinetuneConfig(
+                epochs=finetune_epochs, batch_size=engine.config.batch_size, task_loss=settings.task_loss,
+                max_steps_per_epoch=config.max_steps_per_epoch, device=device, seed=config.seed,
+                progress=config.progress))
+        plan = _with_metadata(ft.plan, strategy=config.strategy, strategy_options=options, target=target,
+                              versions=_versions())
+        with timer.phase("export"):
+            exported, gate_report, quality = _export_and_gate(prepared, engine, plan, held,
+                                                              config.min_top1_agreement)
+    report = _report(prepared, space, plan, exported, gate_report, quality, timer, config, found.history,
+                     asdict(dry))
+    if output is not None:
+        with timer.phase("write"):
+            files = {"plan.json": plan.to_json(), "report.json": json.dumps(report, indent=2, default=str)}
+            write_outputs(output, exported.model, _sidecars(output, files))
+        report["seconds"] = timer.seconds
+    return CompressResult(exported.model, plan, report, output)
+
+
+def _torch_outputs(engine: Any, feeds: dict[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
+    import torch
+
+    names = engine.input_names
+    n = len(next(iter(feeds.values())))
+    step = batch_size if engine.config.batch_size > 1 else 1
+    chunks: list[list[np.ndarray]] = []
+    engine.eval()
+    device = next((p.device for p in engine.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        for start in range(0, n, step):
+            inputs = [torch.as_tensor(feeds[k][start:start + step]).to(device) for k in names]
+            out = engine(*inputs)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            chunks.append([o.detach().cpu().numpy() for o in outs])
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+def _top1(outputs: list[np.ndarray], labels: np.ndarray | None) -> float | None:
+    if labels is None or outputs[0].ndim != 2:
+        return None
+    return float((outputs[0].argmax(axis=1) == labels).mean())
+
+
+def _ort_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int | None,
+                 optimize: bool = False) -> list[np.ndarray]:
+    from graph_passes.ort_utils import make_session, run_batched
+
+    return run_batched(make_session(model, optimize=optimize), feeds, batch)
+
+
+def _random_inputs(model: onnx.ModelProto, samples: int, seed: int) -> Dataset:
+    """``samples`` random inputs (the gate's held-out set when no data is given)."""
+    from graph_passes.ort_utils import make_session, random_feeds
+
+    session = make_session(model)
+    parts = [random_feeds(session, seed=seed + i) for i in range(samples)]
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return Dataset(arrays, None, f"{samples} random inputs (give --data for a held-out check on real inputs)")
+
+
+def _export_and_gate(prepared: Any, engine: Any, plan: CompressionPlan, held: Dataset, min_top1: float):
+    """Write the engine's weights into the ONNX graph, export the plan, pass the gate, and
+    measure every output's fidelity to the original model."""
+    from graph_passes.batch import restore_dynamic_batch
+    from graph_passes.gate import fidelity, gate
+    from .bridge import write_back
+    from .export import export_plan
+
+    weighted = write_back(prepared.model, engine.materialised_bridge())
+    exported = export_plan(weighted, prepared.analysis, plan)
+    exported.model, restored = restore_dynamic_batch(exported.model)
+    feeds = dict(held.arrays)
+    fake_quant = _torch_outputs(engine, feeds)
+    names = [o.name for o in exported.model.graph.output]
+    gate_report = gate(exported.model, feeds, fake_quant, min_top1=min_top1,
+                       batch=None if restored else 1)
+    compressed = _ort_outputs(exported.model, feeds, None if restored else 1)
+    optimized = _ort_outputs(exported.model, feeds, None if restored else 1, optimize=True)
+    original = _ort_outputs(prepared.original, feeds, 1)
+    outputs = fidelity(compressed, original, names)
+    classifier = fake_quant[0].ndim == 2 and fake_quant[0].shape[1] > 1
+    quality = {
+        "held_out_samples": len(held),
+        "dynamic_batch_restored": restored,
+        "fake_quant_top1_agreement": (float((compressed[0].argmax(1) == fake_quant[0].argmax(1)).mean())
+                                      if classifier else None),
+        "accuracy_before": _top1(original, held.labels),
+        "accuracy_after": _top1(compressed, held.labels),
+        "accuracy_after_ort_optimized": _top1(optimized, held.labels),
+        "top1_agreement_with_original": (float((compressed[0].argmax(1) == original[0].argmax(1)).mean())
+                                         if classifier else None),
+        "outputs_vs_original": [asdict(f) for f in outputs],
+    }
+    return exported, gate_report, quality
+
+
+def _report(prepared, space, plan, exported, gate_report, quality, timer, config, history, dry) -> dict:
+    from cost_models import available_cost_models
+
+    names = available_cost_models()
+    before = space.costs(space.baseline_plan(), names)
+    after = space.costs(plan, list(before))
+    fp32_weight_bytes = sum(4 * layer.params for layer in prepared.analysis.layers)
+    return {
+        "model": prepared.source,
+        "plan_model_sha256": plan.model_sha256,
+        "versions": _versions(),
+        "strategy": config.strategy,
+        "config": {k: v for k, v in asdict(config).items()},
+        "layers": {
+            name: {"channels_before": b, "channels_after": a, "bits": exported.layer_bits.get(name, {})}
+            for name, (b, a) in exported.layer_channels.items()
+        },
+        "groups_pruned": {g: len(ch) for g, ch in exported.removal.items()},
+        "cost_before_8bit": before,
+        "cost_after": after,
+        "file": _file_accounting(exported, fp32_weight_bytes),
+        "quality": quality,
+        "gate": gate_report.to_json(),
+        "dry_run": dry,
+        "history": history,
+        "seconds": timer.seconds,
+    }
+
+
+def _file_accounting(exported, fp32_weight_bytes: int) -> dict:
+    """File size vs the `size` cost model: the packed integer weights must match the model's
+    prediction within 5%; the rest is a fixed overhead (per-channel scales and zero points,
+    Gather indices of mixed-width layers, FP32 biases, graph structure and names)."""
+    layers = exported.qdq.layers.values()
+    packed = sum(layer.weight_bytes for layer in layers)
+    predicted = exported.qdq.predicted_bytes
+    total = exported.model.ByteSize()
+    return {
+        "bytes": total,
+        "packed_weight_bytes": packed,
+        "size_model_bytes": predicted,
+        "prediction_error": (packed - predicted) / predicted if predicted else 0.0,
+        "overhead_bytes": total - packed,
+        "scale_zero_point_index_bytes": sum(l.scale_bytes + l.zero_point_bytes + l.index_bytes for l in layers),
+        "graph_bytes": exported.qdq.other_bytes,
+        "fp32_weight_bytes": fp32_weight_bytes,
+    }
+
+
+def summary_table(report: dict) -> str:
+    """Before/after table for the CLI."""
+    b, a, q = report["cost_before_8bit"], report["cost_after"], report["quality"]
+    rows = []
+    if "size" in b and "size" in a:
+        rows.append(("size (weights, 8-bit = before)", f"{b['size'] / 8:,.0f} B", f"{a['size'] / 8:,.0f} B"))
+    if "bops" in b and "bops" in a:
+        rows.append(("BOPs", f"{b['bops']:.3g}", f"{a['bops']:.3g}"))
+    if "mpic" in b and "mpic" in a:
+        rows.append(("mpic latency (cycles)", f"{b['mpic']:.3g}", f"{a['mpic']:.3g}"))
+    if q.get("accuracy_before") is not None:
+        rows.append(("accuracy (held out)", f"{100 * q['accuracy_before']:.2f}%", f"{100 * q['accuracy_after']:.2f}%"))
+    if q.get("top1_agreement_with_original") is not None:
+        rows.append(("top-1 agreement with original", "100%", f"{100 * q['top1_agreement_with_original']:.2f}%"))
+    for out in q.get("outputs_vs_original", []):
+        sqnr = out.get("sqnr_db")
+        if sqnr is not None:
+            rows.append((f"output {out['name'][:24]} SQNR vs original", "inf dB", f"{sqnr:.1f} dB"))
+    if "file" in report:
+        rows.append(("file", f"{report['file']['fp32_weight_bytes']:,} B fp32 weights",
+                     f"{report['file']['bytes']:,} B"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':<{width}}  {'before':>22}  {'after':>22}"]
+    lines += [f"{name:<{width}}  {x:>22}  {y:>22}" for name, x, y in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- apply a plan
+
+
+def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.PathLike, *,
+               output: str | None = None, input_shapes: dict[str, list[int]] | None = None,
+               data: Any = None, labels: Any = None, progress: bool = True,
+               min_top1_agreement: float = 99.0, seed: int = 0) -> ApplyResult:
+    """Apply a saved plan to ``model`` without searching or training: remove its pruned channels
+    and quantize with its bit-widths and clips. Weight scales are recomputed from the weights
+    being exported (a plan's scales belong to the weights it was fine-tuned with). The model
+    passes the gate (against the fake-quantized torch model of the same plan, on ``data`` or on
+    random inputs) and is written with NAME.plan.json and NAME.report.json, atomically."""
+    from graph_passes.digest import model_digest
+    from graph_passes.prepare import prepare_model
+
+    from .space import SearchSpace
+
+    source_plan = plan if isinstance(plan, (str, os.PathLike)) else None
+    plan = CompressionPlan.load(plan) if not isinstance(plan, CompressionPlan) else plan
+    if output is not None:
+        check_output_path(output)
+        check_output_not_input(output, model=model, plan=source_plan, data=data, labels=labels)
+    timer = _Timer()
+    with timer.phase("prepare"):
+        prepared = prepare_model(model, input_shapes or {})
+        plan.check_model_hash(model_digest(prepared.original))
+    space = SearchSpace(prepared.analysis, _plan_precisions(plan), model_sha256=plan.model_sha256)
+    layer_bits = {name: lp.bits for name, lp in plan.layers.items()}
+    missing = sorted(set(space.layers) - set(layer_bits))
+    if missing:
+        from graph_passes.errors import PlanError
+
+        raise PlanError(f"the plan has no entry for layer {missing[0]!r}; it was made for another model")
+    scales = space.scales(layer_bits)
+    layers = {name: LayerPlan(lp.bits, scales.get(name)) for name, lp in plan.layers.items()}
+    plan = space.with_costs(CompressionPlan(plan.model_sha256, plan.groups, layers, plan.activations,
+                                            metadata={**plan.metadata, "applied_by": "export --plan",
+                                                      "versions": _versions()}))
+    if data is not None:
+        dataset = data if isinstance(data, Dataset) else load_dataset(data, input_specs(prepared.model), labels)
+        held = dataset
+    else:
+        held = _random_inputs(prepared.model, 16, seed)
+    with torch_threads(None, sum(layer.macs for layer in prepared.analysis.layers)):
+        from .engine.config import SearchConfig
+        from .strategies.problem import _check_batching
+
+        config = SearchConfig(weight_precisions=space.precisions.weights,
+                              activation_precisions=space.precisions.activations, progress=progress)
+        from .engine.fakequant import FakeQuantModel
+
+        with timer.phase("bridge"):
+            engine = FakeQuantModel.build(prepared.model, config, space=space)
+            _check_batching(engine, held, config)
+            engine.freeze(plan)
+        with timer.phase("export"):
+            exported, gate_report, quality = _export_and_gate(prepared, engine, plan, held, min_top1_agreement)
+    report = _report(prepared, space, plan, exported, gate_report, quality, timer,
+                     CompressConfig(strategy="plan", progress=progress), [], None)
+    report["plan_source"] = str(source_plan) if source_plan is not None else None
+    report["held_out_source"] = held.source
+    if output is not None:
+        with timer.phase("write"):
+            files = {"plan.json": plan.to_json(), "report.json": json.dumps(report, indent=2, default=str)}
+            write_outputs(output, exported.model, _sidecars(output, files))
+        report["seconds"] = timer.seconds
+    return ApplyResult(exported.model, plan, report, output)
+
+
+def _plan_precisions(plan: CompressionPlan) -> Precisions:
+    weights = sorted({b for lp in plan.layers.values() for b in lp.bits} | {0})
+    acts = sorted({ap.bits for ap in plan.activations.values()}) or [8]
+    if weights == [0]:
+        weights = [0, 8]
+    return Precisions(tuple(weights), tuple(acts))
+
+
+__all__ = ["ApplyResult", "CompressConfig", "CompressResult", "apply_plan", "compress", "evaluate",
+           "summary_table"]

@@ -1,0 +1,357 @@
+"""FakeQuantModel: the bridged torch module with a fake quantizer on every weight layer and
+activation site, keyed by the analysis' groups and sites. It freezes *any* plan and runs
+calibration, QAT (``plugin.engine.training``) and evaluation; it has no architecture logits and
+no temperature (the DNAS supernet, ``plugin.engine.supernet``, adds those for the gradient search).
+
+Weights: every weight layer's weight gets a quantizer parametrization (one bit-width per output
+channel, 0 = pruned: zero). Biases are gated by the kept mask, so a pruned channel outputs
+exactly zero. Activations: one quantizer per activation site (a tensor read by weight layers),
+applied by forward pre-hooks on the consumer modules; all consumers of a site share it. Only the
+weight layers' inputs are quantized: the exporter puts the site's Q/DQ on those edges. Once a
+plan is frozen, a site also zeroes the positions of pruned channels, which is exactly what
+structural pruning computes (the channel-group oracle).
+
+The channel bookkeeping (which output channel, input position and site position belongs to which
+group channel) is the search space's (``plugin.space``), shared with every strategy.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from graph_passes.channel_groups import ChannelAnalysis, analyse
+from graph_passes.errors import PlanError
+from plugin.bridge import BridgedModel, check_parity, convert
+from plugin.engine.config import SearchConfig
+from plugin.engine.quantizers import (
+    FrozenActivationQuantizer,
+    FrozenWeightQuantizer,
+    net_parameters as _net_parameters,
+)
+from plugin.engine.training import iterate_batches
+from plugin.plan import CompressionPlan, sha256_hex
+from plugin.space import LayerInfo, Precisions, SearchSpace
+
+logger = logging.getLogger(__name__)
+
+_CALIB_QUANTILE = 0.999
+_CALIB_MAX_ELEMENTS = 1 << 20
+
+
+class _BiasGate(nn.Module):
+    """Bias parametrization: ``b * kept`` once frozen; in a search ``b * (1 - theta_0)``."""
+
+    def __init__(self, quantizer: nn.Module) -> None:
+        super().__init__()
+        self._quantizer = [quantizer]  # a list: not registered twice
+
+    def forward(self, bias: Tensor) -> Tensor:
+        q = self._quantizer[0]
+        if q.frozen_bits is not None:
+            return bias * (q.frozen_bits != 0).to(bias.dtype).reshape(bias.shape)
+        if 0 not in q.precisions:
+            return bias
+        return bias * (1 - q.theta()[q.precisions.index(0)]).to(bias.dtype).reshape(bias.shape)
+
+
+class SiteQuantizer(nn.Module):
+    """The quantizer of one activation site plus, once frozen, the mask of kept channels."""
+
+    def __init__(self, tensor: str, quantizer: nn.Module, axis: int | None) -> None:
+        super().__init__()
+        self.tensor = tensor
+        self.quantizer = quantizer
+        self.axis = axis
+        self.register_buffer("mask", None, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.quantizer(x)
+        if self.mask is not None and self.axis is not None:
+            shape = [1] * y.ndim
+            shape[self.axis % y.ndim] = -1
+            y = y * self.mask.to(y.dtype).reshape(shape)
+        return y
+
+
+@dataclass
+class WrappedLayer:
+    info: LayerInfo
+    quantizer: nn.Module
+    owner: str
+    weight_attr: str
+    bias_attr: str | None
+    fold_factor: Tensor | None = None
+
+
+class FakeQuantModel(nn.Module):
+    """A bridged model with fake quantizers; freezes any :class:`CompressionPlan`.
+
+    ``bridged.module`` is modified in place (parametrizations and hooks); a deep copy taken
+    before that is kept as the distillation teacher. Build with :meth:`build` from a normalised
+    ONNX model, or directly from a space and a bridged model. Starts as all-8-bit, nothing pruned.
+    """
+
+    def __init__(self, model: onnx.ModelProto, space: SearchSpace, bridged: BridgedModel,
+                 config: SearchConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or SearchConfig()
+        self.space = space
+        self.model_sha256 = space.model_sha256
+        self.analysis: ChannelAnalysis = space.analysis
+        self.bridged = bridged
+        self._teacher = [copy.deepcopy(bridged.module).eval()]
+        self.net = bridged.module.eval()
+        self.input_names = [i.name for i in model.graph.input
+                            if i.name not in {t.name for t in model.graph.initializer}]
+        self.map = space.map
+        self._before_wrapping()
+        self._layers = {info.name: self._wrap_layer(info) for info in self.map.layers}
+        self.sites = nn.ModuleDict()
+        self._site_key: dict[str, str] = {}
+        self._hooks: list[tuple[str, SiteQuantizer, Any]] = []
+        self._wrap_sites()
+        self.calibrated = self.config.init_clip is not None
+        self._after_wrapping()
+        logger.info("%s: %d layers, %d activation sites", type(self).__name__, len(self._layers), len(self.sites))
+
+    @classmethod
+    def build(cls, model: onnx.ModelProto, config: SearchConfig | None = None, *,
+              model_sha256: str | None = None, analysis: ChannelAnalysis | None = None,
+              space: SearchSpace | None = None) -> FakeQuantModel:
+        """Analyse (unless given), bridge and parity-check a *normalised* model, then wrap it."""
+        config = config or SearchConfig()
+        if space is None:
+            analysis = analysis or analyse(model)
+            space = SearchSpace(analysis, Precisions(config.weight_precisions, config.site_precisions),
+                                model_sha256=model_sha256 or sha256_hex(model.SerializeToString()))
+        bridged = convert(model)
+        check_parity(model, bridged)
+        return cls(model, space, bridged, config)
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def _before_wrapping(self) -> None:
+        """Called before the quantizers are made (the supernet creates its logits here)."""
+
+    def _after_wrapping(self) -> None:
+        """Called once every quantizer is in place."""
+
+    def _weight_quantizer(self, info: LayerInfo, ch_axis: int) -> nn.Module:
+        return FrozenWeightQuantizer(info.layer.out_channels, ch_axis=ch_axis)
+
+    def _site_quantizer(self, signed: bool, init_clip: float) -> nn.Module:
+        return FrozenActivationQuantizer(max(self.space.precisions.activations), signed=signed, init_clip=init_clip)
+
+    def _on_freeze(self, entry: WrappedLayer) -> None:
+        """Called for a layer that is about to be frozen for the first time."""
+
+    # ------------------------------------------------------------------ wrapping
+
+    def _param_owner(self, initializer: str, layer: str) -> tuple[str, str]:
+        qualified = self.bridged.param_map.get(initializer)
+        params = dict(self.net.named_parameters())
+        if qualified is None or qualified not in params:
+            raise PlanError(f"layer {layer!r}: initializer {initializer!r} is not a trainable torch "
+                            "parameter after bridging; this layer cannot be searched")
+        owner, _, attr = qualified.rpartition(".")
+        return owner, attr
+
+    def _wrap_layer(self, info: LayerInfo) -> WrappedLayer:
+        layer = info.layer
+        owner, attr = self._param_owner(layer.weight, layer.name)
+        module = self.net.get_submodule(owner)
+        ch_axis = layer.weight_out_axis
+        if ch_axis != 0 and layer.groups != 1:
+            raise PlanError(f"layer {layer.name!r}: grouped ConvTranspose is not supported by the search")
+        quantizer = self._weight_quantizer(info, ch_axis)
+        parametrize.register_parametrization(module, attr, quantizer)
+        bias_attr = None
+        if layer.bias is not None and layer.bias in self.bridged.param_map:
+            bias_owner, bias_attr = self._param_owner(layer.bias, layer.name)
+            if bias_owner != owner:
+                raise PlanError(f"layer {layer.name!r}: weight and bias live in different modules")
+            parametrize.register_parametrization(module, bias_attr, _BiasGate(quantizer))
+        return WrappedLayer(info, quantizer, owner, attr, bias_attr)
+
+    def _wrap_sites(self) -> None:
+        init_clip = self.config.init_clip or 6.0
+        for index, site in enumerate(self.analysis.sites):
+            key = f"a{index}"
+            quantizer = self._site_quantizer(not site.non_negative, init_clip)
+            layout = self.analysis.layouts.get(site.tensor)
+            self.sites[key] = SiteQuantizer(site.tensor, quantizer, None if layout is None else layout.axis)
+            self._site_key[site.tensor] = key
+            for consumer in site.consumers:
+                if consumer in self._layers:
+                    self._hook(self._layers[consumer].owner, self.sites[key])
+
+    def _hook(self, owner: str, site: SiteQuantizer) -> None:
+        def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (site(args[0]), *args[1:])
+
+        handle = self.net.get_submodule(owner).register_forward_pre_hook(pre_hook)
+        self._hooks.append((owner, site, handle))
+
+    def _raw(self, entry: WrappedLayer, attr: str) -> Tensor:
+        return self.net.get_submodule(entry.owner).parametrizations[attr].original
+
+    # ------------------------------------------------------------------ calibration
+
+    @torch.no_grad()
+    def calibrate(self, data: Any, batch_size: int = 64, max_batches: int = 4) -> dict[str, float]:
+        """Set every activation clip to the 99.9th percentile of |x| under the FP32 teacher
+        (``data``: a Dataset or batches); the space's clips follow. Returns the clips."""
+        teacher = self._teacher_module()
+        device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+        batches = iterate_batches(data, self.input_names, batch_size, 0, device, max_batches)
+        found: dict[str, float] = {}
+        handles = []
+
+        def observe(key: str, x: Tensor) -> None:
+            found[key] = max(found.get(key, 0.0), _quantile(x))
+
+        for owner, site, _ in self._hooks:
+            handles.append(teacher.get_submodule(owner).register_forward_pre_hook(
+                lambda _m, args, key=site.tensor: observe(key, args[0])))
+        try:
+            for inputs, _labels in batches:
+                teacher(*inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for site in self.sites.values():
+            if found.get(site.tensor, 0.0) > 0:
+                site.quantizer.clip.fill_(found[site.tensor])
+        self.calibrated = True
+        self.space.set_clips({k: v for k, v in found.items() if v > 0})
+        logger.info("calibrated %d activation clips", len(found))
+        return found
+
+    def clips(self) -> dict[str, float]:
+        return {site.tensor: max(float(site.quantizer.clip.detach().abs()), 1e-6) for site in self.sites.values()}
+
+    # ------------------------------------------------------------------ running
+
+    def _teacher_module(self) -> nn.Module:
+        teacher = self._teacher[0]
+        device = next((p.device for p in self.net.parameters()), torch.device("cpu"))
+        if next((p.device for p in teacher.parameters()), device) != device:
+            teacher.to(device)
+        return teacher
+
+    def forward(self, *inputs: Tensor) -> Any:
+        return self.net(*inputs)
+
+    @torch.no_grad()
+    def teacher_outputs(self, *inputs: Tensor) -> Any:
+        """Outputs of the original FP32 model (the distillation target)."""
+        return self._teacher_module()(*inputs)
+
+    def net_parameters(self) -> list[nn.Parameter]:
+        return _net_parameters(self)
+
+    # ------------------------------------------------------------------ plans
+
+    def freeze(self, plan: CompressionPlan) -> None:
+        """Fix per-channel weight bits (0 = pruned, raw weights zeroed), activation bits and clips."""
+        kept = {gid: set(g.kept) for gid, g in plan.groups.items()}
+        for entry in self._layers.values():
+            layer_plan = plan.layers.get(entry.info.name)
+            if layer_plan is None:
+                raise PlanError(f"plan has no entry for layer {entry.info.name!r}; it is for another model")
+            if entry.quantizer.frozen_bits is None:
+                self._on_freeze(entry)
+            entry.quantizer.freeze(list(layer_plan.bits))
+        for site in self.sites.values():
+            self._freeze_site(site, plan, kept)
+        logger.info("froze plan: %d layers, %d activation sites", len(self._layers), len(self.sites))
+
+    @torch.no_grad()
+    def _freeze_site(self, site: SiteQuantizer, plan: CompressionPlan, kept: dict[str, set[int]]) -> None:
+        site_plan = plan.activations.get(site.tensor)
+        if site_plan is None:
+            raise PlanError(f"plan has no entry for activation {site.tensor!r}; it is for another model")
+        site.quantizer.freeze(site_plan.bits)
+        site.quantizer.clip.fill_(site_plan.clip)
+        units = self.map.site_units.get(site.tensor)
+        if units is None:
+            site.mask = None
+            return
+        mask = [unit is None or unit[0] not in kept or unit[1] in kept[unit[0]] for unit in units]
+        site.mask = None if all(mask) else torch.tensor(mask, device=site.quantizer.clip.device)
+
+    def frozen_bits(self) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+        """The bits in force: per layer per output channel, per site."""
+        layers = {}
+        for name, entry in self._layers.items():
+            bits = entry.quantizer.frozen_bits
+            if bits is None:
+                raise PlanError("the model is in search mode: freeze a plan first")
+            layers[name] = tuple(int(b) for b in bits.tolist())
+        sites = {s.tensor: int(s.quantizer.frozen_bits) for s in self.sites.values()}
+        return layers, sites
+
+    @torch.no_grad()
+    def weight_scales(self, layer_bits: dict[str, Sequence[int]]) -> dict[str, tuple[float, ...]]:
+        """Per-channel weight scales of the current (e.g. fine-tuned) weights at ``layer_bits``."""
+        from plugin.engine.quantizers import quantize_weight_per_channel
+
+        out = {}
+        for name, bits in layer_bits.items():
+            entry = self._layers[name]
+            weight = self._raw(entry, entry.weight_attr).detach()
+            q = quantize_weight_per_channel(weight, torch.as_tensor(list(bits)), entry.quantizer.ch_axis)
+            out[name] = tuple(float(s) for s in q.scale.cpu())
+        return out
+
+    def frozen_plan(self, metadata: dict[str, Any] | None = None,
+                    cost_models: Sequence[str] | None = None) -> CompressionPlan:
+        """The plan in force, with the current weights' scales and the current clips."""
+        layers, sites = self.frozen_bits()
+        plan = self.space.assemble(layers, sites, scales=self.weight_scales(layers), clips=self.clips(),
+                                   metadata=metadata)
+        return self.space.with_costs(plan, cost_models)
+
+    # ------------------------------------------------------------------ export
+
+    @torch.no_grad()
+    def materialised_bridge(self) -> BridgedModel:
+        """A BridgedModel copy whose parameters hold the effective (fake-quantized, gated)
+        values, with no parametrizations and no hooks: pass it to ``bridge.write_back``."""
+        module = copy.deepcopy(self._teacher[0])
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            owner, _, attr = name.rpartition(".")
+            source = getattr(self.net.get_submodule(owner) if owner else self.net, attr)
+            tensor.copy_(source.detach().to(tensor.device))
+        return BridgedModel(module, dict(self.bridged.param_map), dict(self.bridged.node_map),
+                            dict(self.bridged.layouts))
+
+    # ------------------------------------------------------------------ costs (delegated to the space)
+
+    def cost_of_plan(self, plan: CompressionPlan, name: str | None = None) -> float:
+        return self.space.cost_of_plan(plan, name or self.config.cost_model)
+
+    def cost_before(self, name: str | None = None) -> float:
+        return self.space.cost_before(name or self.config.cost_model)
+
+    def describe_plan(self, plan: CompressionPlan, name: str | None = None) -> str:
+        return self.space.describe_plan(plan, name or self.config.cost_model)
+
+
+def _quantile(x: Tensor) -> float:
+    flat = x.detach().abs().flatten().float()
+    if flat.numel() > _CALIB_MAX_ELEMENTS:
+        flat = flat[:: flat.numel() // _CALIB_MAX_ELEMENTS + 1]
+    return float(torch.quantile(flat, _CALIB_QUANTILE)) if flat.numel() else 0.0
+
+
+__all__ = ["FakeQuantModel", "SiteQuantizer", "WrappedLayer"]

@@ -1,0 +1,483 @@
+"""The DNAS supernet of the gradient search (Motetti et al., arXiv 2407.01054) and its runner.
+
+:class:`Supernet` is a :class:`~plugin.engine.fakequant.FakeQuantModel` whose weight and
+activation quantizers mix precisions under architecture logits: per output channel a logit
+vector over the weight precisions, held in a :class:`SharedAlpha` shared by every layer of the
+channel group (one column per group channel); a layer whose output channels span several groups
+(a depthwise conv over a Concat) ties those groups into one alpha; channels in no group get
+private columns. The 0-bit (pruned) option exists only where every tied group is prunable. Biases
+are gated by the keep probability ``1 - theta_0``. At the start weights and biases are rescaled by
+``1 / sum_{b != 0} theta_b`` (DESIGN), so the initial mixture computes the original function up
+to quantization error. Used by the gradient and sequential strategies.
+
+:class:`SearchRunner` trains it: loss = task loss + lambda * cost, the cost divided by the
+all-8-bit cost (``normalise_cost``) so lambda is unit-free. Weights (and clips, without decay)
+train with Adam, the logits with SGD + momentum; the temperature decays once per epoch. The module
+is kept in eval mode throughout: the ONNX graph has inference semantics (BatchNorm with stored
+statistics, no dropout); gradients flow all the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cost_models import CostInputs, get_cost_model
+from plugin.engine.config import SearchConfig
+from plugin.engine.fakequant import FakeQuantModel, WrappedLayer
+from plugin.engine.quantizers import (
+    SearchableActivationQuantizer,
+    SearchableWeightQuantizer,
+    SharedAlpha,
+    nas_parameters as _nas_parameters,
+    set_temperature as _set_temperature,
+)
+from plugin.engine.training import Batch, count_batches, iterate_batches, task_loss
+from plugin.plan import CompressionPlan
+from plugin.space import LayerInfo
+
+logger = logging.getLogger(__name__)
+
+
+def _fixed_pruned(alpha: SharedAlpha) -> Tensor | None:
+    """Columns forced to 0 bits (:meth:`Supernet.fix_pruned`), or None."""
+    mask = getattr(alpha, "logit_mask", None)
+    if mask is None or 0 not in alpha.precisions:
+        return None
+    widths = [j for j, b in enumerate(alpha.precisions) if b != 0]
+    return torch.isinf(mask[widths]).all(dim=0)
+
+
+class Supernet(FakeQuantModel):
+    """The searchable model: see the module docstring. Public surface (PLiNIO style):
+    :meth:`cost`, :meth:`nas_parameters`, :meth:`net_parameters`, :meth:`set_temperature`,
+    :meth:`discretise`, :meth:`freeze`, :meth:`summary`, :meth:`materialised_bridge`."""
+
+    def _before_wrapping(self) -> None:
+        self.alphas = nn.ModuleList(SharedAlpha(a.precisions, a.n_columns) for a in self.map.alphas)
+        self._temperature = float(self.config.temperature)
+
+    def _weight_quantizer(self, info: LayerInfo, ch_axis: int) -> nn.Module:
+        alpha = self.alphas[info.alpha_index]
+        return SearchableWeightQuantizer(
+            info.layer.out_channels, alpha.precisions, ch_axis=ch_axis, alpha=alpha,
+            channel_to_group_index=torch.as_tensor(info.columns), temperature=self._temperature)
+
+    def _site_quantizer(self, signed: bool, init_clip: float) -> nn.Module:
+        return SearchableActivationQuantizer(self.config.site_precisions, signed=signed, init_clip=init_clip,
+                                             temperature=self._temperature)
+
+    def _after_wrapping(self) -> None:
+        if self.config.prune_init > 0:
+            self._init_prune_logits(self.config.prune_init)
+        self._rescale_initial()
+        self.set_temperature(self._temperature)
+
+    def _on_freeze(self, entry: WrappedLayer) -> None:
+        self._fold_keep_mass(entry)
+
+    @torch.no_grad()
+    def fix_pruned(self, kept: dict[str, Sequence[int]]) -> None:
+        """Fix group channels: those not in ``kept[group]`` pruned (0 bits) for good, the kept
+        ones never pruned (the second stage of the sequential strategy searches widths only)."""
+        self._rescale_initial(inverse=True)  # the start must be the function under the new logits
+        for unit in self.map.units.values():
+            if unit.group_id is None or unit.group_id not in kept:
+                continue
+            alpha = self.alphas[unit.alpha_index]
+            if 0 not in alpha.precisions:
+                if len(set(kept[unit.group_id])) < unit.size:
+                    raise ValueError(f"group {unit.group_id}: cannot fix pruned channels without a 0-bit option")
+                continue
+            keep = set(int(c) for c in kept[unit.group_id])
+            pruned = [unit.offset + c for c in range(unit.size) if c not in keep]
+            kept_cols = [unit.offset + c for c in range(unit.size) if c in keep]
+            if pruned:
+                alpha.fix_columns(pruned, 0)
+            if kept_cols:
+                alpha.forbid(kept_cols, 0)
+        self._rescale_initial()
+
+    @torch.no_grad()
+    def _init_prune_logits(self, strength: float) -> None:
+        """Break the symmetry between the channels of a group before the search starts.
+
+        With equal initial logits the channels of a group get the same cost gradient and tend
+        to cross the pruning threshold together. Here each column's 0-bit logit starts at
+        ``strength * (1 - r)`` (clipped to [-strength, strength]), ``r`` being the column's mean
+        |W| relative to its layer's mean (averaged over the group's layers; BatchNorm is already
+        folded, so this is the network-slimming criterion): weak channels start likelier to be
+        pruned, strong ones less. Weights are rescaled afterwards, so the expected effective
+        weights still equal the FP32 ones at the start.
+        """
+        sums = [torch.zeros(a.n_columns) for a in self.map.alphas]
+        counts = [torch.zeros(a.n_columns) for a in self.map.alphas]
+        for entry in self._layers.values():
+            index = entry.info.alpha_index
+            if 0 not in self.map.alphas[index].precisions:
+                continue
+            module = self.net.get_submodule(entry.owner)
+            weight = module.parametrizations[entry.weight_attr].original.detach().float().cpu()
+            axis = entry.quantizer.ch_axis
+            norms = weight.abs().movedim(axis, 0).reshape(weight.shape[axis], -1).mean(dim=1)
+            mean = norms.mean()
+            if not torch.isfinite(mean) or mean <= 0:
+                continue
+            columns = torch.as_tensor(entry.info.columns)
+            sums[index].index_add_(0, columns, norms / mean)
+            counts[index].index_add_(0, columns, torch.ones(len(columns)))
+        for index, alpha in enumerate(self.alphas):
+            if 0 not in alpha.precisions or not bool((counts[index] > 0).any()):
+                continue
+            rel = torch.where(counts[index] > 0, sums[index] / counts[index].clamp_min(1), torch.ones(1))
+            zero = alpha.precisions.index(0)
+            alpha.alpha[zero] += (strength * (1 - rel)).clamp(-strength, strength).to(alpha.alpha.dtype)
+
+    @torch.no_grad()
+    def _rescale_initial(self, inverse: bool = False) -> None:
+        """Scale raw weights and biases by ``1 / sum_{b != 0} theta_b`` per channel (``inverse``:
+        undo the last such scaling)."""
+        seen: set[int] = set()
+        if not inverse:
+            self._initial_factors: dict[str, Tensor] = {}
+        for entry in self._layers.values():
+            module = self.net.get_submodule(entry.owner)
+            weight = module.parametrizations[entry.weight_attr].original
+            if id(weight) in seen:
+                if not inverse:
+                    logger.warning("layer %s shares its weight with another layer; rescaled once", entry.info.name)
+                continue
+            seen.add(id(weight))
+            if inverse:
+                factor = 1.0 / self._initial_factors[entry.info.name]
+            else:
+                factor = entry.quantizer.rescale_factor()
+                self._initial_factors[entry.info.name] = factor
+            shape = [1] * weight.ndim
+            shape[entry.quantizer.ch_axis % weight.ndim] = -1
+            weight.mul_(factor.to(weight.dtype).reshape(shape))
+            if entry.bias_attr is not None:
+                bias = module.parametrizations[entry.bias_attr].original
+                bias.mul_(factor.to(bias.dtype).reshape(bias.shape))
+
+    def nas_parameters(self) -> list[nn.Parameter]:
+        return _nas_parameters(self)
+
+    def set_temperature(self, temperature: float) -> None:
+        self._temperature = float(temperature)
+        _set_temperature(self, temperature)
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    def thetas(self) -> list[Tensor]:
+        return [alpha.theta(self._temperature) for alpha in self.alphas]
+
+    # ------------------------------------------------------------------ cost
+
+    def prune_probabilities(self) -> list[float]:
+        """theta_0 of every prunable column (the candidate prune thresholds of the budget)."""
+        out: list[float] = []
+        for alpha, theta in zip(self.alphas, self.thetas()):
+            if 0 in alpha.precisions:
+                values = theta[alpha.precisions.index(0)].detach().cpu()
+                fixed = _fixed_pruned(alpha)
+                out.extend((values if fixed is None else values[~fixed.cpu()]).tolist())
+        return out
+
+    def _keep_probabilities(self) -> list[Tensor]:
+        out = []
+        for alpha, theta in zip(self.alphas, self.thetas()):
+            zero = alpha.precisions.index(0) if 0 in alpha.precisions else None
+            out.append(torch.ones_like(theta[0]) if zero is None else 1 - theta[zero])
+        return [k.detach() for k in out]
+
+    def _c_in_eff(self, info: LayerInfo, keep: list[Tensor]) -> Tensor | float:
+        if info.input_index is None:
+            return float(info.spec.c_in)
+        total: Tensor | float = float(info.input_fixed)
+        for alpha_index, columns in info.input_index.items():
+            total = total + keep[alpha_index][torch.as_tensor(columns)].sum()
+        return total
+
+    def cost(self, name: str | None = None) -> Tensor:
+        """Expected cost under theta (differentiable; the cost model's unit, not normalised)."""
+        model = get_cost_model(name or self.config.cost_model)
+        keep = self._keep_probabilities()
+        pairs = []
+        for entry in self._layers.values():
+            site = self.sites[self._site_key[entry.info.layer.input]].quantizer
+            inputs = CostInputs(entry.quantizer.precisions, entry.quantizer.theta(), site.precisions,
+                                site.theta(), self._c_in_eff(entry.info, keep))
+            pairs.append((entry.info.spec, inputs))
+        total = model.total(pairs)
+        return total if isinstance(total, Tensor) else torch.tensor(float(total))
+
+    def _column_bits_argmax(self, prune_threshold: float = 0.5) -> list[Tensor]:
+        """Per alpha, the discrete bit-width per column; a prunable group keeps >= 1 channel.
+
+        ``keep_first`` (default): prune a column when ``theta_0 > 1/2`` (pruning likelier than
+        keeping at any width), else take its most likely non-zero width, so the plan keeps about
+        ``C_out_eff`` channels. ``argmax``: the plain argmax of the paper, which prunes a column
+        whose theta_0 merely beats each width on its own (e.g. 0.3 vs 0.25/0.25/0.2).
+        """
+        out = []
+        for alpha, theta in zip(self.alphas, self.thetas()):
+            theta = theta.detach().cpu()
+            precisions = torch.tensor(alpha.precisions)
+            bits = precisions[theta.argmax(dim=0)]
+            if 0 in alpha.precisions and self.config.discretisation == "keep_first":
+                zero = alpha.precisions.index(0)
+                widths = theta.clone()
+                widths[zero] = -1.0
+                bits = torch.where(theta[zero] > prune_threshold, 0, precisions[widths.argmax(dim=0)])
+            if 0 in alpha.precisions:
+                fixed = _fixed_pruned(alpha)
+                if fixed is not None:
+                    bits[fixed] = 0
+                self._keep_one_per_unit(alpha_index=len(out), theta=theta, bits=bits, precisions=precisions)
+            out.append(bits)
+        return out
+
+    def _keep_one_per_unit(self, alpha_index: int, theta: Tensor, bits: Tensor, precisions: Tensor) -> None:
+        """Each group keeps at least round(C_out_eff) of its channels (and at least one).
+
+        Thresholding theta_0 channel by channel can empty a group whose channels all sit just
+        above the threshold (measured: a stage feeding a pool and a linear layer, theta_0 = 0.65
+        on every channel, pruned to one channel, accuracy 11%), while the search's expected cost
+        counted C_out_eff = sum_c (1 - theta_0) channels. Channels are given back in order of
+        their keep probability, at their most likely non-zero width.
+        """
+        zero = int((precisions == 0).nonzero()[0])
+        for unit in self.map.units.values():
+            if unit.alpha_index != alpha_index:
+                continue
+            cols = torch.arange(unit.offset, unit.offset + unit.size)
+            keep_prob = 1 - theta[zero, cols]
+            need = max(1, int(round(float(keep_prob.sum()))))
+            kept = int((bits[cols] != 0).sum())
+            if kept >= need:
+                continue
+            pruned = cols[bits[cols] == 0]
+            order = pruned[torch.argsort(keep_prob[pruned - unit.offset], descending=True)]
+            for col in order[: need - kept].tolist():
+                masked = theta[:, col].clone()
+                masked[zero] = -1.0
+                bits[col] = precisions[int(masked.argmax())]
+            logger.debug("group %s: kept %d channels (C_out_eff %.1f) instead of %d", unit.key, need,
+                         float(keep_prob.sum()), kept)
+
+    def _plan_from_column_bits(self, column_bits: list[Tensor], site_bits: dict[str, int],
+                               metadata: dict[str, Any] | None, with_scales: bool = True) -> CompressionPlan:
+        """A plan without costs: per-layer bits read off the columns, assembled by the space."""
+        layers = {}
+        for entry in self._layers.values():
+            info = entry.info
+            layers[info.name] = tuple(int(b) for b in column_bits[info.alpha_index][torch.as_tensor(info.columns)])
+        scales = self.weight_scales(layers) if with_scales else None
+        return self.space.assemble(layers, site_bits, scales=scales, clips=self.clips(), metadata=metadata)
+
+    def discretise(self, metadata: dict[str, Any] | None = None, cost_models: Sequence[str] | None = None,
+                   prune_threshold: float = 0.5, with_scales: bool = True) -> CompressionPlan:
+        """The discrete plan (frozen bits where frozen); costs under ``cost_models`` (default all).
+
+        With ``keep_first`` discretisation a column is pruned when ``theta_0 > prune_threshold``.
+        ``with_scales=False`` leaves the weight scales out (a cheaper plan for cost checks).
+        """
+        column_bits = self._column_bits_argmax(prune_threshold)
+        for entry in self._layers.values():
+            if entry.quantizer.frozen_bits is not None:
+                columns = torch.as_tensor(entry.info.columns)
+                column_bits[entry.info.alpha_index][columns] = entry.quantizer.frozen_bits.cpu()
+        site_bits = {s.tensor: s.quantizer.frozen_bits or s.quantizer.argmax_bits() for s in self.sites.values()}
+        plan = self._plan_from_column_bits(column_bits, site_bits, metadata, with_scales)
+        return self.space.with_costs(plan, cost_models)
+
+    def uniform_plan(self, bits: int, cost_models: Sequence[str] | None = None) -> CompressionPlan:
+        """Every weight and activation at ``bits``, nothing pruned, scales of the current weights."""
+        layers = {name: (int(bits),) * len(entry.info.columns) for name, entry in self._layers.items()}
+        sites = {s.tensor: int(bits) for s in self.sites.values()}
+        plan = self.space.assemble(layers, sites, scales=self.weight_scales(layers), clips=self.clips(),
+                                   metadata={"strategy": f"uniform-{bits}"})
+        return self.space.with_costs(plan, cost_models)
+
+    def minimal_plan(self, cost_models: Sequence[str] | None = None) -> CompressionPlan:
+        """The cheapest plan the search can reach: one channel per prunable group, lowest bits."""
+        return self.space.minimal_plan(cost_models)
+
+    @torch.no_grad()
+    def _fold_keep_mass(self, entry: WrappedLayer, inverse: bool = False) -> None:
+        """Scale raw weight and bias per channel by ``sum_{b != 0} theta_b`` (the undo of the
+        initial rescale): the mixture computes about ``(1 - theta_0) * W``, so the frozen layer
+        then computes what the search computed. ``inverse`` undoes it (unfreeze)."""
+        if inverse:
+            factor = entry.fold_factor
+        else:
+            factor = 1.0 / entry.quantizer.rescale_factor()
+            entry.fold_factor = factor
+        factor = factor if not inverse else 1.0 / factor
+        weight = self._raw(entry, entry.weight_attr)
+        shape = [1] * weight.ndim
+        shape[entry.quantizer.ch_axis] = -1
+        weight.mul_(factor.to(weight).reshape(shape))
+        if entry.bias_attr is not None:
+            bias = self._raw(entry, entry.bias_attr)
+            bias.mul_(factor.to(bias).reshape(bias.shape))
+
+    def unfreeze(self) -> None:
+        """Back to search mode (the keep-mass fold of :meth:`freeze` is undone)."""
+        for entry in self._layers.values():
+            if entry.quantizer.frozen_bits is not None and entry.fold_factor is not None:
+                self._fold_keep_mass(entry, inverse=True)
+            entry.quantizer.unfreeze()
+        for site in self.sites.values():
+            site.quantizer.unfreeze()
+            site.mask = None
+
+    def summary(self) -> str:
+        """One line per alpha (expected kept channels, argmax histogram) and per site."""
+        lines = [f"SearchableModel: {len(self._layers)} layers, T={self._temperature:.3f}"]
+        for unit, theta in self._unit_thetas():
+            precisions = self.alphas[unit.alpha_index].precisions
+            argmax = [precisions[i] for i in theta.argmax(dim=0).tolist()]
+            hist = {b: argmax.count(b) for b in precisions}
+            keep = unit.size - (float(theta[precisions.index(0)].sum()) if 0 in precisions else 0.0)
+            lines.append(f"  {unit.key:<24} size {unit.size:4d} kept_eff {keep:7.2f} argmax {hist}")
+        for site in self.sites.values():
+            q = site.quantizer
+            lines.append(f"  act {site.tensor[-40:]:<40} bits {q.frozen_bits or q.argmax_bits()} "
+                         f"clip {float(q.clip.detach()):.3f} {'signed' if q.signed else 'unsigned'}")
+        return "\n".join(lines)
+
+    def _unit_thetas(self) -> Iterable[tuple[Any, Tensor]]:
+        thetas = [t.detach() for t in self.thetas()]
+        for unit in self.map.units.values():
+            yield unit, thetas[unit.alpha_index][:, unit.offset:unit.offset + unit.size]
+
+
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    task_loss: float
+    cost: float
+    lam: float
+    temperature: float
+
+
+@dataclass
+class SearchRunner:
+    """Optimisers and schedule state of one search; :meth:`run_epoch` is one pass over the data.
+
+    ``budget.search_to_budget`` drives it with a changing lambda (warm start across rounds).
+    """
+
+    searchable: Supernet
+    data: Any
+    config: SearchConfig
+    history: list[EpochStats] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from plugin.engine.quantizers import net_param_groups
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device(cfg.device)
+        self.searchable.to(self.device)
+        if cfg.init_clip is None and not self.searchable.calibrated:
+            self.searchable.calibrate(self.data, cfg.batch_size, max_batches=4)
+        self.weight_opt = torch.optim.Adam(net_param_groups(self.searchable, cfg.weight_decay),
+                                           lr=cfg.lr)
+        self.alpha_opt = torch.optim.SGD(self.searchable.nas_parameters(), lr=cfg.alpha_lr,
+                                         momentum=cfg.alpha_momentum)
+        self.temperature = cfg.temperature
+        self.searchable.set_temperature(self.temperature)
+        before = self.searchable.cost_before(cfg.cost_model)
+        self.cost_scale = 1.0 / before if cfg.normalise_cost and before > 0 else 1.0
+
+    def _batches(self, epoch: int, max_steps: int | None = None) -> Iterator[Batch]:
+        cfg = self.config
+        steps = cfg.max_steps_per_epoch if max_steps is None else max_steps
+        return iterate_batches(self.data, self.searchable.input_names, cfg.batch_size,
+                               cfg.seed + epoch, self.device, steps)
+
+    def run_epoch(self, lam: float, should_stop: Callable[[], bool] | None = None,
+                  check_every: int = 1) -> EpochStats:
+        """One epoch at ``lam``, then the temperature decays.
+
+        ``should_stop`` is asked every ``check_every`` steps; True ends the epoch early (the
+        budget controller checks the discretised plan this way).
+        """
+        cfg, model = self.config, self.searchable
+        epoch = len(self.history)
+        total = count_batches(self.data, cfg.batch_size, cfg.max_steps_per_epoch)
+        bar = tqdm(self._batches(epoch), total=total, desc=f"search {epoch + 1}", leave=False,
+                   disable=not cfg.progress)
+        losses, cost_value = [], float("nan")
+        for inputs, labels in bar:
+            teacher = model.teacher_outputs(*inputs) if cfg.task_loss != "cross_entropy" else None
+            loss_task = task_loss(cfg.task_loss, model(*inputs), teacher, labels)
+            cost = model.cost(cfg.cost_model) * self.cost_scale
+            loss = loss_task + lam * cost
+            self.weight_opt.zero_grad(set_to_none=True)
+            self.alpha_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.weight_opt.step()
+            self.alpha_opt.step()
+            losses.append(float(loss_task.detach()))
+            cost_value = float(cost.detach())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", cost=f"{cost_value:.4f}")
+            if should_stop is not None and len(losses) % check_every == 0 and should_stop():
+                bar.close()
+                break
+        stats = EpochStats(epoch + 1, float(np.mean(losses)) if losses else float("nan"), cost_value, lam,
+                           self.temperature)
+        self.history.append(stats)
+        self.temperature *= math.exp(-cfg.temperature_decay)
+        model.set_temperature(self.temperature)
+        logger.info("search epoch %d: task loss %.4f, cost %.4f, lambda %.3g, T %.3f",
+                    stats.epoch, stats.task_loss, stats.cost, lam, stats.temperature)
+        return stats
+
+    def lam_at(self, epoch: int) -> float:
+        """lambda for ``epoch`` (0-based): ramped from lam/100 over the first half if asked."""
+        cfg = self.config
+        half = cfg.epochs / 2
+        if not cfg.lambda_ramp or half <= 0 or epoch >= half:
+            return cfg.lam
+        return cfg.lam / 100 * 100 ** (epoch / half)
+
+    def metadata(self, **extra: Any) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "strategy": "gradient", "cost_model": cfg.cost_model, "normalise_cost": cfg.normalise_cost,
+            "seed": int(cfg.seed), "epochs": len(self.history), "task_loss": cfg.task_loss,
+            "history": [{k: float(v) if isinstance(v, float) else v for k, v in asdict(s).items()}
+                        for s in self.history],
+            **extra,
+        }
+
+
+def run_search(searchable: Supernet, data: Any, config: SearchConfig | None = None) -> CompressionPlan:
+    """Search for ``config.epochs`` epochs at ``config.lam``; returns the discretised plan."""
+    config = config or searchable.config
+    runner = SearchRunner(searchable, data, config)
+    for epoch in range(config.epochs):
+        runner.run_epoch(runner.lam_at(epoch))
+    plan = searchable.discretise(metadata=runner.metadata(**{"lambda": float(config.lam),
+                                                             "lambda_ramp": config.lambda_ramp}))
+    logger.info("search done: %s", searchable.describe_plan(plan, config.cost_model))
+    return plan

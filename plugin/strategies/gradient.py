@@ -1,0 +1,48 @@
+"""``--strategy gradient`` (the default): the joint pruning + channel-wise mixed-precision DNAS
+search of Motetti et al. (arXiv 2407.01054), at one lambda or steered to a ``--target`` budget.
+
+Every weight channel gets logits over ``--weight-bits`` (0 = pruned) and every activation site
+over ``--act-bits``; the loss is the task loss plus lambda times the expected cost. With a target
+the budget controller (``plugin.budget``) raises lambda until the discretised plan meets it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Mapping
+
+from plugin.strategies.base import StrategyOption, StrategyResult
+from plugin.strategies.problem import Problem
+
+logger = logging.getLogger(__name__)
+
+
+class GradientStrategy:
+    name: ClassVar[str] = "gradient"
+    summary: ClassVar[str] = ("joint pruning + per-channel mixed precision by one gradient (DNAS) search "
+                              "(Motetti et al. 2024); --lambda or --target")
+    steerable: ClassVar[bool] = True
+    options: ClassVar[Mapping[str, StrategyOption]] = {
+        "lambda_ramp": StrategyOption("lambda_ramp", bool, False,
+                                      "ramp lambda from lambda/100 over the first half of the search"),
+        "prune_init": StrategyOption("prune_init", float, 0.0,
+                                     "start weak channels likelier to be pruned (0 = off, the paper's start)"),
+        "discretisation": StrategyOption("discretisation", str, "keep_first",
+                                         "keep_first (prune when theta_0 > 1/2) or argmax (the paper's)"),
+    }
+
+    def search(self, problem: Problem, options: Mapping[str, Any]) -> StrategyResult:
+        from plugin.budget import search_to_budget
+        from plugin.engine.supernet import run_search
+
+        config = problem.search_config(lambda_ramp=bool(options["lambda_ramp"]),
+                                       prune_init=float(options["prune_init"]),
+                                       discretisation=str(options["discretisation"]))
+        net = problem.supernet(config)
+        target = problem.settings.target
+        if target:
+            budget = search_to_budget(net, problem.train, target, config)
+            plan, epochs = budget.plan, budget.epochs
+        else:
+            plan, epochs = run_search(net, problem.train, config), config.epochs
+        return StrategyResult(plan, list(plan.metadata.get("history", [])), engine=net, epochs_used=epochs)
