@@ -342,7 +342,7 @@ def _reference_list(reference: Sequence[np.ndarray] | Mapping[str, np.ndarray],
         if missing:
             raise ValueError(f"the reference has no output {missing[0]!r}")
         return [np.asarray(reference[n]) for n in graph_names]
-    ref = [np.asarray(r) for r in reference]
+    ref = [reference] if isinstance(reference, np.ndarray) else [np.asarray(r) for r in reference]
     if len(ref) != len(graph_names):
         raise VerificationError(f"{what} has {len(graph_names)} outputs ({', '.join(labels)}), "
                                 f"the reference {len(ref)}; nothing was written")

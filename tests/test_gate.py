@@ -159,6 +159,8 @@ def test_regression_model_passes():
     report = gate(model, f, outputs_of(model, f), classifier=False)
     assert len(report.plain) == 1 and report.plain[0].shape == [N, 3]
     assert report.plain[0].top1_agreement is None
+    (y,) = outputs_of(model, f)
+    assert gate(model, f, y, classifier=False).plain[0].sqnr_db == math.inf  # one array, one output
 
 
 def test_batch_fixed_to_one_runs_sample_by_sample():
