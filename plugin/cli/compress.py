@@ -128,11 +128,12 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
       gradient    (default) one joint differentiable search of pruning and per-channel
                   bit-widths; follows --lambda or --target (budget), searches --weight-bits
                   and --act-bits for --epochs epochs.
-      uniform     no search: one width for every layer, then QAT; give one non-zero
-                  --weight-bits and one --act-bits width, e.g. --weight-bits 8 --act-bits 8
-                  is W8A8 QAT (--weight-bits 4 --act-bits 8: W4A8).
-      sequential  pruning alone searched to the budget (--target), then mixed precision
-                  (--weight-bits, --act-bits) on the pruned model.
+      uniform     no search, no pruning: one width for every layer, then QAT; give one
+                  non-zero --weight-bits and one --act-bits width, e.g. --weight-bits 8
+                  --act-bits 8 is W8A8 QAT (--weight-bits 4 --act-bits 8: W4A8); no --target.
+      sequential  pruning alone searched to the budget (--target or --lambda) and
+                  fine-tuned, then mixed precision (--weight-bits, --act-bits) on the
+                  pruned model.
 
     \b
     Examples:
