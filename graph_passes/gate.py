@@ -164,15 +164,15 @@ def gate(
     if len(labels) != len(graph_names):
         raise ValueError(f"{len(labels)} names for {len(graph_names)} outputs")
     ref = _reference_list(reference, graph_names, labels, what)
-    sessions = {PLAIN: _session(model, False, what), OPTIMIZED: _session(model, True, what)}
-    n = _samples(feeds)
-    step = batch if batch is not None else static_batch(sessions[PLAIN], n)
-    results = {level: _run(s, feeds, step, level, what) for level, s in sessions.items()}
-    for i, (label, r) in enumerate(zip(labels, ref)):
+    for label, r in zip(labels, ref):
         if np.issubdtype(r.dtype, np.floating) and not np.all(np.isfinite(r)):
             raise VerificationError(
                 f"the reference output {label!r} has NaN or Inf values; cannot verify {what}; "
                 "nothing was written")
+    sessions = {PLAIN: _session(model, False, what), OPTIMIZED: _session(model, True, what)}
+    n = _samples(feeds)
+    step = batch if batch is not None else static_batch(sessions[PLAIN], n)
+    results = {level: _run(s, feeds, step, level, what) for level, s in sessions.items()}
     for level, outs in results.items():
         _check_structure(outs, ref, labels, level, what)
     wanted = _classifier_outputs(classifier, labels, ref)
