@@ -55,6 +55,17 @@ so a regression or detection model's report has a fidelity figure too.
 Batching: a model whose inputs fix the batch dim (say to 1) is run in chunks of that size
 (``batch=None`` detects it; give ``batch`` to force a chunk size).
 
+Use (what ``compress`` / ``export`` do before writing)::
+
+    from graph_passes.gate import fidelity, gate
+    from graph_passes.ort_utils import run_model
+    report = gate(exported, held_feeds, fake_quant_outputs,
+                  classifier={exported.graph.output[0].name} if labels is not None else None)
+    names = [o.name for o in exported.graph.output]
+    figures = fidelity(run_model(exported, held_feeds), run_model(original, held_feeds), names)
+    report_json["gate"] = report.to_json()
+    report_json["fidelity"] = jsonable([dataclasses.asdict(f) for f in figures])
+
 :func:`refusal_of` is a helper for tests: it runs the gate and returns the VerificationError it
 raised (or fails when the gate passed).
 """
@@ -124,7 +135,7 @@ class GateReport:
     thresholds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 def gate(
@@ -376,13 +387,15 @@ def _db(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} dB"
 
 
-def _jsonable(value: object) -> object:
+def jsonable(value: object) -> object:
+    """``value`` (dicts, lists, floats...) with +-inf / NaN as the strings "inf", "-inf", "nan",
+    which strict JSON accepts: e.g. ``jsonable([dataclasses.asdict(f) for f in fidelity(...)])``."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -394,4 +407,4 @@ def _line(exc: BaseException) -> str:
 
 __all__ = ["DEFAULT_MIN_SQNR_DB", "DEFAULT_MIN_SQNR_DB_OPTIMIZED", "DEFAULT_MIN_TOP1",
            "DEFAULT_MIN_TOP1_OPTIMIZED", "GateReport", "OutputFidelity", "fidelity", "gate",
-           "refusal_of", "sqnr_db"]
+           "jsonable", "refusal_of", "sqnr_db"]

@@ -22,7 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_passes.errors import VerificationError
-from graph_passes.gate import fidelity, gate, refusal_of, sqnr_db
+from graph_passes.gate import fidelity, gate, jsonable, refusal_of, sqnr_db
 from graph_passes.ort_utils import make_session, run_batched, run_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -390,3 +390,5 @@ def test_fidelity_edge_cases():
     assert nan.sqnr_db is None and "NaN" in nan.note
     assert ints.element_agreement == 75.0
     assert sqnr_db(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == math.inf
+    text = json.dumps(jsonable([dataclasses.asdict(f) for f in (same, zero_ref)]), allow_nan=False)
+    assert '"sqnr_db": "inf"' in text and '"sqnr_db": "-inf"' in text
