@@ -6,14 +6,14 @@ With s = gamma / sqrt(var + eps) per output channel: W' = W * s and b' = (b - me
 weight, bias and BN parameters to be constant initializers, and the producer's output to feed
 only this BN (not a graph output, not read by a subgraph). A weight or bias initializer that
 something else also reads is never modified: the producer gets a new initializer. BNs that
-cannot be folded stay, and the debug log says why.
+cannot be folded stay, and the debug log says why. How a producer folds the affine into its
+weight and bias is its op rule's knowledge (``WeightOpRule.fold_affine``).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -29,6 +29,7 @@ from .fold_utils import (
     unique_name,
     use_counts,
 )
+from .op_rules import weight_rule
 from .passes import Pass
 
 logger = logging.getLogger(__name__)
@@ -70,9 +71,6 @@ class _FoldContext:
         node.input[index] = name
 
 
-_Folder = Callable[[onnx.NodeProto, _ChannelAffine, _FoldContext], str | None]
-
-
 class FoldBatchNormPass(Pass):
     """Fold BatchNormalization into the producing Conv (any group), ConvTranspose or Gemm."""
 
@@ -111,15 +109,24 @@ def _fold(bn: onnx.NodeProto, producer: onnx.NodeProto | None, ctx: _FoldContext
         return affine
     if producer is None or not is_default_domain(producer):
         return "its input is not produced by a default-domain node of the main graph"
-    folder = _FOLDERS.get(producer.op_type)
-    if folder is None:
+    rule = weight_rule(producer)
+    if rule is None or not rule.folds_batchnorm:
         return f"producer {producer.name} is a {producer.op_type}, not Conv/ConvTranspose/Gemm"
     if ctx.uses.get(producer.output[0], 0) != 1:
         return f"the output of {producer.name} has other uses (or is a graph output)"
     params = [i for i in producer.input[1:3] if i]
     if not all(p in ctx.consts for p in params):
         return f"weight or bias of {producer.name} is not a constant initializer"
-    return folder(producer, affine, ctx)
+    has_bias = len(producer.input) > 2 and producer.input[2]
+    fold = rule.fold_affine(producer, ctx.array(producer.input[1]),
+                            ctx.array(producer.input[2]) if has_bias else None, affine.scale, affine.shift)
+    if isinstance(fold, str):
+        return fold
+    ctx.set_input(producer, 1, fold.weight, producer.input[1])
+    ctx.set_input(producer, 2, fold.bias, f"{producer.name or producer.output[0]}_bias")
+    for name, value in fold.attributes.items():
+        _set_attribute(producer, name, value)
+    return None
 
 
 def _bn_affine(bn: onnx.NodeProto, ctx: _FoldContext) -> _ChannelAffine | str:
@@ -135,71 +142,7 @@ def _bn_affine(bn: onnx.NodeProto, ctx: _FoldContext) -> _ChannelAffine | str:
     return _ChannelAffine(scale, beta - mean * scale)
 
 
-def _float_weight(node: onnx.NodeProto, ctx: _FoldContext) -> np.ndarray | None:
-    weight = ctx.array(node.input[1])
-    return weight if np.issubdtype(weight.dtype, np.floating) else None
-
-
-def _new_bias(node: onnx.NodeProto, affine: _ChannelAffine, ctx: _FoldContext,
-              index: int, dtype: np.dtype) -> None:
-    has_bias = len(node.input) > index and node.input[index]
-    bias = ctx.array(node.input[index]).astype(np.float64) if has_bias else 0.0
-    ctx.set_input(node, index, (bias * affine.scale + affine.shift).astype(dtype),
-                  f"{node.name or node.output[0]}_bias")
-
-
-def _fold_conv(node: onnx.NodeProto, affine: _ChannelAffine, ctx: _FoldContext) -> str | None:
-    weight = _float_weight(node, ctx)
-    if weight is None or weight.ndim < 2 or weight.shape[0] != affine.scale.size:
-        return f"weight of {node.name} is not a float tensor with {affine.scale.size} outputs"
-    shape = (-1,) + (1,) * (weight.ndim - 1)
-    new_weight = weight.astype(np.float64) * affine.scale.reshape(shape)
-    ctx.set_input(node, 1, new_weight.astype(weight.dtype), node.input[1])
-    _new_bias(node, affine, ctx, 2, weight.dtype)
-    return None
-
-
-def _fold_conv_transpose(
-    node: onnx.NodeProto, affine: _ChannelAffine, ctx: _FoldContext
-) -> str | None:
-    weight = _float_weight(node, ctx)
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    if weight is None or weight.ndim < 2 or weight.shape[1] * group != affine.scale.size:
-        return f"weight of {node.name} does not match {affine.scale.size} output channels"
-    per_group = weight.reshape((group, -1) + weight.shape[1:]).astype(np.float64)
-    scale = affine.scale.reshape((group, 1, -1) + (1,) * (weight.ndim - 2))
-    new_weight = (per_group * scale).reshape(weight.shape)
-    ctx.set_input(node, 1, new_weight.astype(weight.dtype), node.input[1])
-    _new_bias(node, affine, ctx, 2, weight.dtype)
-    return None
-
-
-def _fold_gemm(node: onnx.NodeProto, affine: _ChannelAffine, ctx: _FoldContext) -> str | None:
-    weight = _float_weight(node, ctx)
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    axis = 0 if attrs.get("transB", 0) else 1
-    if weight is None or weight.ndim != 2 or weight.shape[axis] != affine.scale.size:
-        return f"weight of {node.name} does not have {affine.scale.size} output columns"
-    scale = affine.scale.reshape((-1, 1) if axis == 0 else (1, -1))
-    ctx.set_input(node, 1, (weight.astype(np.float64) * scale).astype(weight.dtype), node.input[1])
-    beta = float(attrs.get("beta", 1.0))
-    has_c = len(node.input) > 2 and node.input[2]
-    c = beta * ctx.array(node.input[2]).astype(np.float64) if has_c else np.zeros(1)
-    c = np.broadcast_to(c, np.broadcast_shapes(c.shape, (affine.scale.size,)))
-    ctx.set_input(node, 2, (c * affine.scale + affine.shift).astype(weight.dtype),
-                  f"{node.name or node.output[0]}_bias")
-    _set_attribute(node, "beta", 1.0)
-    return None
-
-
 def _set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
     kept = [a for a in node.attribute if a.name != name]
     del node.attribute[:]
     node.attribute.extend(kept + [onnx.helper.make_attribute(name, value)])
-
-
-_FOLDERS: dict[str, _Folder] = {
-    "Conv": _fold_conv,
-    "ConvTranspose": _fold_conv_transpose,
-    "Gemm": _fold_gemm,
-}

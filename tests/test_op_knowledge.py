@@ -1,7 +1,8 @@
 """All per-op knowledge of weight ops lives in graph_passes/op_rules/: one rule object per op.
 
 * a static check: no module outside ``graph_passes/op_rules/`` compares (``==``, ``!=``, ``in``,
-  ``not in``, ``match``) an ``.op_type`` against a weight op's name;
+  ``not in``, ``match``) an ``.op_type`` against a weight op's name, or looks an ``.op_type`` up
+  in a dispatch dict keyed by weight op names;
 * the weight-layer facts the rules compute (axes, C_in/C_out, MACs, cost kind/kernel/spatial)
   pinned on small models of every weight op, against the formulas they replaced.
 """
@@ -68,10 +69,35 @@ def _module_constants(tree: ast.Module) -> dict[str, set[str]]:
     return out
 
 
+def _dict_keys(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Dict):
+        return {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+    return set()
+
+
+def _module_dicts(tree: ast.Module) -> dict[str, set[str]]:
+    """Module-level names bound to dict literals with string keys (dispatch tables)."""
+    out: dict[str, set[str]] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and stmt.value is not None:
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            for t in targets:
+                if isinstance(t, ast.Name) and _dict_keys(stmt.value):
+                    out[t.id] = _dict_keys(stmt.value)
+    return out
+
+
 def weight_op_switches(source: str, filename: str = "<src>") -> list[tuple[int, str]]:
-    """(line, weight ops) of every comparison of an ``.op_type`` with weight-op names."""
+    """(line, weight ops) of every comparison of an ``.op_type`` with weight-op names, and of
+    every look-up by ``.op_type`` in a dict literal keyed by weight-op names."""
     tree = ast.parse(source, filename)
     constants = _module_constants(tree)
+    tables = _module_dicts(tree)
+
+    def table_keys(node: ast.AST) -> set[str]:
+        if isinstance(node, ast.Name):
+            return tables.get(node.id, set())
+        return _dict_keys(node)
 
     def names(node: ast.AST) -> set[str]:
         if isinstance(node, ast.Name) and node.id in constants:
@@ -86,6 +112,15 @@ def weight_op_switches(source: str, filename: str = "<src>") -> list[tuple[int, 
                 found = set().union(*(names(o) for o in operands if not _is_op_type(o))) & WEIGHT_OPS
                 if found:
                     hits.append((node.lineno, ",".join(sorted(found))))
+        elif isinstance(node, ast.Subscript) and _is_op_type(node.slice):
+            found = table_keys(node.value) & WEIGHT_OPS
+            if found:
+                hits.append((node.lineno, ",".join(sorted(found))))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and node.args and _is_op_type(node.args[0])):
+            found = table_keys(node.func.value) & WEIGHT_OPS
+            if found:
+                hits.append((node.lineno, ",".join(sorted(found))))
         elif isinstance(node, ast.Match) and _is_op_type(node.subject):
             for case in node.cases:
                 found = {p.value.value for p in ast.walk(case.pattern)
@@ -127,6 +162,10 @@ def test_allowlist_entries_exist():
     ('x = n.op_type not in {"Relu", "ConvTranspose"}', 1),
     ('OPS = ("Conv", "Gemm")\nx = n.op_type in OPS', 1),
     ('match node.op_type:\n    case "MatMul":\n        pass', 1),
+    ('FOLD = {"Conv": f, "Gemm": g}\nx = FOLD.get(node.op_type)', 1),
+    ('FOLD = {"Conv": f}\nx = FOLD[node.op_type]', 1),
+    ('x = {"Gemm": 1}.get(node.op_type, 0)', 1),
+    ('T = {"Relu": f}\nx = T.get(node.op_type)', 0),
     ('x = n.op_type == "Identity"', 0),
     ('x = n.op_type in ("BatchNormalization", "Dropout")', 0),
     ('x = op_type == "Conv"', 0),  # a plain variable (the bridge's registries), not a node's op_type

@@ -3,7 +3,7 @@
 from . import elementwise, shape_ops, spatial, weights  # noqa: F401  (registration)
 from .context import PropagationContext, PruneContext
 from .registry import OpRule, find_rule, register, registered_ops
-from .weights import COST_KINDS, WeightFacts, WeightOpRule, flat_pair, weight_rule
+from .weights import COST_KINDS, AffineFold, WeightFacts, WeightOpRule, flat_pair, weight_rule
 
-__all__ = ["COST_KINDS", "OpRule", "PropagationContext", "PruneContext", "WeightFacts", "WeightOpRule",
+__all__ = ["AffineFold", "COST_KINDS", "OpRule", "PropagationContext", "PruneContext", "WeightFacts", "WeightOpRule",
            "find_rule", "flat_pair", "register", "registered_ops", "weight_rule"]

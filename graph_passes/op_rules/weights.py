@@ -50,6 +50,21 @@ class WeightFacts:
     cost_spatial: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class AffineFold:
+    """A per-output-channel affine ``y * scale + shift`` folded into a weight op: its new weight,
+    its new bias (input 2) and attributes to set."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    attributes: dict[str, float]
+
+
+def _folded_bias(bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    b = bias.astype(np.float64) if bias is not None else 0.0
+    return (b * scale + shift).astype(dtype)
+
+
 def _numel(shape: Sequence[int] | None) -> int:
     return int(np.prod(shape)) if shape else 0
 
@@ -96,6 +111,15 @@ class WeightOpRule(OpRule):
         index[self.weight_in_axis(node)] = np.asarray(positions, dtype=np.int64)
         w[tuple(index)] = 0
         return w
+
+    #: whether a BatchNormalization after the op can be folded into its weight and bias
+    folds_batchnorm: bool = False
+
+    def fold_affine(self, node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None,
+                    scale: np.ndarray, shift: np.ndarray) -> AffineFold | str:
+        """Fold ``y * scale + shift`` (float64, per output channel) into the float ``weight`` and
+        ``bias`` (input 2, None when absent); the reason it cannot be done otherwise."""
+        return f"{node.op_type} {node.name} has no bias input to fold into"
 
     @staticmethod
     def _weight(node: onnx.NodeProto, graph: "ModelGraph") -> np.ndarray | None:
@@ -158,6 +182,14 @@ class ConvRule(WeightOpRule):
             weight_out_axis=0, weight_in_axis=1, cost_kind="depthwise" if depthwise else "conv",
             cost_kernel=flat_pair(kernel), cost_spatial=flat_pair(out_shape[2:]),
         )
+
+    folds_batchnorm = True
+
+    def fold_affine(self, node, weight, bias, scale, shift) -> AffineFold | str:
+        if not np.issubdtype(weight.dtype, np.floating) or weight.ndim < 2 or weight.shape[0] != scale.size:
+            return f"weight of {node.name} is not a float tensor with {scale.size} outputs"
+        new_weight = weight.astype(np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+        return AffineFold(new_weight.astype(weight.dtype), _folded_bias(bias, scale, shift, weight.dtype), {})
 
     def zero_input_channels(self, w: np.ndarray, node: onnx.NodeProto, groups: int,
                             positions: np.ndarray) -> np.ndarray:
@@ -232,6 +264,16 @@ class ConvTransposeRule(WeightOpRule):
             cost_kernel=flat_pair(kernel), cost_spatial=flat_pair(in_shape[2:]),
         )
 
+    folds_batchnorm = True
+
+    def fold_affine(self, node, weight, bias, scale, shift) -> AffineFold | str:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if not np.issubdtype(weight.dtype, np.floating) or weight.ndim < 2 or weight.shape[1] * group != scale.size:
+            return f"weight of {node.name} does not match {scale.size} output channels"
+        per_group = weight.reshape((group, -1) + weight.shape[1:]).astype(np.float64)
+        new_weight = (per_group * scale.reshape((group, 1, -1) + (1,) * (weight.ndim - 2))).reshape(weight.shape)
+        return AffineFold(new_weight.astype(weight.dtype), _folded_bias(bias, scale, shift, weight.dtype), {})
+
     def propagate(self, name, node, ctx: PropagationContext) -> None:
         w = ctx.const(node.input[1])
         if w is None or not _bias_ok(ctx, node, 2) or int(ctx.attr(node, "group", 1)) != 1:
@@ -276,6 +318,19 @@ class GemmRule(_LinearRule):
     def weight_axes(self, node: onnx.NodeProto) -> tuple[int, int]:
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         return (0, 1) if trans_b else (1, 0)
+
+    folds_batchnorm = True
+
+    def fold_affine(self, node, weight, bias, scale, shift) -> AffineFold | str:
+        """C (input 2) is scaled by beta and broadcast to the outputs; beta becomes 1."""
+        axis = self.weight_out_axis(node)
+        if not np.issubdtype(weight.dtype, np.floating) or weight.ndim != 2 or weight.shape[axis] != scale.size:
+            return f"weight of {node.name} does not have {scale.size} output columns"
+        new_weight = weight.astype(np.float64) * scale.reshape((-1, 1) if axis == 0 else (1, -1))
+        beta = float(next((a.f for a in node.attribute if a.name == "beta"), 1.0))
+        c = beta * bias.astype(np.float64) if bias is not None else np.zeros(1)
+        c = np.broadcast_to(c, np.broadcast_shapes(c.shape, (scale.size,)))
+        return AffineFold(new_weight.astype(weight.dtype), (c * scale + shift).astype(weight.dtype), {"beta": 1.0})
 
     def propagate(self, name, node, ctx: PropagationContext) -> None:
         b = ctx.const(node.input[1])
