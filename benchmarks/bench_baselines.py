@@ -5,15 +5,15 @@ training subset; accuracy is always onnxruntime on the exported model over the t
 test split (never seen in training or search).
 
 * ``fp32``        - the original model.
-* ``uniform``     - uniform QAT wXa8 (w in 8, 4, 2) through prunequant's own pipeline with one
-  weight precision: the search phase then only trains weights, so the training budget is the
-  same as the joint search's (``epochs`` + ``finetune_epochs``).
+* ``uniform``     - uniform QAT wXa8 (w in 8, 4, 2): prunequant's ``uniform`` strategy, whose search
+  phase only trains weights, so the training budget is the same as the joint search's
+  (``epochs`` + ``finetune_epochs``).
 * ``ort_static``  - onnxruntime ``quantize_static`` (QDQ, per-channel int8 weights, int8
   activations, MinMax calibration on 256 training samples): what most users try first.
-* ``sequential``  - structured pruning alone (the same gradient search with weight precisions
-  {0, 8}), QAT, channels physically removed -> a smaller FP32 ONNX model; then channel-wise
-  mixed precision {2, 4, 8} without the 0-bit option on the pruned model (search + QAT). Two
-  rows: ``prune-only`` (stage 1 exported at 8 bits) and ``sequential`` (stage 2).
+* ``sequential``  - prunequant's ``sequential`` strategy: structured pruning alone (the gradient
+  search with weight precisions {0, 8}) and QAT, then channel-wise mixed precision {2, 4, 8} with
+  the pruned channels fixed, starting from the stage-1 weights (search + QAT). Two rows:
+  ``prune-only`` (stage 1 on its own, exported at 8 bits) and ``sequential`` (both stages).
 * ``joint``       - prunequant's joint search ({0, 2, 4, 8} per channel) at one lambda.
 
 All searches use 8-bit activations (``act_bits=(8,)``) so every row is a wXa8 model and the
@@ -178,7 +178,7 @@ def run_fp32(ctx: Context) -> dict:
 def run_uniform(ctx: Context, bits: int) -> dict:
     row = _base_row(ctx, "uniform", f"W{bits}A8 QAT", weight_bits=bits)
     start = time.perf_counter()
-    result = _compress(ctx, ctx.model_path, _config(ctx, weight_precisions=(bits,), lam=0.0))
+    result = _compress(ctx, ctx.model_path, _config(ctx, weight_precisions=(bits,), strategy="uniform"))
     return _from_compress(ctx, row, result, time.perf_counter() - start)
 
 
@@ -222,59 +222,20 @@ def run_ort_static(ctx: Context, n_calib: int = 256) -> dict:
 
 
 def run_sequential(ctx: Context, lam_prune: float, lam_mp: float, cost: str = "size") -> list[dict]:
-    """Pruning alone ({0, 8}), then mixed precision ({2, 4, 8}) on the pruned FP32 model."""
-    from graph_passes.batch import restore_dynamic_batch
-    from graph_passes.prune import prune_channels
-    from plugin.bridge import write_back
-    from plugin.export import export_plan, removal_of
-    from plugin.engine.training import FinetuneConfig, finetune
-    from plugin.inspect_cmd import prepare_model
-    from plugin.engine.config import SearchConfig
-from plugin.engine.supernet import run_search
-    from plugin.engine.supernet import Supernet as SearchableModel
-
-    c = ctx.cfg
+    """Pruning alone ({0, 8}), then mixed precision ({2, 4, 8}) on the pruned model: the library's
+    ``sequential`` strategy. The ``prune-only`` row is its first stage on its own (the gradient
+    strategy with weight precisions {0, 8}, QAT, exported at 8 bits)."""
+    row1 = _base_row(ctx, "prune-only", f"prune-only lam={lam_prune:g}", lam=lam_prune, cost_model=cost)
     start = time.perf_counter()
-    prepared = prepare_model(str(ctx.model_path))
-    data = load_dataset({"input": ctx.x_train}, input_specs(prepared.model), ctx.y_train)
-    train, _held = data.split(0.2, seed=c.seed)  # the same 80 % compress trains on
-    sc = SearchConfig(weight_precisions=(0, 8), act_bits=(8,), cost_model=cost, lam=lam_prune, epochs=c.epochs,
-                      batch_size=c.batch_size, max_steps_per_epoch=c.max_steps_per_epoch,
-                      task_loss="cross_entropy", seed=c.seed, progress=False, device=c.device)
-    searchable = SearchableModel.build(prepared.model, sc, analysis=prepared.analysis)
-    t0 = time.perf_counter()
-    plan = run_search(searchable, train, sc)
-    t_search1 = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    plan = finetune(searchable, plan, train, FinetuneConfig(
-        epochs=c.finetune_epochs, batch_size=c.batch_size, task_loss="cross_entropy",
-        max_steps_per_epoch=c.max_steps_per_epoch, seed=c.seed, progress=False, device=c.device)).plan
-    t_ft1 = time.perf_counter() - t0
-    weighted = write_back(prepared.model, searchable.materialised_bridge())
-    removal = removal_of(plan, prepared.analysis)
-    pruned = prune_channels(weighted, prepared.analysis, removal) if removal else weighted
-    pruned, _ = restore_dynamic_batch(pruned)
-    stage1, _ = restore_dynamic_batch(export_plan(weighted, prepared.analysis, plan).model)
-    wall1 = time.perf_counter() - start
-    row1 = _base_row(ctx, "prune-only", f"prune-only lam={lam_prune:g}", lam=lam_prune, cost_model=cost,
-                     search_s=t_search1, finetune_s=t_ft1, train_s=t_search1 + t_ft1, wall_s=wall1,
-                     plan=plan_summary(plan))
-    _costs_row(row1, {n: searchable.cost_of_plan(plan, n) for n in ("size", "bops", "mpic")})
-    _measure(ctx, stage1, row1)
-
-    start2 = time.perf_counter()
-    result = _compress(ctx, pruned, _config(ctx, cost=cost, lam=lam_mp, weight_precisions=(2, 4, 8)))
+    result = _compress(ctx, ctx.model_path, _config(ctx, cost=cost, lam=lam_prune, weight_precisions=(0, 8)))
+    _from_compress(ctx, row1, result, time.perf_counter() - start)
     row2 = _base_row(ctx, "sequential", f"sequential lam={lam_prune:g}/{lam_mp:g}", lam=lam_mp,
                      lam_prune=lam_prune, cost_model=cost)
-    ref8 = ctx.ref8
-    ctx.ref8 = ref8 or {}  # do not take the pruned model's 8-bit cost as the reference
-    _from_compress(ctx, row2, result, time.perf_counter() - start2)
-    ctx.ref8 = ref8
-    # the whole sequential method: both stages' training
-    row2["search_s"] += t_search1
-    row2["finetune_s"] += t_ft1
-    row2["train_s"] += t_search1 + t_ft1
-    row2["wall_s"] += wall1
-    row2["stage1_train_s"] = t_search1 + t_ft1
-    row2["plan"]["weight_channels_total"] = row1["plan"]["weight_channels_total"]
+    start = time.perf_counter()
+    result = _compress(ctx, ctx.model_path, _config(ctx, cost=cost, lam=lam_mp, weight_precisions=(0, 2, 4, 8),
+                                                   strategy="sequential",
+                                                   strategy_options={"prune_lambda": lam_prune}))
+    _from_compress(ctx, row2, result, time.perf_counter() - start)
+    stage1 = next(s for s in result.report["history"] if s["stage"] == "prune")
+    row2["stage1_epochs"] = stage1["epochs"]
     return [row1, row2]
