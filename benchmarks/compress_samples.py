@@ -10,9 +10,10 @@ with onnxruntime on ``test.npz`` (never seen in training). Uniform baselines use
 with a single weight / activation precision, so they get the *same* training budget as the
 joint search (``epochs`` of search-phase training, where only the weights move, plus
 ``finetune_epochs`` of QAT). Budget rows (``size=X``): the controller stops searching as soon as
-the discretised plan meets the target (after a few epochs), so by default the unused search
-epochs go to fine-tuning (same total epochs as the baselines; same pipeline pieces as compress,
-see ``budget_equal``); ``--no-equal-budget`` runs them through plain ``compress`` instead.
+the discretised plan meets the target (after a few epochs), and ``compress`` gives the unused
+search epochs to fine-tuning (same total epochs as the baselines). Every row is one
+``plugin.api.compress`` call: baselines with ``strategy="uniform"``, the others with the default
+``gradient`` strategy.
 "KD" rows drop the labels, so the task loss is distillation from the FP32 model (the default
 for unlabelled data); the others use cross-entropy on the labels.
 
@@ -50,9 +51,9 @@ SAMPLES = ("digits", "mnist1d")
 
 # (name, CompressConfig overrides, distillation instead of cross-entropy)
 ALL_VARIANTS = [
-    ("W8A8 QAT", dict(weight_precisions=(8,), activation_precisions=(8,), lam=0.0), False),
-    ("W2A8 QAT", dict(weight_precisions=(2,), activation_precisions=(8,), lam=0.0), False),
-    ("W4A8 QAT", dict(weight_precisions=(4,), activation_precisions=(8,), lam=0.0), False),
+    ("W8A8 QAT", dict(strategy="uniform", weight_precisions=(8,), activation_precisions=(8,)), False),
+    ("W2A8 QAT", dict(strategy="uniform", weight_precisions=(2,), activation_precisions=(8,)), False),
+    ("W4A8 QAT", dict(strategy="uniform", weight_precisions=(4,), activation_precisions=(8,)), False),
     *[(f"joint size={x}", dict(target=f"size={float(x) * 100:g}%"), False) for x in ("0.5", "0.35", "0.25", "0.15", "0.10")],
     *[(f"joint lam={x:g}", dict(lam=float(x)), False) for x in (1, 3, 10, 30, 100, 300)],
     *[(f"joint size={x} KD", dict(target=f"size={float(x) * 100:g}%"), True) for x in ("0.5", "0.35", "0.25", "0.15")],
@@ -89,56 +90,8 @@ def fmt_hist(hist: dict) -> str:
     return " ".join(f"{b}b:{n}" for b, n in sorted(hist.items()))
 
 
-def budget_equal(prepared, specs, data, config: CompressConfig, test, label: str, distill: bool) -> dict:
-    """Budget mode with the uniform baselines' total training budget: the budget controller stops
-    as soon as the discretised plan meets the target (a few epochs), so the epochs it did not use
-    go to fine-tuning (search epochs + fine-tune epochs = ``epochs + finetune_epochs``). Same
-    pipeline as ``compress`` (public pieces), without its sidecar report/validation."""
-    from graph_passes.batch import restore_dynamic_batch
-    from plugin.bridge import write_back
-    from plugin.budget import search_to_budget
-    from plugin.export import export_plan
-    from plugin.engine.training import FinetuneConfig, finetune
-    from plugin.engine.config import SearchConfig
-    from plugin.engine.supernet import Supernet as SearchableModel
-
-    start = time.perf_counter()
-    dataset = load_dataset(data, specs)
-    train, _held = dataset.split(config.held_out, seed=config.seed)
-    task = "cross_entropy" if train.labels is not None else "distill_kl"
-    search_config = SearchConfig(
-        weight_precisions=config.weight_precisions, activation_precisions=config.activation_precisions,
-        cost_model=config.cost, epochs=config.epochs, batch_size=config.batch_size,
-        max_steps_per_epoch=config.max_steps_per_epoch, task_loss=task, seed=config.seed, progress=False)
-    searchable = SearchableModel.build(prepared.model, search_config, analysis=prepared.analysis)
-    t0 = time.perf_counter()
-    budget = search_to_budget(searchable, train, config.target, search_config)
-    t_search = time.perf_counter() - t0
-    ft_epochs = max(config.finetune_epochs, config.epochs + config.finetune_epochs - budget.epochs)
-    t0 = time.perf_counter()
-    ft = finetune(searchable, budget.plan, train, FinetuneConfig(
-        epochs=ft_epochs, batch_size=config.batch_size, task_loss=task,
-        max_steps_per_epoch=config.max_steps_per_epoch, seed=config.seed, progress=False))
-    t_ft = time.perf_counter() - t0
-    plan = ft.plan
-    weighted = write_back(prepared.model, searchable.materialised_bridge())
-    model, _ = restore_dynamic_batch(export_plan(weighted, prepared.analysis, plan).model)
-    acc = evaluate(model, test, batch_size=512, progress=False).accuracy
-    wall = time.perf_counter() - start
-    cost = {n: searchable.cost_of_plan(plan, n) for n in ("size", "bops", "mpic")}
-    before = {n: searchable.cost_before(n) for n in ("size", "bops", "mpic")}
-    return {
-        "name": label, "test_acc": acc, "size_bytes": cost["size"] / 8, "size_8bit_bytes": before["size"] / 8,
-        "file_bytes": model.ByteSize(), "bops": cost["bops"], "bops_8bit": before["bops"],
-        "mpic": cost["mpic"], "mpic_8bit": before["mpic"], "seconds": wall,
-        "search_finetune_seconds": t_search + t_ft, "phase_seconds": {"search": t_search, "finetune": t_ft},
-        "task_loss": task, "lambda_final": budget.lam, "search_epochs_run": budget.epochs,
-        "finetune_epochs_run": ft_epochs, "equal_budget": True, "plan": plan_summary(plan),
-    }
-
-
 def run_sample(name: str, variants, epochs: int, finetune_epochs: int, max_steps: int | None,
-               seed: int, equal_budget: bool = True) -> dict:
+               seed: int) -> dict:
     paths = sample_paths(name)
     prepared = prepare_model(str(paths["model"]))
     specs = input_specs(prepared.model)
@@ -157,19 +110,6 @@ def run_sample(name: str, variants, epochs: int, finetune_epochs: int, max_steps
         config = CompressConfig(epochs=epochs, finetune_epochs=finetune_epochs, max_steps_per_epoch=max_steps,
                                 seed=seed, progress=False, **overrides)
         start = time.perf_counter()
-        if equal_budget and config.target:
-            try:
-                row = budget_equal(prepared, specs, data, config, test, label, distill)
-            except Exception as exc:
-                wall = time.perf_counter() - start
-                print(f"  [{name}] {label}: FAILED after {wall:.0f}s: {type(exc).__name__}: {exc}", flush=True)
-                rows.append({"name": label, "error": f"{type(exc).__name__}: {exc}", "seconds": wall})
-                continue
-            rows.append(row)
-            print(f"  [{name}] {label}: acc {100 * row['test_acc']:.2f}%  size {row['size_bytes']:,.0f} B  "
-                  f"({row['size_bytes'] / row['size_8bit_bytes']:.3f} of W8)  {row['seconds']:.0f}s  "
-                  f"(search {row['search_epochs_run']} ep + fine-tune {row['finetune_epochs_run']} ep)", flush=True)
-            continue
         try:
             result = compress(str(paths["model"]), data, config=config)
         except Exception as exc:  # a failed variant is a result too (e.g. a budget not met)
@@ -191,7 +131,8 @@ def run_sample(name: str, variants, epochs: int, finetune_epochs: int, max_steps
             "seconds": wall, "search_finetune_seconds": sec.get("search", 0) + sec.get("finetune", 0),
             "phase_seconds": sec, "task_loss": "distill_kl" if distill else "cross_entropy",
             "lambda_final": result.plan.metadata.get("lambda"),
-            "search_epochs_run": result.plan.metadata.get("epochs"), "finetune_epochs_run": finetune_epochs,
+            "search_epochs_run": result.plan.metadata.get("epochs"),
+            "finetune_epochs_run": result.plan.metadata.get("finetune", {}).get("epochs"),
             "plan": plan_summary(result.plan),
         }
         rows.append(row)
@@ -282,9 +223,6 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, help="fine-tune epochs (default 10; quick 2)")
     parser.add_argument("--variants", help="comma-separated subset of variant names (see ALL_VARIANTS)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-equal-budget", action="store_true",
-                        help="budget (--target) rows through plain compress(): search stops when the target is "
-                             "met, fine-tune keeps its own epochs (less training than the uniform baselines)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -304,8 +242,7 @@ def main() -> None:
     results, start = [], time.perf_counter()
     for name in samples:
         print(f"[{name}] ...", flush=True)
-        results.append(run_sample(name, variants, epochs, finetune_epochs, max_steps, args.seed,
-                                  not args.no_equal_budget))
+        results.append(run_sample(name, variants, epochs, finetune_epochs, max_steps, args.seed))
     for result in results:
         print_table(result)
     print(f"\ntotal wall time {time.perf_counter() - start:.0f}s (torch threads {args.threads})")

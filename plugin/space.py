@@ -11,16 +11,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cost_models import CostInputs, LayerSpec, available_cost_models, get_cost_model
 from graph_passes.bitwidths import ACTIVATION_BITS, BASELINE_BITS, PRUNED, WEIGHT_BITS
-from graph_passes.channel_groups import ChannelAnalysis
 from graph_passes.errors import ConfigError, CostModelError, PlanError
-from graph_passes.layers import WeightLayer
 from plugin.plan import ActivationPlan, CompressionPlan, GroupPlan, LayerPlan
+
+if TYPE_CHECKING:  # onnx and the analysis load only when a space is built (flag checks stay fast)
+    from graph_passes.channel_groups import ChannelAnalysis
+    from graph_passes.layers import WeightLayer
 
 logger = logging.getLogger(__name__)
 

@@ -95,7 +95,14 @@ def test_relative_budget_is_met_then_finetuned(digits: PreparedModel, train: Dat
         bits = torch.tensor(plan.layers[entry.info.name].bits)
         weight = getattr(sm.net.get_submodule(entry.owner), entry.weight_attr).detach()
         assert torch.count_nonzero(weight.movedim(entry.quantizer.ch_axis, 0)[bits == 0]) == 0
-    assert 0.0 <= evaluate(sm, train)["accuracy"] <= 1.0
+    metrics = evaluate(sm, train)
+    with torch.no_grad():
+        inputs = torch.as_tensor(train.arrays[sm.input_names[0]])
+        predicted = sm(inputs).argmax(dim=1).numpy()
+        teacher = sm.teacher_outputs(inputs).argmax(dim=1).numpy()
+    assert metrics["samples"] == len(train)
+    assert metrics["accuracy"] == pytest.approx(float((predicted == train.labels).mean()))
+    assert metrics["agreement"] == pytest.approx(float((predicted == teacher).mean()))
 
 
 def test_config_errors() -> None:

@@ -51,14 +51,16 @@ def check_flags(*, cost: str, target: str | None, weight_bits: str | None, act_b
 
     Torch-free and fast: this is why a wrong flag fails in well under a second, naming the flag.
     """
+    from plugin.space import Precisions
+
+    precisions = Precisions.parse(weight_bits, act_bits)  # first: no onnx import before a bad width is named
+
     from cost_models import get_cost_model
     from graph_passes.shapes import parse_input_shapes
     from graph_passes.writing import check_output_path
-    from plugin.space import Precisions
     from plugin.strategies import available_strategies, get_strategy
     from plugin.targets import parse_target
 
-    precisions = Precisions.parse(weight_bits, act_bits)
     get_cost_model(cost)  # unknown: CostModelError listing the known ones
     if target is not None:
         parse_target(target)
