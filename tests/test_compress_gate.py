@@ -57,7 +57,26 @@ def _regression() -> onnx.ModelProto:
     return build(REGRESSION, seed=2, w1=[8, 2, 3, 3], b1=[8], wh=[12, 8], bh=[12], wy=[3, 12], by=[3])
 
 
-MODELS = {"multi": (_multi, ["logits", "box"]), "regression": (_regression, ["y"])}
+# the same with MatMul weights ([in, out] in ONNX, [out, in] in the bridged torch module)
+MATMUL = header(17) + """
+matmul (float[N, 2, 8, 8] x) => (float[N, 3] y) {
+    c1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1, b1)
+    r1 = Relu (c1)
+    p = GlobalAveragePool (r1)
+    f = Flatten (p)
+    h = MatMul (f, wh)
+    hb = Add (h, bh)
+    rh = Relu (hb)
+    y = MatMul (rh, wy)
+}
+"""
+
+
+def _matmul() -> onnx.ModelProto:
+    return build(MATMUL, seed=3, w1=[8, 2, 3, 3], b1=[8], wh=[8, 6], bh=[6], wy=[6, 3])
+
+
+MODELS = {"multi": (_multi, ["logits", "box"]), "regression": (_regression, ["y"]), "matmul": (_matmul, ["y"])}
 
 
 @pytest.fixture(scope="module")

@@ -169,7 +169,9 @@ class FakeQuantModel(nn.Module):
         layer = info.layer
         owner, attr = self._param_owner(layer.weight, layer.name)
         module = self.net.get_submodule(owner)
-        ch_axis = layer.weight_out_axis
+        # the torch parameter's layout, not the ONNX initializer's: the bridge stores Gemm/MatMul
+        # weights as nn.Linear [out, in]; only a transposed convolution keeps outputs on axis 1
+        ch_axis = 1 if isinstance(module, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d) else 0
         if ch_axis != 0 and layer.groups != 1:
             raise PlanError(f"layer {layer.name!r}: grouped ConvTranspose is not supported by the search")
         quantizer = self._weight_quantizer(info, ch_axis)
