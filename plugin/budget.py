@@ -1,12 +1,9 @@
 """Budget mode: drive lambda until the *discretised* plan meets a cost target.
 
-Targets (``--target``):
-
-* ``size=0.25`` or ``size=25%``: relative to the same model with every weight and activation at
-  8 bits and nothing pruned. A bare number in (0, 1] is relative; above 1 it is absolute.
-* ``size=40KB``, ``size=40000`` (bytes), ``size=39KiB``, ``size=320000bit``: absolute model size
-  (``size`` counts weight bits; bytes are the default unit for it).
-* ``mpic=1.2e6``: absolute, in the cost model's own unit (cycles for ``mpic``).
+Targets (``--target``) are parsed by :mod:`plugin.targets`: ``size=25%`` is relative to the same
+model with every weight and activation at 8 bits and nothing pruned; ``size=40KB`` or
+``mpic=1.2e6cycles`` are absolute, in a unit of the cost model. The controller serves every
+strategy that steers a DNAS supernet (gradient, sequential).
 
 Strategy (DESIGN "Lessons": one lambda that is a little too large collapses the model): approach
 the budget from above. One search runs with lambda rising geometrically, ``lam_start *
