@@ -129,19 +129,23 @@ def resolve_device(device: str) -> str:
 @contextmanager
 def torch_threads(threads: int | None, macs: int) -> Iterator[None]:
     """Small models train faster on one thread (measured: several times, more when the cores
-    are shared); large ones use torch's default. The caller's setting is restored."""
+    are shared); large ones use torch's default. The caller's thread count and random generator
+    state are restored."""
     import torch
 
     previous = torch.get_num_threads()
     if threads is None and macs < SMALL_MODEL_MACS:
         threads = 1
-    try:
-        if threads:
-            torch.set_num_threads(int(threads))
-            logger.info("torch uses %d thread(s)", threads)
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    # the search and QAT seed torch's global generator: the caller's generator state comes back too
+    with torch.random.fork_rng(devices=devices):
+        try:
+            if threads:
+                torch.set_num_threads(int(threads))
+                logger.info("torch uses %d thread(s)", threads)
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------- inputs and outputs

@@ -166,11 +166,14 @@ def test_compress_has_no_side_effects(files: dict[str, Path]) -> None:
     config = _config(threads=None)
     snapshot = copy.deepcopy(config)
     torch.set_num_threads(2)
+    torch.manual_seed(1234)
+    rng_state = torch.random.get_rng_state()
     try:
         api.compress(str(files["regression"]), str(files["data"]), config=config)
         assert torch.get_num_threads() == 2  # compress ran on one thread (a small model) and restored it
     finally:
         torch.set_num_threads(1)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)  # the search seeds a forked generator
     assert config == snapshot
 
 
