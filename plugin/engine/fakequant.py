@@ -37,7 +37,7 @@ from plugin.engine.quantizers import (
     FrozenWeightQuantizer,
     net_parameters as _net_parameters,
 )
-from plugin.engine.training import iterate_batches
+from plugin.engine.batches import iterate_batches
 from plugin.plan import CompressionPlan, sha256_hex
 from plugin.space import LayerInfo, Precisions, SearchSpace
 

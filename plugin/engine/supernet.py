@@ -40,7 +40,7 @@ from plugin.engine.quantizers import (
     nas_parameters as _nas_parameters,
     set_temperature as _set_temperature,
 )
-from plugin.engine.training import Batch, count_batches, iterate_batches, task_loss
+from plugin.engine.batches import Batch, count_batches, iterate_batches, task_loss
 from plugin.plan import CompressionPlan
 from plugin.space import LayerInfo
 
