@@ -1,4 +1,4 @@
-"""The import contracts of pyproject.toml's [tool.importlinter] hold, and the core is acyclic.
+"""The import contracts of .importlinter hold, and the core is acyclic.
 
 * ``lint-imports`` (import-linter, from this interpreter's environment) keeps every contract:
   graph_passes imports neither plugin, cost_models nor torch; cost_models imports neither plugin
