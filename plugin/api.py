@@ -251,7 +251,7 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
         max_steps_per_epoch=config.max_steps_per_epoch,
         task_loss="cross_entropy" if train.labels is not None else "distill_kl", device=device,
         seed=config.seed, progress=config.progress)
-    problem = Problem(prepared, space, train, held, settings)
+    problem = Problem(prepared, space, train, held, settings, output=output)
     with torch_threads(config.threads, sum(layer.macs for layer in prepared.analysis.layers)):
         from .engine.training import FinetuneConfig, finetune
 

@@ -53,6 +53,7 @@ class Problem:
     train: Dataset
     held_out: Dataset
     settings: RunSettings
+    output: str | None = None  # the model path compress will write (None: nothing is written), e.g. for a study file beside it
 
     @property
     def model(self) -> onnx.ModelProto:
