@@ -46,7 +46,7 @@ def parse_strategy_options(texts: tuple[str, ...] | list[str]) -> dict[str, str]
 
 def check_flags(*, cost: str, target: str | None, weight_bits: str | None, act_bits: str | None,
                 strategy: str, strategy_options: tuple[str, ...], input_shapes: tuple[str, ...],
-                output: str | None) -> dict[str, Any]:
+                output: str | None, sparsity: float | None = None, bits: str | None = None) -> dict[str, Any]:
     """Validate every flag without loading the model; the keyword arguments they give the config.
 
     Torch-free and fast: this is why a wrong flag fails in well under a second, naming the flag.
@@ -67,6 +67,7 @@ def check_flags(*, cost: str, target: str | None, weight_bits: str | None, act_b
     if strategy not in available_strategies():
         get_strategy(strategy)  # raises ConfigError listing the known names
     options = parse_strategy_options(strategy_options)
+    geta_widths = _explicit_targets(strategy, options, sparsity, bits, weight_bits)
     shapes = parse_input_shapes(input_shapes)
     if output is not None:
         check_output_path(output)
@@ -74,9 +75,42 @@ def check_flags(*, cost: str, target: str | None, weight_bits: str | None, act_b
                               "input_shapes": shapes}
     if weight_bits is not None:
         kwargs["weight_precisions"] = precisions.weights
+    if geta_widths is not None:
+        kwargs["weight_precisions"] = geta_widths
     if act_bits is not None:
         kwargs["act_bits"] = precisions.activations
     return kwargs
+
+
+def _explicit_targets(strategy: str, options: dict[str, Any], sparsity: float | None, bits: str | None,
+                      weight_bits: str | None) -> tuple[int, ...] | None:
+    """``--sparsity`` / ``--bits`` (targets of ``--strategy geta``) -> its options, validated; the
+    weight widths ``--bits`` implies (0 plus the export's widths in the range), or None."""
+    given = [flag for flag, value in (("--sparsity", sparsity), ("--bits", bits)) if value is not None]
+    if strategy != "geta":
+        if given:
+            raise ConfigError(f"{' and '.join(given)}: only --strategy geta takes explicit targets; drop "
+                              f"{'them' if len(given) > 1 else 'it'} or use --strategy geta")
+        return None
+    from plugin.strategies.geta import parse_bits, parse_sparsity, range_widths
+
+    for flag, name, value in (("--sparsity", "sparsity", sparsity), ("--bits", "bits", bits)):
+        if value is not None and name in options:
+            raise ConfigError(f"{flag} and -S {name}=...: give one of them")
+    if sparsity is not None:
+        options["sparsity"] = str(parse_sparsity(sparsity))
+    elif "sparsity" in options:
+        parse_sparsity(options["sparsity"], "-S sparsity")
+    if bits is None:
+        if "bits" in options:
+            parse_bits(options["bits"], "-S bits")
+        return None
+    if weight_bits is not None:
+        raise ConfigError("--bits and --weight-bits: give one (with --strategy geta, --bits LO-HI sets the weight "
+                          "widths, e.g. --bits 2-8)")
+    lo, hi = parse_bits(bits)
+    options["bits"] = f"{lo}-{hi}"
+    return (0, *range_widths(lo, hi))
 
 
 @click.command("compress")
@@ -106,6 +140,10 @@ def check_flags(*, cost: str, target: str | None, weight_bits: str | None, act_b
 @click.option("--act-bits", default=None, metavar="B[,B...]",
               help="Activation bit-widths to choose from, any of 2,4,8; e.g. 8 for targets that need "
                    "8-bit activations [default: search 2,4,8].")
+@click.option("--sparsity", type=float, default=None, metavar="FLOAT",
+              help="--strategy geta: fraction of the prunable group channels to remove, in [0, 1) [default: 0.3].")
+@click.option("--bits", default=None, metavar="LO-HI",
+              help="--strategy geta: weight bit-width range, ends from 2, 4, 8 (e.g. 2-8) [default: 2-8].")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Same seed, same data, same plan (on CPU).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -117,7 +155,8 @@ def check_flags(*, cost: str, target: str | None, weight_bits: str | None, act_b
 def compress_command(model: str, data: str, labels: str | None, output: str, strategy: str,
                      strategy_options: tuple[str, ...], cost: str, lam: float | None, target: str | None,
                      epochs: int, finetune_epochs: int, batch_size: int, weight_bits: str | None,
-                     act_bits: str | None, device: str, seed: int, threads: int | None,
+                     act_bits: str | None, sparsity: float | None, bits: str | None, device: str, seed: int,
+                     threads: int | None,
                      input_shapes: tuple[str, ...], as_json: bool, no_progress: bool) -> None:
     """Compress MODEL: a search strategy chooses which channels to remove and the bit-width of
     every remaining weight channel and activation; then quantization-aware fine-tuning, then
@@ -136,6 +175,8 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
       sequential  pruning alone searched to the budget (--target or --lambda) and
                   fine-tuned, then mixed precision (--weight-bits, --act-bits) on the
                   pruned model.
+      geta        explicit targets, one training run (GETA): --sparsity of the prunable
+                  group channels removed, every layer's width in --bits LO-HI; no --target.
 
     \b
     Examples:
@@ -148,7 +189,8 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
     Without --labels the loss distils the original model's outputs: unlabelled inputs suffice.
     """
     settings = check_flags(cost=cost, target=target, weight_bits=weight_bits, act_bits=act_bits, strategy=strategy,
-                           strategy_options=strategy_options, input_shapes=input_shapes, output=output)
+                           strategy_options=strategy_options, input_shapes=input_shapes, output=output,
+                           sparsity=sparsity, bits=bits)
     from plugin import api
 
     config = api.CompressConfig(

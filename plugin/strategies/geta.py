@@ -30,6 +30,7 @@ training, the exported grid is the uniform one ``graph_passes.qdq`` writes.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, ClassVar, Mapping
 
 from graph_passes.bitwidths import WEIGHT_BITS
@@ -121,9 +122,10 @@ class GetaStrategy:
             raise ConfigError(f"--sparsity {sparsity:g}: this model has no prunable channel groups "
                               "(`prunequant inspect` says why); use --sparsity 0")
         if n_remove > room:
+            most = math.floor(1000 * room / total) / 1000  # a 3-decimal sparsity that fits
             raise ConfigError(f"--sparsity {sparsity:g} would remove {n_remove} of the {total} prunable group "
                               f"channels, but every group keeps one, so at most {room} can go; use --sparsity "
-                              f"{room / total:.3f} or less" if total else "no prunable group channels")
+                              f"{most:.3f} or less")
         if s.epochs < 1:
             raise ConfigError("--strategy geta trains: --epochs must be at least 1")
         return self._run(problem, options, sparsity, lo, hi, widths, n_remove, total)
