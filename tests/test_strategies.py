@@ -96,3 +96,27 @@ def test_fix_pruned_forces_and_forbids_pruning() -> None:
     assert all(torch.isfinite(t).all() for t in net.thetas())
     # fixed channels are no longer candidates of the budget controller's threshold search
     assert len(net.prune_probabilities()) == candidates - (size - len(keep))
+
+
+def test_qat_never_ends_below_its_start() -> None:
+    """With validation data, QAT keeps the best epoch; a destructive learning rate ends on epoch 0
+    (the calibrated frozen plan) with exactly its validation figures."""
+    from plugin.data import load_dataset, input_specs
+    from plugin.engine.fakequant import FakeQuantModel
+    from plugin.engine.training import FinetuneConfig, finetune, validation_score
+
+    prepared = prepare_model(DIGITS)
+    data = load_dataset(TRAIN, input_specs(prepared.model))
+    train, held = data.split(0.2, seed=0)
+    net = FakeQuantModel.build(prepared.model, SearchConfig(progress=False), analysis=prepared.analysis)
+    net.calibrate(train)
+    plan = net.space.uniform_plan(8)
+    result = finetune(net, plan, train, FinetuneConfig(epochs=2, lr=1.0, max_steps_per_epoch=3, progress=False),
+                      validation=held)
+    assert [f["epoch"] for f in result.validation] == [0, 1, 2]
+    start = result.validation[0]
+    assert start["accuracy"] > 0.9  # the calibrated 8-bit start of the digits CNN
+    assert max(f["accuracy"] for f in result.validation[1:]) < start["accuracy"]  # lr 1.0 wrecks it
+    assert result.best_epoch == 0 and result.plan.metadata["finetune"]["best_epoch"] == 0
+    after = validation_score(net, held)
+    assert after["accuracy"] == start["accuracy"] and after["label_loss"] == pytest.approx(start["label_loss"])

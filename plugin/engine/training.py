@@ -46,6 +46,7 @@ class FinetuneConfig:
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
+    keep_best: bool = True  # with validation data: end on the best epoch (the start counts as epoch 0)
 
     def __post_init__(self) -> None:
         if self.task_loss not in TASK_LOSSES:
@@ -58,32 +59,95 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult:
-    """``plan``: the frozen plan with the fine-tuned weight scales and activation clips."""
+    """``plan``: the frozen plan with the fine-tuned weight scales and activation clips.
+    ``validation``: per epoch (0 = the frozen plan before any QAT step) the validation figures;
+    ``best_epoch``: the epoch the model ends on."""
 
     plan: CompressionPlan
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    validation: list[dict[str, float | None]] = field(default_factory=list)
+    best_epoch: int | None = None
 
 
 def finetune(model: FakeQuantModel, plan: CompressionPlan, data: Any,
-             config: FinetuneConfig | None = None) -> FinetuneResult:
-    """Freeze ``plan`` into ``model`` and train its weights and clips (Adam)."""
+             config: FinetuneConfig | None = None, validation: Any = None) -> FinetuneResult:
+    """Freeze ``plan`` into ``model`` and train its weights and clips (Adam).
+
+    With ``validation`` data and ``keep_best``, QAT never ends below its starting point: the frozen
+    (calibrated, searched) model is scored before the first step and after every epoch by
+    :func:`validation_score` (with labels: accuracy, then cross-entropy; without: the distillation
+    loss against the FP32 original), and the best state is restored at the end.
+    """
     config = config or FinetuneConfig()
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model.to(device)
     model.freeze(plan)
     optimiser = torch.optim.Adam(net_param_groups(model, config.weight_decay), lr=config.lr)
-    start, losses = time.perf_counter(), []
+    start, losses, figures = time.perf_counter(), [], []
+    track = validation is not None and config.keep_best
+    best: tuple[tuple[float, float], int, dict[str, torch.Tensor]] | None = None
+
+    def observe(epoch: int) -> None:
+        nonlocal best
+        figure = validation_score(model, validation, config.batch_size)
+        figures.append({"epoch": epoch, **figure})
+        # with labels: accuracy, then the labels' cross-entropy (the training objective); without:
+        # the distillation loss against the FP32 original
+        key = ((figure["accuracy"], -figure["label_loss"]) if figure["accuracy"] is not None
+               else (0.0, -figure["distill_loss"]))
+        if best is None or key > best[0]:
+            best = (key, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    if track:
+        observe(0)
     for epoch in range(config.epochs):
         losses.append(_epoch(model, data, config, optimiser, epoch, device))
         logger.info("fine-tune epoch %d/%d: task loss %.4f", epoch + 1, config.epochs, losses[-1])
+        if track:
+            observe(epoch + 1)
+    best_epoch = None
+    if best is not None:
+        best_epoch = best[1]
+        if best_epoch != config.epochs:
+            model.load_state_dict(best[2])
+            logger.info("fine-tune: ending on epoch %d of %d (best on validation data)", best_epoch, config.epochs)
     seconds = time.perf_counter() - start
     metadata = dict(plan.metadata)
     metadata["finetune"] = {"epochs": int(config.epochs), "lr": float(config.lr), "task_loss": config.task_loss,
-                            "final_loss": _finite(losses[-1]) if losses else None}
+                            "final_loss": _finite(losses[-1]) if losses else None, "best_epoch": best_epoch,
+                            "validation": figures}
     refreshed = model.frozen_plan(metadata=metadata, cost_models=list(plan.cost_after) or None)
-    return FinetuneResult(refreshed, losses, seconds)
+    return FinetuneResult(refreshed, losses, seconds, figures, best_epoch)
+
+
+@torch.no_grad()
+def validation_score(model: FakeQuantModel, data: Any, batch_size: int = 256) -> dict[str, float | None]:
+    """``accuracy`` and ``label_loss`` (top-1 and cross-entropy of the first output against the
+    labels; None without labels) and ``distill_loss`` (the distillation loss against the FP32
+    original: KL for class outputs, MSE otherwise), averaged over the samples of ``data``."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    correct = count = 0
+    loss_sum = label_sum = 0.0
+    has_labels = False
+    for inputs, labels in iterate_batches(data, model.input_names, batch_size, 0, device):
+        out = model(*inputs)
+        teacher = model.teacher_outputs(*inputs)
+        n = int(inputs[0].shape[0])
+        loss_sum += float(task_loss("distill_kl", out, teacher, None)) * n
+        count += n
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if labels is not None and first.ndim == 2:
+            has_labels = True
+            correct += int((first.argmax(dim=1) == labels).sum())
+            label_sum += float(task_loss("cross_entropy", out, None, labels)) * n
+    model.train(was_training)
+    return {"accuracy": correct / max(count, 1) if has_labels else None,
+            "label_loss": label_sum / max(count, 1) if has_labels else None,
+            "distill_loss": loss_sum / max(count, 1)}
 
 
 def _epoch(model: FakeQuantModel, data: Any, config: FinetuneConfig, optimiser: torch.optim.Optimizer,
