@@ -20,6 +20,7 @@ _BUILTINS: dict[str, str] = {
     "gradient": "plugin.strategies.gradient:GradientStrategy",
     "uniform": "plugin.strategies.uniform:UniformStrategy",
     "sequential": "plugin.strategies.sequential:SequentialStrategy",
+    "bayesian": "plugin.strategies.bayesian:BayesianStrategy",
     "geta": "plugin.strategies.geta:GetaStrategy",
 }
 _REGISTERED: dict[str, type] = {}
