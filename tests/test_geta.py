@@ -279,3 +279,20 @@ def test_short_run_meets_the_targets_exactly(tmp_path: Path) -> None:
     assert out.exists() and (tmp_path / "g.report.json").exists()
     events = [h["event"] for h in result.report["history"] if "event" in h]
     assert events.count("select") == events.count("commit") == 4
+
+
+def test_no_sparsity_one_width_and_no_cooldown(tmp_path: Path) -> None:
+    """sparsity 0 and bits 8-8 in one epoch (no cool-down epoch: the plan is frozen directly)."""
+    config = api.CompressConfig(strategy="geta", strategy_options={"sparsity": 0, "bits": "8-8"}, epochs=1,
+                                finetune_epochs=0, max_steps_per_epoch=3, progress=False)
+    plan = api.compress(DIGITS, TRAIN, config=config).plan
+    assert all(len(g.kept) == g.size for g in plan.groups.values())
+    assert {b for layer in plan.layers.values() for b in layer.bits} == {8}
+    assert plan.metadata["geta"]["epochs"] == {"qasso": 1, "cooldown": 0}
+
+
+def test_refuses_a_range_the_weight_widths_do_not_allow() -> None:
+    config = api.CompressConfig(strategy="geta", strategy_options={"bits": "2-8"}, weight_precisions=(0, 8),
+                                epochs=1, finetune_epochs=0, progress=False)
+    with pytest.raises(ConfigError, match="needs weight widths 2,4,8"):
+        api.compress(DIGITS, TRAIN, config=config)
