@@ -89,15 +89,77 @@ def load_model(
     src = _read_source(source, base_dir)
     model = src.model
     check_versions(model, src.label)
+    _drop_own_metadata(model, src.label)
     _load_external_data(model, src)
     if check:
         _run_checker(model, src)
+    _require_nonempty_weights(model, src.label)
     declared = [_copy(v) for v in model.graph.input] if input_shapes else None
     pin_input_shapes(model, input_shapes, src.label, batch=batch)
+    _require_sane_sizes(model.graph.input, src.label, "input")
     inferred = _infer_shapes(model, src.label, declared)
+    _require_sane_sizes([*inferred.graph.value_info, *inferred.graph.output], src.label, "tensor")
     logger.info("loaded %s: %d nodes, opsets %s", src.label, len(inferred.graph.node),
                 _opsets(inferred))
     return inferred
+
+
+#: the most elements one tensor may declare (4 GiB of float32): onnxruntime and numpy allocate
+#: inputs and intermediates of the declared shapes, so a larger one is refused before that
+MAX_TENSOR_ELEMENTS = 2**30
+#: metadata keys prunequant writes for itself; an input model's are dropped (never trusted)
+OWN_METADATA_PREFIX = "prunequant."
+
+
+def _drop_own_metadata(model: onnx.ModelProto, label: str) -> None:
+    own = [p.key for p in model.metadata_props if p.key.startswith(OWN_METADATA_PREFIX)]
+    if not own:
+        return
+    kept = [p for p in model.metadata_props if not p.key.startswith(OWN_METADATA_PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    logger.info("%s: ignoring its metadata %s (prunequant's own keys are recomputed)", label,
+                ", ".join(sorted(own)))
+
+
+def _tensor_elements(tensor: onnx.TensorProto) -> int:
+    n = 1
+    for d in tensor.dims:
+        n *= int(d)
+    return n
+
+
+def _require_nonempty_weights(model: onnx.ModelProto, label: str) -> None:
+    """A constant of rank >= 2 with no elements (a weight of shape [0, 3, 3, 3]) computes nothing;
+    refused here (empty rank-0/1 constants, such as Resize's empty roi, are legitimate)."""
+    for tensor, what in iter_tensors(model):
+        if len(tensor.dims) >= 2 and _tensor_elements(tensor) == 0:
+            dims = "x".join(str(d) for d in tensor.dims)
+            raise ModelLoadError(
+                f"{label}: {what} has shape {dims}, no elements; an empty weight cannot be pruned or "
+                "quantized - fix or re-export the model"
+            )
+
+
+def _require_sane_sizes(values: Sequence[onnx.ValueInfoProto], label: str, kind: str) -> None:
+    for value in values:
+        if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+            continue
+        n = 1
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value"):
+                if dim.dim_value < 0:
+                    raise ModelLoadError(f"{label}: {kind} {value.name!r} declares a negative dim "
+                                         f"{dim.dim_value}; fix or re-export the model")
+                n *= dim.dim_value
+        if n > MAX_TENSOR_ELEMENTS:
+            dims = "x".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                            for d in value.type.tensor_type.shape.dim)
+            raise UnsupportedModelError(
+                f"{label}: {kind} {value.name!r} has shape {dims}, {n:.3g} elements per run (the limit "
+                f"is {MAX_TENSOR_ELEMENTS:.3g}); pin smaller input shapes with --input-shape or "
+                "re-export the model with the shapes it is used at"
+            )
 
 
 def _copy(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
@@ -381,6 +443,23 @@ def _load_external_data(model: onnx.ModelProto, src: _Source) -> None:
     logger.info("%s: loaded %d external tensors from %s", src.label, len(external), base)
 
 
+#: external_data_paths parses model files up to this size (a model with external data is small)
+_EXTERNAL_SCAN_LIMIT = 256 * 1024 * 1024
+
+
+def external_data_paths(path: str | os.PathLike) -> list[str]:
+    """The files a model file's external tensors live in (absolute paths; nothing is loaded and
+    nothing is validated: :func:`load_model` does that). Empty for a file over 256 MiB, which
+    keeps its tensors inside. Used to refuse an output that would overwrite one of them."""
+    name = os.fsdecode(os.fspath(path))
+    if _stat(name).st_size > _EXTERNAL_SCAN_LIMIT:
+        return []
+    model = _parse(_read_file(name), f"model file {name!r}")
+    base = os.path.dirname(os.path.abspath(name))
+    locations = {_location(t) for t, _ in iter_tensors(model) if _is_external(t)}
+    return sorted(os.path.join(base, loc) for loc in locations if loc and "\0" not in loc)
+
+
 def _location(tensor: onnx.TensorProto) -> str:
     return next((e.value for e in tensor.external_data if e.key == "location"), "")
 
@@ -572,8 +651,11 @@ def _restore_tensors(model: onnx.ModelProto, stash: list[bytes]) -> None:
 # ---------------------------------------------------------------- can onnxruntime run it?
 
 
-def check_runnable(model: onnx.ModelProto) -> None:
-    """Raise UnsupportedModelError if onnxruntime (CPU) cannot run the model's opsets or ops."""
+def check_runnable(model: onnx.ModelProto, smoke: bool = True) -> None:
+    """Raise UnsupportedModelError if onnxruntime (CPU) cannot run the model's opsets or ops,
+    and (``smoke``) ModelLoadError if it refuses to run the model once on random inputs (an
+    invalid model the checker passes: a Conv whose ``group`` does not divide its channels, a
+    ``kernel_shape`` that contradicts the weight...)."""
     _check_ort_opsets(model)
     missing = _ops_without_kernel(model)
     if missing:
@@ -586,6 +668,33 @@ def check_runnable(model: onnx.ModelProto) -> None:
             "must run the model to verify it - replace them with standard ONNX ops or re-export "
             "without custom ops"
         )
+    if smoke:
+        _smoke_run(model)
+
+
+def _smoke_run(model: onnx.ModelProto) -> None:
+    from .ort_utils import random_feeds
+
+    try:
+        session = make_session(model)
+        feeds = random_feeds(session, seed=0)
+    except ValueError:
+        return  # an input type random inputs cannot be made for: the callers report it
+    except Exception as exc:  # onnxruntime's own exception classes
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise ModelLoadError(f"onnxruntime cannot load the model: {_ort_reason(exc)}; the model is invalid "
+                             "(the checker does not catch this) - fix or re-export it") from None
+    try:
+        session.run(None, feeds)
+    except MemoryError:
+        raise UnsupportedModelError("onnxruntime runs out of memory running the model once; pin smaller "
+                                    "input shapes with --input-shape") from None
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise ModelLoadError(f"onnxruntime cannot run the model: {_ort_reason(exc)}; the model is invalid "
+                             "(the checker does not catch this) - fix or re-export it") from None
 
 
 def _ops_without_kernel(model: onnx.ModelProto) -> Counter[tuple[str, str]]:

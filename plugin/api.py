@@ -151,6 +151,66 @@ def torch_threads(threads: int | None, macs: int) -> Iterator[None]:
 # ----------------------------------------------------------------------------- inputs and outputs
 
 
+def _check_config(config: CompressConfig) -> None:
+    """ConfigError naming the option, before any work (the CLI checks the same through click)."""
+    def integer(name: str, value: Any, low: int, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            flag = name.replace("_", "-")
+            raise ConfigError(f"{name} (--{flag}) must be an integer >= {low}"
+                              f"{' or None' if allow_none else ''}, got {value!r}")
+
+    integer("threads", config.threads, 1, allow_none=True)
+    integer("epochs", config.epochs, 0)
+    integer("finetune_epochs", config.finetune_epochs, 0)
+    integer("batch_size", config.batch_size, 1)
+    integer("max_steps_per_epoch", config.max_steps_per_epoch, 1, allow_none=True)
+    integer("seed", config.seed, 0)
+    held = config.held_out
+    if isinstance(held, bool) or not isinstance(held, (int, float)) or not 0 < held < 1:
+        raise ConfigError(f"held_out must be a fraction between 0 and 1 (exclusive), got {held!r}")
+    top1 = config.min_top1_agreement
+    if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not 0 <= top1 <= 100:
+        raise ConfigError(f"min_top1_agreement must be a percentage in [0, 100], got {top1!r}")
+    if config.lam is not None and (isinstance(config.lam, bool) or not isinstance(config.lam, (int, float))
+                                   or not np.isfinite(config.lam) or config.lam < 0):
+        raise ConfigError(f"--lambda must be a finite number >= 0, got {config.lam!r}")
+
+
+def _check_finite_weights(prepared: Any) -> None:
+    """UnsupportedModelError naming the first weight or bias holding NaN or Inf: a quantization
+    scale cannot be computed from it (checked before any training)."""
+    from onnx import numpy_helper
+
+    from graph_passes.errors import UnsupportedModelError
+
+    wanted: dict[str, str] = {}
+    for layer in prepared.analysis.layers:
+        wanted[layer.weight] = f"weight of layer {layer.name!r}"
+        if layer.bias:
+            wanted[layer.bias] = f"bias of layer {layer.name!r}"
+    for tensor in prepared.model.graph.initializer:
+        if tensor.name not in wanted:
+            continue
+        values = numpy_helper.to_array(tensor)
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            bad = int(np.size(values) - np.isfinite(values).sum())
+            raise UnsupportedModelError(
+                f"the {wanted[tensor.name]} ({tensor.name!r}) holds {bad} NaN/Inf value(s); it cannot be "
+                "quantized - fix the model (the training diverged or the export broke)")
+
+
+def _check_label_classes(dataset: Dataset, model: onnx.ModelProto) -> None:
+    """DataError up front when a label is not a class of the model's first output ([N, C])."""
+    if dataset.labels is None or not model.graph.output:
+        return
+    shape = model.graph.output[0].type.tensor_type.shape
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+    if len(dims) == 2 and dims[1] is not None and dims[1] > 1:
+        dataset.require_num_classes(dims[1], f"the model's output {model.graph.output[0].name!r}")
+
+
 def _same_file(a: str | os.PathLike, b: Any) -> bool:
     if not isinstance(b, (str, os.PathLike)):
         return False
@@ -162,13 +222,35 @@ def _same_file(a: str | os.PathLike, b: Any) -> bool:
 
 
 def check_output_not_input(output: str | os.PathLike, **inputs: Any) -> None:
-    """An output (or one of its sidecars) must never replace an input (the model, data, plan...)."""
-    targets = [Path(output)] + [Path(p) for p in sidecar_paths(output)]
-    for what, source in inputs.items():
+    """An output (the model, its ``.data``, NAME.plan.json, NAME.report.json) must never replace an
+    input (the model and its external data files, data, labels, plan...), by name, symlink or hard
+    link; and no output may land on a directory or a special file (checked before any work)."""
+    from graph_passes.writing import check_target
+
+    targets = [Path(output), Path(f"{output}.data")] + [Path(p) for p in sidecar_paths(output)]
+    for target in targets[1:]:
+        check_target(target, "sidecar file" if target.suffix == ".json" else "external data file")
+    sources = dict(inputs)
+    model = inputs.get("model")
+    if isinstance(model, (str, os.PathLike)):
+        for i, path in enumerate(_external_data_files(model)):
+            sources[f"external data file #{i + 1} of the model"] = path
+    for what, source in sources.items():
         for target in targets:
             if _same_file(target, source):
                 raise OutputError(f"the output {str(target)!r} is the {what} given as input; choose another "
                                   "-o so that nothing you gave is overwritten")
+
+
+def _external_data_files(model: str | os.PathLike) -> list[str]:
+    """The external data files a model file names (the file is parsed; its external data is not read)."""
+    from graph_passes.errors import PrunequantError
+    from graph_passes.loading import external_data_paths
+
+    try:
+        return external_data_paths(model)
+    except (PrunequantError, OSError):
+        return []  # loading the model reports what is wrong with it
 
 
 def sidecar_paths(output: str | os.PathLike) -> list[str]:
@@ -215,6 +297,7 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
     from .targets import default_target, parse_target
 
     config = copy.deepcopy(config or CompressConfig())
+    _check_config(config)
     precisions = config.precisions()
     if config.lam is not None and config.target is not None:
         raise ConfigError("give either a lambda or a target budget, not both")
@@ -233,11 +316,13 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
     timer = _Timer()
     with timer.phase("prepare"):
         prepared = prepare_model(model, config.input_shapes)
+        _check_finite_weights(prepared)
     with timer.phase("dry_run"):
         dry = dry_run_export(prepared.model, prepared.analysis, precisions.weight_widths, precisions.activations,
                              prunes=precisions.prunes)
     with timer.phase("data"):
         dataset = data if isinstance(data, Dataset) else load_dataset(data, input_specs(prepared.model), labels)
+        _check_label_classes(dataset, prepared.model)
         if len(dataset) < 2:
             raise DataError(f"{dataset.source}: need at least 2 samples (some are held out for validation)")
         train, held = dataset.split(config.held_out, seed=config.seed)
@@ -465,6 +550,7 @@ def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.Pa
     with timer.phase("prepare"):
         prepared = prepare_model(model, input_shapes or {})
         plan.check_model_hash(model_digest(prepared.original))
+        _check_finite_weights(prepared)
     space = SearchSpace(prepared.analysis, _plan_precisions(plan), model_sha256=plan.model_sha256)
     layer_bits = {name: lp.bits for name, lp in plan.layers.items()}
     missing = sorted(set(space.layers) - set(layer_bits))
@@ -479,6 +565,7 @@ def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.Pa
                                                       "versions": _versions()}))
     if data is not None:
         dataset = data if isinstance(data, Dataset) else load_dataset(data, input_specs(prepared.model), labels)
+        _check_label_classes(dataset, prepared.model)
         held = dataset
     else:
         held = _random_inputs(prepared.model, 16, seed)

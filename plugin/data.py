@@ -403,7 +403,82 @@ def _require_file(path: Path, what: str, flag: str) -> None:
         raise DataError(f"{what} is not a regular file; pass a .npy or .npz file")
 
 
+#: one array of a data file may hold at most this many bytes (split larger data into a folder of
+#: files); an .npz member's declared uncompressed size is checked against it before decompressing
+MAX_ARRAY_BYTES = 4 * 1024**3
+#: an .npz member over 64 MiB that would expand more than this many times is a zip bomb
+MAX_COMPRESSION_RATIO = 1000
+
+
+def _header_bytes(handle: Any, what: str, name: str) -> int:
+    """The data bytes an .npy header (at the handle's position) declares; DataError for a
+    malformed header, an object dtype or a declared size over MAX_ARRAY_BYTES."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(handle)
+        reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = reader(handle, max_header_size=10000) if version != (3, 0) else (
+            fmt._read_array_header(handle, version, max_header_size=10000))  # noqa: SLF001
+    except (ValueError, EOFError, OSError, SyntaxError) as exc:
+        raise DataError(_load_failure(what, exc)) from exc
+    if dtype.hasobject:
+        raise DataError(_load_failure(what, ValueError("Object arrays cannot be loaded when allow_pickle=False")))
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    nbytes = count * dtype.itemsize
+    if nbytes > MAX_ARRAY_BYTES:
+        raise DataError(f"{what}: {name} declares shape [{dims_text(shape)}] of {dtype} = {nbytes:.3g} bytes, "
+                        f"over the {MAX_ARRAY_BYTES:.3g}-byte limit of one array; split the data into a "
+                        "folder of smaller files (or the file is corrupt)")
+    return nbytes
+
+
+def _check_npy_header(path: Path, what: str) -> None:
+    """Refuse an .npy whose header declares more data than the file holds, before allocating."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            nbytes = _header_bytes(handle, what, "the array")
+            offset = handle.tell()
+    except OSError as exc:
+        raise DataError(_load_failure(what, exc)) from exc
+    if offset + nbytes > size:
+        raise DataError(f"{what}: its header declares {nbytes:,} bytes of data but the file holds "
+                        f"{max(0, size - offset):,}; the file is truncated or corrupt - save it again")
+
+
+def _check_npz_members(path: Path, what: str) -> None:
+    """Before anything is decompressed: every member's declared uncompressed size, its .npy
+    header (read from the first bytes) and the compression ratio must be sane."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = f"member {info.filename!r}"
+                if info.file_size > MAX_ARRAY_BYTES + 65536:
+                    raise DataError(f"{what}: {name} declares {info.file_size:.3g} uncompressed bytes, over the "
+                                    f"{MAX_ARRAY_BYTES:.3g}-byte limit of one array; split the data into a "
+                                    "folder of smaller files")
+                if (info.file_size > 64 * 1024**2
+                        and info.file_size > MAX_COMPRESSION_RATIO * max(1, info.compress_size)):
+                    raise DataError(f"{what}: {name} would expand {info.file_size / max(1, info.compress_size):,.0f}"
+                                    " times (a zip bomb?); refusing to decompress it")
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as handle:
+                    nbytes = _header_bytes(handle, what, name)
+                if nbytes > info.file_size:
+                    raise DataError(f"{what}: {name} declares {nbytes:,} bytes of data but holds "
+                                    f"{info.file_size:,}; the file is corrupt - save it again")
+    except DataError:
+        raise
+    except _LOAD_ERRORS as exc:
+        raise DataError(_load_failure(what, exc)) from exc
+
+
 def _np_load(path: Path, what: str) -> np.ndarray:
+    if path.suffix.lower() != ".npz":
+        _check_npy_header(path, what)
     try:
         return np.load(path, allow_pickle=False)
     except _LOAD_ERRORS as exc:
@@ -411,6 +486,10 @@ def _np_load(path: Path, what: str) -> np.ndarray:
 
 
 def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    if zipfile.is_zipfile(path):
+        _check_npz_members(path, what)
+    else:  # np.load reads it as a plain .npy (and says so below): its header first
+        _check_npy_header(path, what)
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):

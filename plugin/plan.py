@@ -70,6 +70,26 @@ def _require_positive_number(value: object, where: str) -> float:
     return float(value)
 
 
+#: sane ranges of a plan's numbers. An activation clip is the largest magnitude an activation
+#: keeps: outside [1e-6, 1e6] an 8-bit step is below float32 resolution of typical activations or
+#: larger than any of them (every value rounds to 0: a model at chance accuracy). A weight scale
+#: (clip / levels of one channel) outside [1e-12, 1e12] is no float32 weight's. apply_plan
+#: recomputes weight scales from the weights anyway; the gate checks the rest.
+CLIP_RANGE = (1e-6, 1e6)
+SCALE_RANGE = (1e-12, 1e12)
+#: a plan file larger than this is refused before it is read (a resnet50 plan is ~2 MB)
+MAX_PLAN_BYTES = 64 * 1024 * 1024
+
+
+def _require_in_range(value: object, where: str, bounds: tuple[float, float]) -> float:
+    number = _require_positive_number(value, where)
+    low, high = bounds
+    if not low <= number <= high:
+        raise PlanError(f"{where} = {value!r} is outside the sane range [{low:g}, {high:g}]; the plan is "
+                        "corrupt or was edited - re-create it")
+    return number
+
+
 def _require_int_list(values: object, where: str) -> tuple[int, ...]:
     if not isinstance(values, (list, tuple)):
         raise PlanError(f"{where} must be a list of integers, got {type(values).__name__}")
@@ -150,7 +170,7 @@ class LayerPlan:
             raise PlanError(f"layer.scales must be a list of numbers or null, got {type(self.scales).__name__}")
         if len(self.scales) != n_channels:
             raise PlanError(f"layer.scales has {len(self.scales)} entries but bits has {n_channels}")
-        return tuple(_require_positive_number(s, f"layer.scales[{i}]") for i, s in enumerate(self.scales))
+        return tuple(_require_in_range(s, f"layer.scales[{i}]", SCALE_RANGE) for i, s in enumerate(self.scales))
 
     @property
     def kept(self) -> tuple[int, ...]:
@@ -171,7 +191,7 @@ class ActivationPlan:
             raise PlanError(f"activation.bits = {self.bits!r} is not one of {sorted(ACTIVATION_BITS)}")
         if not isinstance(self.signed, bool):
             raise PlanError(f"activation.signed must be true or false, got {self.signed!r}")
-        object.__setattr__(self, "clip", _require_positive_number(self.clip, "activation.clip"))
+        object.__setattr__(self, "clip", _require_in_range(self.clip, "activation.clip", CLIP_RANGE))
 
 
 def _checked_costs(costs: Mapping[str, Any], where: str) -> dict[str, float]:
@@ -279,6 +299,8 @@ class CompressionPlan:
             return cls.from_dict(data)
         except PlanError as error:
             raise PlanError(f"{source}: {error.message}") from None
+        except RecursionError:
+            raise PlanError(f"{source}: JSON nested too deeply to be a plan; re-create the plan") from None
         except (ValueError, UnicodeDecodeError) as error:
             raise PlanError(f"{source}: not valid JSON ({error}); re-create the plan") from None
 
@@ -294,11 +316,7 @@ class CompressionPlan:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CompressionPlan:
         source = Path(path)
-        try:
-            raw = source.read_bytes()
-        except OSError as error:
-            raise InputFileError(f"cannot read plan {source}: {error.strerror or error}; check the path") from None
-        return cls.from_json(raw, source=str(source))
+        return cls.from_json(_read_plan_file(source), source=str(source))
 
     # ------------------------------------------------------------------ model identity
 
@@ -314,6 +332,32 @@ class CompressionPlan:
 
 
 # ----------------------------------------------------------------------------- parsing helpers
+
+
+def _read_plan_file(source: Path) -> bytes:
+    """The bytes of a plan file: a regular file (a FIFO would block, /dev/zero never ends, a
+    directory is no plan) of at most MAX_PLAN_BYTES, checked before reading."""
+    import stat
+
+    try:
+        info = os.stat(source)
+    except OSError as error:
+        raise InputFileError(f"cannot read plan {source}: {error.strerror or error}; check the path") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise InputFileError(f"plan {source} is a directory; pass the NAME.plan.json file inside it")
+    if not stat.S_ISREG(info.st_mode):
+        raise InputFileError(f"plan {source} is not a regular file (a FIFO or a device?); pass a plan .json file")
+    if info.st_size > MAX_PLAN_BYTES:
+        raise InputFileError(f"plan {source} has {info.st_size:,} bytes, more than any plan "
+                             f"({MAX_PLAN_BYTES:,}); pass the NAME.plan.json that compress wrote")
+    try:
+        with open(source, "rb") as handle:
+            raw = handle.read(MAX_PLAN_BYTES + 1)
+    except OSError as error:
+        raise InputFileError(f"cannot read plan {source}: {error.strerror or error}; check the path") from None
+    if len(raw) > MAX_PLAN_BYTES:
+        raise InputFileError(f"plan {source} grew past {MAX_PLAN_BYTES:,} bytes while being read; pass a plan file")
+    return raw
 
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:

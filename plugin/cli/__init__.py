@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from .errors import UsageCodeGroup
+from .errors import UsageCodeGroup, install_signal_handlers
 
 
 def _configure_logging(verbose: int) -> None:
@@ -33,9 +33,13 @@ def main(verbose: int, debug: bool) -> None:
 
     \b
     Exit codes: 0 ok; 1-14 a mistake in the input (the one-line message says which, the README
-    lists them); 64 a malformed command line; 70 a prunequant bug; 130 interrupted.
+    lists them); 64 a malformed command line; 70 a prunequant bug; 130 interrupted (Ctrl-C,
+    SIGTERM or SIGHUP; nothing is left behind).
     """
     _configure_logging(2 if debug else verbose)
+    # SIGTERM/SIGHUP end a command like Ctrl-C (cleanup, exit 130); the previous handlers come
+    # back when the command ends (the process is the caller's when run in-process)
+    click.get_current_context().call_on_close(install_signal_handlers())
 
 
 def _register_commands() -> None:

@@ -3,7 +3,8 @@
 Every error a user can cause is a :class:`~graph_passes.errors.PrunequantError`: the command
 prints its one-line message and exits with the error's ``exit_code`` (1-14). A malformed
 command line (unknown option, missing argument, bad option type) is a click usage error:
-:data:`EXIT_USAGE`. Ctrl-C: :data:`EXIT_INTERRUPTED`. Anything else is a bug: one line asking for
+:data:`EXIT_USAGE`. Ctrl-C (SIGINT), SIGTERM and SIGHUP: :data:`EXIT_INTERRUPTED`, after every
+cleanup has run (staged outputs removed; see :func:`install_signal_handlers`). Anything else is a bug: one line asking for
 a report (``--debug`` shows the traceback), :data:`EXIT_INTERNAL`.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
+import threading
 from typing import Any, Callable, TypeVar
 
 import click
@@ -26,6 +29,50 @@ EXIT_INTERNAL = 70  # EX_SOFTWARE: a prunequant bug
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: SIGTERM (CI timeouts, Kubernetes) and SIGHUP (a closed terminal) end a command like Ctrl-C
+TERMINATING_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread so that every ``finally`` (staged outputs,
+    torch's thread count) runs; the command exits with :data:`EXIT_INTERRUPTED`."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> Callable[[], None]:
+    """SIGTERM/SIGHUP raise :class:`Interrupted` (main thread only; ignored signals stay ignored);
+    returns the function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous: dict[int, Any] = {}
+    for sig in TERMINATING_SIGNALS:
+        old = signal.getsignal(sig)
+        if old is signal.SIG_IGN:
+            continue
+        previous[sig] = old
+        signal.signal(sig, _raise_interrupted)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+    return restore
 
 
 def error_classes() -> dict[str, type[PrunequantError]]:
@@ -48,8 +95,12 @@ def handle_errors(fn: F) -> F:
                 logger.exception("error")
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
+        except KeyboardInterrupt as exc:
+            # a second signal while the message is printed or handlers restored must not turn
+            # into a traceback: ignore them from here on
+            _ignore_interrupts()
+            what = exc.signal_name if isinstance(exc, Interrupted) else "Ctrl-C"
+            click.echo(f"interrupted ({what}): nothing was written, staged files were removed", err=True)
             ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise  # click's own: usage errors get EXIT_USAGE in UsageCodeGroup
@@ -65,6 +116,24 @@ def handle_errors(fn: F) -> F:
             ctx.exit(EXIT_INTERNAL)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _ignore_interrupts() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *TERMINATING_SIGNALS)}
+    for sig in previous:
+        signal.signal(sig, signal.SIG_IGN)
+
+    def restore() -> None:  # the caller (CliRunner in tests, an embedding program) gets them back
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.find_root().call_on_close(restore)
+    else:  # pragma: no cover - handle_errors always runs inside a click context
+        restore()
 
 
 class UsageCodeGroup(click.Group):
@@ -87,5 +156,5 @@ class UsageCodeGroup(click.Group):
             raise
 
 
-__all__ = ["EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "UsageCodeGroup", "error_classes",
-           "handle_errors"]
+__all__ = ["EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "Interrupted", "UsageCodeGroup",
+           "error_classes", "handle_errors", "install_signal_handlers"]
