@@ -100,7 +100,8 @@ def handle_errors(fn: F) -> F:
             # into a traceback: ignore them from here on
             _ignore_interrupts()
             what = exc.signal_name if isinstance(exc, Interrupted) else "Ctrl-C"
-            click.echo(f"interrupted ({what}): nothing was written, staged files were removed", err=True)
+            click.echo(f"interrupted ({what}): no partial output was left behind (the model, plan and report "
+                       "are written all together or not at all)", err=True)
             ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise  # click's own: usage errors get EXIT_USAGE in UsageCodeGroup
