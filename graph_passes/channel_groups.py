@@ -8,7 +8,9 @@ Propagation walks the graph in topological order and asks each op's rule how cha
   conv, plus whatever they were tied to), so one search variable per group channel can be shared
   by every layer of the group;
 * a group is prunable when none of its atoms is blocked. Graph inputs and outputs, ops without a
-  rule and ops that mix channels without weights block, and the reason is kept.
+  rule and ops that mix channels without weights block, and the reason is kept; so does a
+  weight, bias or per-channel constant that another node reads, in the main graph or inside an
+  If/Loop/Scan body (pruning would shrink it under that reader).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import onnx
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .graph import ModelGraph
+from .graph import ModelGraph, subgraph_references
 from .layers import ActivationSite, WeightLayer, activation_sites, describe_weight_layer
 from .layouts import AtomTable, Layout
 from .op_rules import PropagationContext, find_rule
@@ -221,16 +223,50 @@ def _attach_members(ctx, groups, atom_group, atom_channel, layers) -> None:
             add("passthrough", tensor, ctx.graph.producer.get(tensor), layout)
 
 
+def _block_foreign_readers(ctx: PropagationContext, layers: list[WeightLayer]) -> None:
+    """Pruning slices a layer's weight and bias and every per-channel constant; a node other
+    than their owner that reads one of them (above all a node of an If/Loop/Scan body, which the
+    rules never see) would then compute with a shrunk tensor. Block the channels indexing it,
+    with the reason."""
+    graph = ctx.graph
+    sliced: list[tuple[str, str, list[str]]] = []  # (initializer, owner node, tensors indexing it)
+    for layer in layers:
+        for const in (layer.weight, layer.bias):
+            if const:
+                sliced.append((const, layer.name, [layer.output, layer.input]))
+    for node, const, tensor in ctx.constants:
+        sliced.append((const, node, [tensor]))
+    readers_inside = {}
+    for name, node in graph.nodes.items():
+        for ref in subgraph_references(node):
+            readers_inside.setdefault(ref, name)
+    for const, owner, tensors in sliced:
+        if const not in graph.initializers:
+            continue
+        if const in readers_inside:
+            reader = readers_inside[const]
+            why = (f"initializer '{const}' (of '{owner}') is read inside a subgraph of "
+                   f"{graph.nodes[reader].op_type} node '{reader}'")
+        else:
+            others = [n for n in graph.consumers.get(const, []) if n != owner]
+            if not others:
+                continue
+            why = f"initializer '{const}' (of '{owner}') is also read by node '{others[0]}'"
+        for tensor in tensors:
+            ctx.block(tensor, why)
+
+
 def analyse(model: onnx.ModelProto) -> ChannelAnalysis:
     """Analyse a normalised model with static shapes: layers, sites and channel groups."""
     graph = ModelGraph.build(model)
     ctx = _propagate(graph)
-    groups, atom_group, atom_channel = _form_groups(ctx)
     layers = []
     for name, node in graph.nodes.items():
         layer = describe_weight_layer(name, node, graph)
         if layer is not None:
             layers.append(layer)
+    _block_foreign_readers(ctx, layers)
+    groups, atom_group, atom_channel = _form_groups(ctx)
     _attach_members(ctx, groups, atom_group, atom_channel, layers)
     for layer in layers:
         out_layout = ctx.layouts.get(layer.output)

@@ -111,8 +111,10 @@ def check_output_path(path: str | os.PathLike, extra_names: Iterable[str] = ()) 
         raise OutputError(f"{str(parent)!r} is not a directory; cannot write {out.name!r} there")
     try:  # os.access lies for root and for read-only mounts: try for real
         fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.close(fd)
+        finally:  # even when interrupted right here
+            os.unlink(probe)
     except OSError as exc:
         raise OutputError(f"cannot write to output directory {str(parent)!r}: "
                           f"{exc.strerror or exc}; choose a writable location") from exc
