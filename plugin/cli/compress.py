@@ -113,6 +113,22 @@ def _explicit_targets(strategy: str, options: dict[str, Any], sparsity: float | 
     return (0, *range_widths(lo, hi))
 
 
+def _study_flags(strategy: str, options: tuple[str, ...], **flags: Any) -> tuple[str, ...]:
+    """``--trials/--study/--storage/--resume`` -> ``-S`` options of ``--strategy bayesian``; refused
+    (one line) with any other strategy or when the same option is also given with ``-S``."""
+    given = {name: value for name, value in flags.items() if value not in (None, False)}
+    if not given:
+        return options
+    names = ", ".join(f"--{name}" for name in given)
+    if strategy != "bayesian":
+        raise ConfigError(f"{names}: only --strategy bayesian keeps a study; drop them or use --strategy bayesian")
+    named = {text.partition("=")[0].strip() for text in options}
+    for name in given:
+        if name in named:
+            raise ConfigError(f"--{name} and -S {name}=...: give one of them")
+    return (*options, *(f"{name}={value}" for name, value in given.items()))
+
+
 @click.command("compress")
 @click.argument("model", type=str)
 @click.option("--data", required=True,
@@ -144,6 +160,15 @@ def _explicit_targets(strategy: str, options: dict[str, Any], sparsity: float | 
               help="--strategy geta: fraction of the prunable group channels to remove, in [0, 1) [default: 0.3].")
 @click.option("--bits", default=None, metavar="LO-HI",
               help="--strategy geta: weight bit-width range, ends from 2, 4, 8 (e.g. 2-8) [default: 2-8].")
+@click.option("--trials", type=click.IntRange(min=1), default=None, metavar="N",
+              help="--strategy bayesian: completed trials the study ends with, over all its workers [default: 40].")
+@click.option("--study", "study", default=None, metavar="NAME",
+              help="--strategy bayesian: the optuna study's name [default: bayesian-<model hash>].")
+@click.option("--storage", default=None, metavar="URL|FILE",
+              help="--strategy bayesian: optuna storage shared by workers, an RDB URL (sqlite:///s.db, "
+                   "postgresql://...) or a journal file [default: OUT.study.db beside -o].")
+@click.option("--resume", is_flag=True,
+              help="--strategy bayesian: continue (or join) the existing study of that name.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Same seed, same data, same plan (on CPU).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -157,7 +182,8 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
                      epochs: int, finetune_epochs: int, batch_size: int, weight_bits: str | None,
                      act_bits: str | None, sparsity: float | None, bits: str | None, device: str, seed: int,
                      threads: int | None,
-                     input_shapes: tuple[str, ...], as_json: bool, no_progress: bool) -> None:
+                     input_shapes: tuple[str, ...], as_json: bool, no_progress: bool, trials: int | None = None,
+                     study: str | None = None, storage: str | None = None, resume: bool = False) -> None:
     """Compress MODEL: a search strategy chooses which channels to remove and the bit-width of
     every remaining weight channel and activation; then quantization-aware fine-tuning, then
     export to a QDQ ONNX model that is validated (checker, onnxruntime, agreement with the
@@ -177,6 +203,9 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
                   pruned model.
       geta        explicit targets, one training run (GETA): --sparsity of the prunable
                   group channels removed, every layer's width in --bits LO-HI; no --target.
+      bayesian    uniform quantization (-S bits), then optuna chooses a pruning ratio per
+                  channel group (--trials, --target or --lambda); the study is kept in
+                  OUT.study.db (--resume) or shared by workers (--storage URL --study NAME).
 
     \b
     Examples:
@@ -188,6 +217,8 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
 
     Without --labels the loss distils the original model's outputs: unlabelled inputs suffice.
     """
+    strategy_options = _study_flags(strategy, strategy_options, trials=trials, study=study, storage=storage,
+                                    resume=resume)
     settings = check_flags(cost=cost, target=target, weight_bits=weight_bits, act_bits=act_bits, strategy=strategy,
                            strategy_options=strategy_options, input_shapes=input_shapes, output=output,
                            sparsity=sparsity, bits=bits)

@@ -156,6 +156,15 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(verbosity)
 
 
+RECORD = "prunequant"
+
+
+def _attrs(trial: Any) -> dict[str, Any]:
+    """A trial's record (one user attribute, see ``objective``) plus its other user attributes."""
+    attrs = dict(trial.user_attrs)
+    return {**attrs.pop(RECORD, {}), **attrs}
+
+
 def _settings_mismatch(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
     return [f"{k}: study {recorded.get(k)!r}, this run {v!r}" for k, v in wanted.items() if recorded.get(k) != v]
 
@@ -270,7 +279,7 @@ class _Search:
 
         # the budget as a constraint: optuna >= 5 reads Trial.set_constraint; older ones a callback
         legacy = {} if hasattr(optuna.trial.Trial, "set_constraint") else {
-            "constraints_func": lambda t: [float(t.user_attrs.get("constraint", 0.0))]}
+            "constraints_func": lambda t: [float(_attrs(t).get("constraint", 0.0))]}
         if self.sampler_name == "tpe":
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
                                               constant_liar=True, **legacy)
@@ -324,6 +333,15 @@ class _Search:
             study.enqueue_trial({f"keep:{g}": ratio for g in self.groups}, user_attrs={"start": f"uniform {ratio:g}"})
 
     def objective(self, trial: optuna.trial.Trial) -> float:
+        """One trial; its record goes into the storage as one user attribute (one write)."""
+        rec: dict[str, Any] = {}
+        try:
+            return self._objective(trial, rec)
+        finally:
+            if rec:
+                trial.set_user_attr(RECORD, rec)
+
+    def _objective(self, trial: optuna.trial.Trial, rec: dict[str, Any]) -> float:
         import optuna
         from optuna.trial import TrialState
 
@@ -331,41 +349,49 @@ class _Search:
         alive = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
         if sum(1 for t in alive if t.number < trial.number) >= self.trials:
             study.stop()
-            trial.set_user_attr("skipped", "the study already has its trials")
+            rec["skipped"] = "the study already has its trials"
             raise optuna.TrialPruned("the study already has its trials")
         ratios = {g: trial.suggest_float(f"keep:{g}", self.min_keep, 1.0, step=self.step) for g in self.groups}
         plan = self.plan(ratios)
         cost = float(plan.cost_after[self.cost_name])
         key = self._key(ratios)
-        trial.set_user_attr("key", key)
-        trial.set_user_attr("worker", os.getpid())
-        trial.set_user_attr("kept", {g: len(k) for g, k in self.kept(ratios).items()})
-        trial.set_user_attr("cost", {k: v / plan.cost_before[k] for k, v in plan.cost_after.items()
-                                     if plan.cost_before.get(k)})
-        trial.set_user_attr("cost_abs", cost)
+        rec["key"] = key
+        rec["worker"] = os.getpid()
+        rec["kept"] = {g: len(k) for g, k in self.kept(ratios).items()}
+        rec["cost"] = {k: v / plan.cost_before[k] for k, v in plan.cost_after.items() if plan.cost_before.get(k)}
+        rec["cost_abs"] = cost
         feasible = self.feasible(cost)
-        trial.set_user_attr("feasible", feasible)
+        rec["feasible"] = feasible
         constraint = 0.0 if self.target_abs is None else cost / self.target_abs - 1.0
-        trial.set_user_attr("constraint", constraint)
+        rec["constraint"] = constraint
         if hasattr(trial, "set_constraint"):
             trial.set_constraint("budget", constraint)
         if not feasible:
-            trial.set_user_attr("evaluated", False)
+            rec["evaluated"] = False
             return -cost / float(self.target_abs)
-        for done in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if done.user_attrs.get("key") == key and done.user_attrs.get("evaluated"):
-                trial.set_user_attr("duplicate_of", done.number)
+        # the same kept channels as a trial evaluated already, or being evaluated by a worker that
+        # started it first: not evaluated again (the key is written before the check, so of two
+        # workers starting the same plan at once, the one with the higher trial number yields)
+        trial.set_user_attr("key", key)
+        for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+            if other.number == trial.number or _attrs(other).get("key") != key:
+                continue
+            if other.state == TrialState.COMPLETE and _attrs(other).get("evaluated"):
+                rec["duplicate_of"] = other.number
                 for attr in ("score", "accuracy", "agreement", "distill_loss"):
-                    trial.set_user_attr(attr, done.user_attrs.get(attr))
-                trial.set_user_attr("evaluated", False)
-                return float(done.value)
+                    rec[attr] = _attrs(other).get(attr)
+                rec["evaluated"] = False
+                return float(other.value)
+            if other.state == TrialState.RUNNING and other.number < trial.number:
+                rec["duplicate_of"] = other.number
+                raise optuna.TrialPruned(f"trial {other.number} is evaluating the same plan")
         assert self.evaluator is not None
         evaluation = self.evaluator.evaluate(plan)
         for attr, value in (("score", evaluation.score), ("accuracy", evaluation.accuracy),
                             ("agreement", evaluation.agreement), ("distill_loss", evaluation.distill_loss),
                             ("seconds", evaluation.seconds), ("forward_passes", evaluation.forward_passes)):
-            trial.set_user_attr(attr, value)
-        trial.set_user_attr("evaluated", True)
+            rec[attr] = value
+        rec["evaluated"] = True
         if self.lam is not None:
             return evaluation.score - self.lam * cost / self.before
         return evaluation.score
@@ -403,10 +429,10 @@ class _Search:
         history.append({"kind": "evaluator", **stats})
         history.append({"kind": "study", "name": self.study_name, "storage": where, "sampler": self.sampler_name,
                         "completed_trials": len(trials), "best_trial": best.number,
-                        "best_score": best.user_attrs.get("score"),
+                        "best_score": _attrs(best).get("score"),
                         "budget": self.budget.text if self.budget else None, "lambda": self.lam})
         logger.info("bayesian: best trial %d, score %.4f, %s (evaluator: %s forward passes per candidate)",
-                    best.number, best.user_attrs.get("score") or float("nan"),
+                    best.number, _attrs(best).get("score") or float("nan"),
                     self.problem.space.describe_plan(plan, self.cost_name), stats["mean_forward_passes"])
         if self.problem.output is not None:
             write_front_png(history, front, self._png_path(), self.cost_name,
@@ -428,16 +454,16 @@ class _Search:
         def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             if trial.state == TrialState.COMPLETE:
                 bar.update(1)
-                score = trial.user_attrs.get("score")
+                score = _attrs(trial).get("score")
                 bar.set_postfix(score="-" if score is None else f"{score:.4f}",
-                                cost=f"{trial.user_attrs.get('cost', {}).get(self.cost_name, float('nan')):.3f}")
+                                cost=f"{_attrs(trial).get('cost', {}).get(self.cost_name, float('nan')):.3f}")
             complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
             if complete >= self.trials:
                 study.stop()
 
         try:
             with _quiet_optuna():
-                study.optimize(self.objective, n_trials=remaining + 4, callbacks=[after], catch=(),
+                study.optimize(self.objective, n_trials=2 * remaining + 8, callbacks=[after], catch=(),
                                gc_after_trial=False)
         finally:
             bar.close()
@@ -445,19 +471,19 @@ class _Search:
     def _best(self, trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
         from plugin.budget import format_cost
 
-        feasible = [t for t in trials if t.user_attrs.get("feasible") and t.value is not None]
+        feasible = [t for t in trials if _attrs(t).get("feasible") and t.value is not None]
         if not feasible:
             if not trials:
                 raise CostModelError(f"study {self.study_name!r} has no completed trial; run it with --trials N")
-            cheapest = min(trials, key=lambda t: t.user_attrs.get("cost_abs", float("inf")))
+            cheapest = min(trials, key=lambda t: _attrs(t).get("cost_abs", float("inf")))
             raise CostModelError(
                 f"no trial of {len(trials)} met budget {self.budget.text if self.budget else '-'}: the cheapest "
-                f"reached {format_cost(self.cost_name, cheapest.user_attrs.get('cost_abs', float('nan')))}; "
+                f"reached {format_cost(self.cost_name, _attrs(cheapest).get('cost_abs', float('nan')))}; "
                 "run more trials (--resume --trials N) or loosen --target")
-        return max(feasible, key=lambda t: (t.value, -t.user_attrs.get("cost_abs", 0.0), -t.number))
+        return max(feasible, key=lambda t: (t.value, -_attrs(t).get("cost_abs", 0.0), -t.number))
 
     def _trial_record(self, t: optuna.trial.FrozenTrial) -> dict[str, Any]:
-        a = t.user_attrs
+        a = _attrs(t)
         record = {"kind": "trial", "trial": t.number, "params": dict(t.params), "kept": a.get("kept"),
                   "score": a.get("score"), "accuracy": a.get("accuracy"), "agreement": a.get("agreement"),
                   "distill_loss": a.get("distill_loss"), "cost": a.get("cost"), "feasible": a.get("feasible"),
