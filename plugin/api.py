@@ -56,6 +56,9 @@ class CompressConfig:
     0.29-0.33 of W8 within 0.5 points of FP32, where no single lambda worked on both).
     ``strategy`` names a registered strategy (``prunequant strategies``); ``strategy_options`` its
     options (texts or values). ``act_bits`` (when set) replaces ``activation_precisions``.
+    ``keep_best_qat``: QAT is scored on the held-out split before its first step and after every
+    epoch, and ends on the best state, so it never ends below the calibrated, searched start (the
+    held-out figures of the report are then those of the selected epoch).
     """
 
     cost: str = "size"
@@ -77,6 +80,7 @@ class CompressConfig:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     min_top1_agreement: float = 99.0
     threads: int | None = None  # torch intra-op threads; None: 1 for small models, else torch's default
+    keep_best_qat: bool = True  # QAT ends on its best epoch on the held-out split (the start counts)
 
     def precisions(self) -> Precisions:
         """The validated precisions (ConfigError naming the flag)."""
@@ -352,7 +356,7 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
             ft = finetune(engine, found.plan, train, FinetuneConfig(
                 epochs=finetune_epochs, batch_size=engine.config.batch_size, task_loss=settings.task_loss,
                 max_steps_per_epoch=config.max_steps_per_epoch, device=device, seed=config.seed,
-                progress=config.progress))
+                progress=config.progress), validation=held if config.keep_best_qat else None)
         plan = _with_metadata(ft.plan, strategy=config.strategy, strategy_options=options, target=target,
                               versions=_versions())
         with timer.phase("export"):
