@@ -9,8 +9,8 @@ Propagation walks the graph in topological order and asks each op's rule how cha
   by every layer of the group;
 * a group is prunable when none of its atoms is blocked. Graph inputs and outputs, ops without a
   rule and ops that mix channels without weights block, and the reason is kept; so does a
-  weight, bias or per-channel constant that another node reads, in the main graph or inside an
-  If/Loop/Scan body (pruning would shrink it under that reader).
+  weight, bias or per-channel constant read inside an If/Loop/Scan body (pruning would shrink it
+  under that reader).
 """
 
 from __future__ import annotations
@@ -224,10 +224,10 @@ def _attach_members(ctx, groups, atom_group, atom_channel, layers) -> None:
 
 
 def _block_foreign_readers(ctx: PropagationContext, layers: list[WeightLayer]) -> None:
-    """Pruning slices a layer's weight and bias and every per-channel constant; a node other
-    than their owner that reads one of them (above all a node of an If/Loop/Scan body, which the
-    rules never see) would then compute with a shrunk tensor. Block the channels indexing it,
-    with the reason."""
+    """Pruning slices a layer's weight and bias and every per-channel constant. Another
+    main-graph reader keeps the original (pruning gives the sliced one a name of its own), but a
+    node of an If/Loop/Scan body, which the rules never see, would compute with the shrunk
+    tensor: block the channels indexing it, with the reason."""
     graph = ctx.graph
     sliced: list[tuple[str, str, list[str]]] = []  # (initializer, owner node, tensors indexing it)
     for layer in layers:
@@ -241,17 +241,11 @@ def _block_foreign_readers(ctx: PropagationContext, layers: list[WeightLayer]) -
         for ref in subgraph_references(node):
             readers_inside.setdefault(ref, name)
     for const, owner, tensors in sliced:
-        if const not in graph.initializers:
+        if const not in graph.initializers or const not in readers_inside:
             continue
-        if const in readers_inside:
-            reader = readers_inside[const]
-            why = (f"initializer '{const}' (of '{owner}') is read inside a subgraph of "
-                   f"{graph.nodes[reader].op_type} node '{reader}'")
-        else:
-            others = [n for n in graph.consumers.get(const, []) if n != owner]
-            if not others:
-                continue
-            why = f"initializer '{const}' (of '{owner}') is also read by node '{others[0]}'"
+        reader = readers_inside[const]
+        why = (f"initializer '{const}' (of '{owner}') is read inside a subgraph of "
+               f"{graph.nodes[reader].op_type} node '{reader}'")
         for tensor in tensors:
             ctx.block(tensor, why)
 

@@ -143,8 +143,10 @@ def write_outputs(
             _hook("staged", stage)
             with guard.deferred():
                 result = _commit(stage, staged, target.parent)
+        except _RestoreFailed as exc:
+            keep_stage = True
+            raise OutputError(f"writing {str(target)!r} failed and {exc}; move it back by hand") from exc
         except OSError as exc:
-            keep_stage = isinstance(exc, _RestoreFailed)
             raise OutputError(f"writing {str(target)!r} failed, nothing was written: "
                               f"{exc.strerror or exc}") from exc
         finally:
