@@ -20,8 +20,9 @@ and the budget as a constraint (c-TPE). Chosen because (1) several workers share
 (``--storage``): the constant liar stops concurrent workers from proposing the same point while
 trials run, (2) its cost per suggestion does not grow with the number of groups (ResNet-50 has
 dozens) and the ratios are a grid, which it samples natively, (3) it needs no extra solver. ``gp``
-(optuna's GPSampler, closer to the paper's Gaussian-process BO) and ``random`` are available;
-``benchmarks/bayesian.py`` compares them.
+(optuna's GPSampler, closer to the paper's Gaussian-process BO) and ``random`` are available.
+Measured (``benchmarks/bayesian.py --parts samplers``, digits, W4, ``size=10%``, 40 trials): best
+held-out score tpe 0.402 in 53 s, gp 0.406 in 134 s, random 0.211 in 20 s.
 
 The study lives in optuna's storage: by default SQLite in ``NAME.study.db`` beside the output
 (in memory when nothing is written), so an interrupted run continues with ``--resume``;
