@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from .channel_groups import ChannelAnalysis
 from .errors import PruningError
-from .graph import ModelGraph
+from .graph import ModelGraph, subgraph_references
 from .normalise import infer_shapes
 from .op_rules import PruneContext, find_rule, weight_rule
 from .validate import check_model
@@ -116,7 +116,7 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 def _finish(model: onnx.ModelProto, new_inits: Mapping[str, onnx.TensorProto]) -> onnx.ModelProto:
     g = model.graph
     kept = [t for t in g.initializer if t.name not in new_inits]
-    used = {i for n in g.node for i in n.input}
+    used = {i for n in g.node for i in n.input} | {r for n in g.node for r in subgraph_references(n)}
     del g.initializer[:]
     g.initializer.extend(t for t in kept if t.name in used)
     g.initializer.extend(t for name, t in new_inits.items() if name in used)

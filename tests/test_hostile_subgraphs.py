@@ -85,9 +85,6 @@ def test_outer_scalar_read_inside_a_subgraph_stays_prunable(tmp_path) -> None:
     assert group.prunable, group.reasons
 
 
-@pytest.mark.xfail(strict=True, reason="graph_passes/prune.py _finish keeps only initializers read by main-graph "
-                   "nodes, dropping 'c' that only the If's branches read (its `used` set must include "
-                   "graph.subgraph_references(node)); prune.py is not this slice's file")
 def test_outer_scalar_read_inside_a_subgraph_prunes_to_the_oracle(tmp_path) -> None:
     path = tmp_path / "c.onnx"
     onnx.save(_if_model("c"), str(path))
