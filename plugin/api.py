@@ -750,6 +750,8 @@ def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.Pa
         with timer.phase("bridge"):
             engine = FakeQuantModel.build(prepared.model, config, space=space)
             _check_batching(engine, held, config)
+            if data is not None:
+                _check_clips(plan, engine.calibrate(held, config.batch_size))
             engine.freeze(plan)
         with timer.phase("export"):
             exported, gate_report, quality = _export_and_gate(prepared, engine, plan, held, min_top1_agreement)
@@ -763,6 +765,27 @@ def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.Pa
             write_outputs(output, exported.model, _sidecars(output, files))
         report["seconds"] = timer.seconds
     return ApplyResult(exported.model, plan, report, output)
+
+
+#: a plan's activation clip may be this many times above or below the range the data shows
+CLIP_RANGE_FACTOR = 1000.0
+
+
+def _check_clips(plan: CompressionPlan, observed: dict[str, float]) -> None:
+    """PlanError for a clip wildly off the activations the data produces (99.9th percentile of
+    |x| under the original model): finite and inside the plan format's bounds, but such a clip
+    quantizes every value to 0 or to one level, which the gate (comparing against a fake-quantized
+    model with the same clip) cannot see."""
+    for tensor, ap in plan.activations.items():
+        seen = observed.get(tensor)
+        if not seen or seen <= 0:
+            continue
+        if ap.clip > CLIP_RANGE_FACTOR * seen or ap.clip * CLIP_RANGE_FACTOR < seen:
+            from graph_passes.errors import PlanError
+
+            raise PlanError(f"the plan's activation clip {ap.clip:g} for {tensor!r} is more than "
+                            f"{CLIP_RANGE_FACTOR:g}x off the range the data shows there ({seen:.4g}); the plan "
+                            "is corrupt or for other data: compress again, or fix activations.*.clip")
 
 
 def _plan_precisions(plan: CompressionPlan) -> Precisions:

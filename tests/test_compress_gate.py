@@ -221,3 +221,20 @@ def test_plan_hash_is_of_the_input_model_not_its_serialisation(files: dict[str, 
     meta = result.plan.metadata["versions"]
     assert set(meta) >= {"prunequant", "onnx"} and meta["onnx"] == onnx.__version__
     assert CompressionPlan.from_json(result.plan.to_json()).model_sha256 == result.plan.model_sha256
+
+
+def test_export_refuses_a_clip_far_off_the_data(files: dict[str, Path], tmp_path: Path) -> None:
+    """A clip inside the plan format's bounds but 1e5x the activations' range quantizes them all
+    to zero: with data, export --plan refuses it naming the tensor; nothing is written."""
+    result = api.compress(str(files["regression"]), str(files["data"]), config=_config())
+    doc = json.loads(result.plan.to_json())
+    tensor = next(iter(doc["activations"]))
+    doc["activations"][tensor]["clip"] = 1e5
+    bad_plan = tmp_path / "bad.plan.json"
+    bad_plan.write_text(json.dumps(doc))
+    from graph_passes.errors import PlanError
+
+    with pytest.raises(PlanError, match="off the range the data shows"):
+        api.apply_plan(str(files["regression"]), str(bad_plan), output=str(tmp_path / "o.onnx"),
+                       data=str(files["data"]), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.plan.json"]
