@@ -47,9 +47,11 @@ def _register_commands() -> None:
     from .evaluate import evaluate_command
     from .export import export_command
     from .inspect import inspect_command
+    from .report import report_command
     from .strategies import strategies_command
 
-    for command in (inspect_command, compress_command, export_command, evaluate_command, strategies_command):
+    for command in (inspect_command, compress_command, export_command, evaluate_command, strategies_command,
+                    report_command):
         main.add_command(command)
 
 

@@ -1,0 +1,209 @@
+"""`prunequant report NAME.report.json -o NAME.html`: one self-contained page (embedded PNGs, no
+external assets, no script) with the report's figures; bad inputs are one line, the README's exit
+code, and nothing written."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from plugin.cli import main
+from plugin.report_html import pareto_points, render
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "samples" / "digits"
+
+
+def _run(*args: str):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+class _Page(HTMLParser):
+    """Tags, images and links of a page; fails on nothing, so also checks the tags balance."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.tags: list[str] = []
+        self.stack: list[str] = []
+        self.refs: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        for key in ("href", "src"):
+            if key in attrs and tag != "img":
+                self.refs.append(attrs[key])
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, (tag, self.stack[-5:])
+        self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(text: str) -> _Page:
+    page = _Page()
+    page.feed(text)
+    page.close()
+    assert page.stack == [], page.stack
+    return page
+
+
+def _png_ok(uri: str) -> bool:
+    prefix = "data:image/png;base64,"
+    return uri.startswith(prefix) and base64.b64decode(uri[len(prefix):])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "d.onnx"
+    code, _, err = _run("compress", DIGITS / "model.onnx", "--data", DIGITS / "train.npz", "-o", out,
+                        "--epochs", "1", "--finetune-epochs", "1", "--no-progress")
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.slow
+def test_page_of_a_real_compress(compressed):
+    report_path = compressed.with_name("d.report.json")
+    report = json.loads(report_path.read_text())
+    html_path = compressed.with_name("d.html")
+    code, stdout, err = _run("report", report_path, "-o", html_path)
+    assert code == 0, err
+    assert "2 figures" in stdout and "d.plan.json" in stdout
+    text = html_path.read_text()
+    page = _parse(text)
+    assert "script" not in page.tags and page.refs == []  # self-contained: no links, no script
+    assert len(page.images) == 2 and all(_png_ok(src) for src in page.images)  # layers, history
+    body = "".join(page.text)
+    # the before/after table: costs, file bytes, accuracy, fidelity, gate
+    after, before, quality = report["cost_after"], report["cost_before_8bit"], report["quality"]
+    assert f"{after['size'] / 8:,.0f} B" in body and f"{before['size'] / 8:,.0f} B" in body
+    assert f"{after['bops']:.3g}" in body and f"{after['mpic']:.3g}" in body
+    assert f"{report['file']['bytes']:,} B" in body and f"{report['file']['fp32_weight_bytes']:,} B" in body
+    assert f"{100 * quality['accuracy_after']:.2f}%" in body
+    assert f"{quality['outputs_vs_original'][0]['sqnr_db']:.1f} dB" in body
+    assert "min SQNR" in body and "40 dB" in body and "25 dB" in body
+    for name, layer in report["layers"].items():
+        assert name in body
+        for bits, count in layer["bits"].items():
+            assert f"{count} x {bits}-bit" in body
+    # the plan beside the report: its activation widths
+    plan = json.loads(compressed.with_name("d.plan.json").read_text())
+    assert "Activation bit-widths" in body and next(iter(plan["activations"])) in body
+    assert oct(os.stat(html_path).st_mode & 0o777) != oct(0o600)  # a normal file's mode, not mkstemp's
+
+    code, _, err = _run("report", report_path, "-o", compressed.with_name("np.html"), "--no-plan")
+    assert code == 0, err
+    assert "Activation bit-widths" not in compressed.with_name("np.html").read_text()
+
+
+def _synthetic(history: list) -> dict:
+    return {"model": "m.onnx", "strategy": "bayesian", "config": {"cost": "size"},
+            "cost_before_8bit": {"size": 8000.0, "bops": 1e6}, "cost_after": {"size": 2000.0, "bops": 3e5},
+            "layers": {"conv": {"channels_before": 8, "channels_after": 6, "bits": {"4": 6}},
+                       "fc": {"channels_before": 4, "channels_after": 4, "bits": {"8": 3, "2": 1}}},
+            "history": history}
+
+
+def test_trials_history_is_a_pareto_plot():
+    trials = [{"kind": "trial", "trial": i, "score": s, "cost": {"size": c}, "feasible": c <= 0.5}
+              for i, (s, c) in enumerate([(0.9, 0.5), (0.8, 0.3), (0.85, 0.6), (0.95, 0.7), (0.7, 0.2)])]
+    history = [*trials, {"kind": "pareto_front", "cost_model": "size", "points": []}, {"kind": "evaluator"}]
+    assert pareto_points(trials, "size") == [(0.2, 0.7), (0.3, 0.8), (0.5, 0.9), (0.7, 0.95)]
+    page = render(_synthetic(history))
+    parsed = _parse(page.html)
+    assert len(parsed.images) == len(page.figures) == 2 and all(_png_ok(s) for s in parsed.images)
+    assert "5 trials and their Pareto front" in page.html
+    assert "1,000 B" in page.html and "250 B" in page.html and "0.250" in page.html  # size 8000 -> 2000 bits
+    assert "2 x 0-bit" not in page.html and "3 x 8-bit, " not in page.html and "1 x 2-bit, 3 x 8-bit" in page.html
+
+
+def test_no_history_is_said_not_drawn():
+    page = render(_synthetic([{"stage": "prune", "target": "size=50%"}]))
+    assert len(_parse(page.html).images) == len(page.figures) == 1
+    assert "no per-epoch series" in page.html
+
+
+def _report_file(path: Path, sha: str = "abc") -> Path:
+    report = _synthetic([{"epoch": 1, "task_loss": 0.5, "cost": 0.4}, {"epoch": 2, "task_loss": 0.3, "cost": 0.3}])
+    report["plan_model_sha256"] = sha
+    path.write_text(json.dumps(report))
+    return path
+
+
+@pytest.mark.parametrize("case, code, needle", [
+    ("missing", 2, "does not exist"),
+    ("empty", 2, "is empty"),
+    ("not json", 2, "not valid JSON"),
+    ("a list", 2, "not a prunequant report"),
+    ("no layers", 2, "'layers'"),
+    ("bad plan", 12, "not valid JSON"),
+    ("not a plan", 12, "not a prunequant plan"),
+    ("other model", 12, "another model"),
+    ("over the report", 13, "the report given as input"),
+    ("over the plan", 13, "the plan given as input"),
+    ("no directory", 13, "does not exist"),
+])
+def test_bad_inputs_exit_with_their_code_and_write_nothing(tmp_path, case, code, needle):
+    report = tmp_path / "m.report.json"
+    plan = tmp_path / "m.plan.json"
+    out = tmp_path / "m.html"
+    if case != "missing":
+        _report_file(report)
+    if case == "empty":
+        report.write_text("")
+    elif case == "not json":
+        report.write_text("{\"layers\": ")
+    elif case == "a list":
+        report.write_text("[1, 2]")
+    elif case == "no layers":
+        report.write_text(json.dumps({"cost_before_8bit": {}, "cost_after": {}}))
+    elif case == "bad plan":
+        plan.write_text("not json")
+    elif case == "not a plan":
+        plan.write_text("{}")
+    elif case == "other model":
+        plan.write_text(json.dumps({"format": "prunequant.plan", "model_sha256": "def", "layers": {}}))
+    elif case == "over the report":
+        out = report
+    elif case == "over the plan":
+        plan.write_text(json.dumps({"format": "prunequant.plan", "model_sha256": "abc"}))
+        out = plan
+    elif case == "no directory":
+        out = tmp_path / "nowhere" / "m.html"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    exit_code, stdout, err = _run("report", report, "-o", out)
+    lines = err.strip().splitlines()
+    assert exit_code == code, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+
+
+def test_synthetic_report_renders_with_its_plan(tmp_path):
+    report = _report_file(tmp_path / "m.report.json")
+    (tmp_path / "m.plan.json").write_text(json.dumps({
+        "format": "prunequant.plan", "model_sha256": "abc", "layers": {},
+        "activations": {"relu_out": {"bits": 4, "clip": 2.5, "signed": False}}}))
+    code, stdout, err = _run("report", report, "-o", tmp_path / "m.html")
+    assert code == 0, err
+    text = (tmp_path / "m.html").read_text()
+    assert "relu_out" in text and "task_loss, cost per epoch" in text
+    assert len(_parse(text).images) == 2
