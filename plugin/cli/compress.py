@@ -67,6 +67,12 @@ def check_flags(*, cost: str, target: str | None, weight_bits: str | None, act_b
     if strategy not in available_strategies():
         get_strategy(strategy)  # raises ConfigError listing the known names
     options = parse_strategy_options(strategy_options)
+    if strategy == "rl" and target is not None:  # rl's budget is optional (no default): --target -> -S target
+        if "target" in options:
+            raise ConfigError("--target and -S target=...: give one of them")
+        options["target"], target = target, None
+    if strategy == "rl" and options.get("target"):
+        parse_target(options["target"])
     geta_widths = _explicit_targets(strategy, options, sparsity, bits, weight_bits)
     shapes = parse_input_shapes(input_shapes)
     if output is not None:
@@ -206,6 +212,9 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
       bayesian    uniform quantization (-S bits), then optuna chooses a pruning ratio per
                   channel group (--trials, --target or --lambda); the study is kept in
                   OUT.study.db (--resume) or shared by workers (--storage URL --study NAME).
+      rl          a DDPG agent picks per layer a keep ratio and weight/activation widths,
+                  minimising mpic_energy at <= -S accuracy_loss (1.7) points lost, without
+                  retraining (-S episodes); --target, if given, is kept by an action wall.
 
     \b
     Examples:

@@ -22,6 +22,7 @@ _BUILTINS: dict[str, str] = {
     "sequential": "plugin.strategies.sequential:SequentialStrategy",
     "bayesian": "plugin.strategies.bayesian:BayesianStrategy",
     "geta": "plugin.strategies.geta:GetaStrategy",
+    "rl": "plugin.strategies.rl:RLStrategy",
 }
 _REGISTERED: dict[str, type] = {}
 
