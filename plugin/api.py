@@ -223,14 +223,20 @@ def _prepare_with_data(model: Any, data: Any, explicit: dict[str, list[int]] | N
     An input that ``explicit`` (``--input-shape``) names is pinned as given; every other input with
     a symbolic dim past dim 0 takes those dims from the data (read from the file headers, nothing
     is loaded twice). A symbolic leading dim stays the batch axis: analysed at 1 and given back
-    to the exported model as before. A data shape that contradicts a static dim is a DataError."""
+    to the exported model as before. A data shape that contradicts a static dim is a DataError.
+    The model is first loaded as it is (the safe loader vets the file before it is parsed here)."""
+    from graph_passes.errors import InputShapeError
     from graph_passes.prepare import prepare_model
 
     explicit = dict(explicit or {})
-    pins, batch = _data_input_shapes(model, data, explicit) if data is not None else ({}, {})
-    if pins:
-        logger.info("input shapes from the data: %s",
-                    ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in pins.items()))
+    try:
+        return prepare_model(model, explicit)
+    except InputShapeError:
+        pins, batch = _data_input_shapes(model, data, explicit) if data is not None else ({}, {})
+        if not pins:
+            raise
+    logger.info("input shapes from the data: %s",
+                ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in pins.items()))
     prepared = prepare_model(model, {**pins, **explicit})
     if batch:
         _record_batch_dims(prepared, batch)
