@@ -36,4 +36,5 @@ def report_command(report: str, output: str, plan_path: str | None, no_plan: boo
         raise ConfigError("--plan and --no-plan contradict each other; give one")
     page = render_report_file(report, output, plan_path=plan_path, use_plan=not no_plan)
     plan = f", plan {page.plan_path}" if page.plan_path else ""
-    click.echo(f"wrote {output} ({len(page.figures)} figures{plan})")
+    count = len(page.figures)
+    click.echo(f"wrote {output} ({count} figure{'' if count == 1 else 's'}{plan})")
