@@ -103,7 +103,11 @@ def test_reward_penalises_a_loss_over_the_constraint() -> None:
     r_bad, loss_bad, bad = episode_reward(0.95, 1.0, 5.0, 10.0, 1.7, 0.2, 0.1)
     assert ok and not bad and loss_ok == pytest.approx(1.0) and loss_bad == pytest.approx(5.0)
     assert r_ok == pytest.approx(0.5 + 0.099)
-    assert r_bad == pytest.approx(0.5 + 0.095 - 0.2 * 3.3)
+    assert r_bad == pytest.approx(0.095 - 0.2 * 3.3)  # the saving counts only within the constraint
+    assert r_bad < episode_reward(1.0, 1.0, 10.0, 10.0, 1.7, 0.2, 0.1)[0]  # below any feasible plan
+    # the penalty grows with the loss, up to 10 points over the constraint
+    assert episode_reward(0.90, 1.0, 5.0, 10.0, 1.7, 0.2, 0.1)[0] < r_bad
+    assert episode_reward(0.10, 1.0, 5.0, 10.0, 1.7, 0.2, 0.1)[0] == pytest.approx(0.01 - 0.2 * 10)
     # less energy is better at equal accuracy
     assert episode_reward(0.99, 1.0, 4.0, 10.0, 1.7, 0.2, 0.1)[0] > r_ok
 

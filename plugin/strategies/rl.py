@@ -32,11 +32,16 @@ Reward, at the episode end only (AMC; 0 on the other steps, discount 1): the pla
 the shared candidate evaluator (:mod:`plugin.evaluator`: clips recalibrated on the candidate, bias
 correction, held-out accuracy with labels, agreement with the original without; no training), and
 
-    reward = (1 - E / E_8bit) + score_weight * score - penalty * max(0, loss - accuracy_loss)
+    reward = (1 - E / E_8bit) + score_weight * score                       if loss <= accuracy_loss
+    reward = score_weight * score - penalty * min(loss - accuracy_loss, 10)  otherwise
 
 with ``E`` the energy of ``-S energy`` (default ``mpic_energy``, uJ per sample), ``loss`` the
 accuracy loss in points against the FP32 original on the same held-out samples (100 x (1 -
-agreement) without labels) and ``accuracy_loss`` the constraint (default 1.7 points).
+agreement) without labels) and ``accuracy_loss`` the constraint (default 1.7 points): the energy
+saved counts only within the constraint, so every feasible plan earns more than every infeasible
+one, and beyond it the penalty (``-S penalty`` per point, capped at 10 points) points the agent
+back to lower losses. (A penalty added to the saving, tried first, let plans 3 points over the
+constraint out-earn feasible ones.)
 
 Agent: stable-baselines3 DDPG (``-S agent=td3`` for TD3), MlpPolicy ``-S hidden`` x 2 (300-300 as
 AMC/HAQ), learning rate 1e-3 (SB3 takes one rate for actor and critic; AMC used 1e-4 / 1e-3), tau
@@ -75,6 +80,8 @@ AGENTS = ("ddpg", "td3")
 _KINDS = {"conv": 0.0, "depthwise": 0.5, "linear": 1.0}
 #: observation: index, kind, c_in, c_out, k, #weights, reduced, remaining, previous action (3)
 OBS_DIM = 11
+#: the penalty stops growing this many points over the constraint (keeps the critic's targets bounded)
+PENALTY_CAP_POINTS = 10.0
 
 
 def _opt(name: str, type_: type, default: Any, help_: str) -> StrategyOption:
@@ -103,7 +110,7 @@ class RLStrategy:
         "agent": _opt("agent", str, "ddpg", "ddpg or td3"),
         "hidden": _opt("hidden", int, 300, "units of each of the 2 hidden layers of actor and critic"),
         "noise": _opt("noise", float, 0.5, "initial exploration noise (sigma, scaled action space)"),
-        "noise_decay": _opt("noise_decay", float, 0.95, "exploration noise factor per episode"),
+        "noise_decay": _opt("noise_decay", float, 0.99, "exploration noise factor per episode"),
         "calib_samples": _opt("calib_samples", int, 256, "training samples per candidate's recalibration"),
         "eval_samples": _opt("eval_samples", int, None, "held-out samples scored per episode [default: all]"),
         "bias_correction": _opt("bias_correction", bool, True, "correct biases after pruning/quantization"),
@@ -360,12 +367,15 @@ def _make_noise(dim: int, sigma: float, decay: float, seed: int) -> Any:
 def episode_reward(score: float, reference: float, energy: float, energy_before: float, constraint: float,
                    penalty: float, score_weight: float) -> tuple[float, float, bool]:
     """(reward, accuracy loss in points, within the constraint) of a finished episode's plan:
-    ``(1 - energy / energy_before) + score_weight * score - penalty * max(0, loss - constraint)``
-    with ``loss = 100 * (reference - score)`` (see the module docstring)."""
+    ``(1 - energy / energy_before) + score_weight * score`` within the constraint, else
+    ``score_weight * score - penalty * min(loss - constraint, PENALTY_CAP_POINTS)``, with
+    ``loss = 100 * (reference - score)`` (see the module docstring)."""
     loss = 100.0 * (reference - score)
-    saving = 1.0 - energy / energy_before if energy_before > 0 else 0.0
     excess = max(0.0, loss - constraint)
-    return saving + score_weight * score - penalty * excess, loss, excess <= 1e-9
+    if excess <= 1e-9:
+        saving = 1.0 - energy / energy_before if energy_before > 0 else 0.0
+        return saving + score_weight * score, loss, True
+    return score_weight * score - penalty * min(excess, PENALTY_CAP_POINTS), loss, False
 
 
 # ----------------------------------------------------------------------------- the search
