@@ -134,7 +134,6 @@ def test_short_run_keeps_the_budget_and_warns_when_no_plan_meets_the_constraint(
     assert result.report["history"] == report["history"]
 
 
-@pytest.mark.slow
 def test_cli_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "d.onnx"
     result = CliRunner().invoke(main, ["compress", DIGITS, "--data", TRAIN, "-o", str(out), "--strategy", "rl",

@@ -98,7 +98,7 @@ class RLStrategy:
     # that a run without one gets no default budget (compress gives steerable strategies <cost>=35%)
     steerable: ClassVar[bool] = False
     options: ClassVar[Mapping[str, StrategyOption]] = {
-        "episodes": _opt("episodes", int, 60, "episodes in total (warm-up included)"),
+        "episodes": _opt("episodes", int, 200, "episodes in total (warm-up included)"),
         "warmup": _opt("warmup", int, None, "episodes of random actions first [default: episodes // 4]"),
         "accuracy_loss": _opt("accuracy_loss", float, 1.7, "the constraint: accuracy points lost at most"),
         "penalty": _opt("penalty", float, 0.2, "reward lost per point of accuracy loss over the constraint"),
