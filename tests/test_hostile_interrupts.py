@@ -206,12 +206,18 @@ def _signal_during(monkeypatch: pytest.MonkeyPatch, where: str, sig: int) -> Non
 
 
 def test_library_sigint_while_staging_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = _existing(tmp_path)
-    _signal_during(monkeypatch, "_write_bytes", signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        writing.write_outputs(tmp_path / "o.onnx", _model(), SIDECARS)
-    assert snapshot(tmp_path) == before
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own SIGINT handler, whatever this process inherited (a background, non-interactive
+    # parent starts it with SIGINT ignored, and an ignored signal must stay ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = _existing(tmp_path)
+        _signal_during(monkeypatch, "_write_bytes", signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            writing.write_outputs(tmp_path / "o.onnx", _model(), SIDECARS)
+        assert snapshot(tmp_path) == before
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_library_signal_during_commit_is_deferred(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
