@@ -48,7 +48,8 @@ AMC/HAQ), learning rate 1e-3 (SB3 takes one rate for actor and critic; AMC used 
 0.01, batch 64, discount 1, one gradient step per environment step after each episode, ``-S warmup`` episodes of
 uniformly random actions, then Gaussian exploration noise of sigma ``-S noise`` (0.5 in the
 [-1, 1] scaled action space) decaying by ``-S noise_decay`` per episode. ``-S episodes`` episodes
-in total. The best *feasible* plan (loss within the constraint) of lowest energy is kept (ties: the
+in total (``-S gradient_steps``: agent updates per episode; more did not help on digits: 24 instead of
+6 gave 0.82 of the 8-bit energy instead of 0.73, 300 episodes, one seed). The best *feasible* plan (loss within the constraint) of lowest energy is kept (ties: the
 higher score); when no episode is feasible the one with the smallest loss is returned, with one
 line of warning. The search trains nothing; the shared QAT (``--epochs`` + ``--finetune-epochs``)
 and the export follow, starting from the chosen plan applied by the evaluator.
@@ -110,6 +111,8 @@ class RLStrategy:
         "agent": _opt("agent", str, "ddpg", "ddpg or td3"),
         "hidden": _opt("hidden", int, 300, "units of each of the 2 hidden layers of actor and critic"),
         "noise": _opt("noise", float, 0.5, "initial exploration noise (sigma, scaled action space)"),
+        "gradient_steps": _opt("gradient_steps", int, 0, "agent updates after each episode [default 0: one per "
+                                                         "layer stepped]"),
         "noise_decay": _opt("noise_decay", float, 0.99, "exploration noise factor per episode"),
         "calib_samples": _opt("calib_samples", int, 256, "training samples per candidate's recalibration"),
         "eval_samples": _opt("eval_samples", int, None, "held-out samples scored per episode [default: all]"),
@@ -410,6 +413,9 @@ class _Search:
         if not 1 <= self.hidden <= 4096:
             raise ConfigError(f"-S hidden={self.hidden}: give 1..4096 units")
         self.noise, self.noise_decay = float(options["noise"]), float(options["noise_decay"])
+        self.gradient_steps = int(options["gradient_steps"])
+        if self.gradient_steps < 0:
+            raise ConfigError(f"-S gradient_steps={self.gradient_steps}: give >= 0 (0: one per layer stepped)")
         if not (self.noise >= 0 and 0 < self.noise_decay <= 1):
             raise ConfigError("-S noise must be >= 0 and -S noise_decay in (0, 1]")
         from cost_models import get_cost_model
@@ -543,7 +549,7 @@ class _Search:
         noise = _make_noise(3, self.noise, self.noise_decay, self.problem.settings.seed) if self.noise > 0 else None
         return cls("MlpPolicy", env, learning_rate=1e-3, buffer_size=max(1000, self.episodes * steps * 2),
                    learning_starts=self.warmup * steps, batch_size=64, tau=0.01, gamma=1.0,
-                   train_freq=(1, "episode"), gradient_steps=-1, action_noise=noise,
+                   train_freq=(1, "episode"), gradient_steps=self.gradient_steps or -1, action_noise=noise,
                    policy_kwargs={"net_arch": {"pi": [self.hidden, self.hidden], "qf": [self.hidden, self.hidden]}},
                    seed=self.problem.settings.seed, device="cpu", verbose=0)
 
