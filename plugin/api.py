@@ -484,7 +484,9 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
     if config.target is not None and not steerable:
         raise ConfigError(f"--strategy {config.strategy} cannot follow a --target budget (it does not search); "
                           "drop --target, or use a strategy that can (`prunequant strategies`)")
-    target = config.target or (default_target(config.cost) if config.lam is None and steerable else None)
+    # a steerable strategy without its own notion of "no budget" gets <cost>=35% by default
+    wants_default = bool(getattr(strategy_cls, "default_target", steerable))
+    target = config.target or (default_target(config.cost) if config.lam is None and wants_default else None)
     if target is not None:
         parse_target(target)
     if output is not None:
@@ -684,6 +686,8 @@ def summary_table(report: dict) -> str:
         rows.append(("BOPs", f"{b['bops']:.3g}", f"{a['bops']:.3g}"))
     if "mpic" in b and "mpic" in a:
         rows.append(("mpic latency (cycles)", f"{b['mpic']:.3g}", f"{a['mpic']:.3g}"))
+    if "mpic_energy" in b and "mpic_energy" in a:
+        rows.append(("mpic energy (uJ)", f"{b['mpic_energy']:.3g}", f"{a['mpic_energy']:.3g}"))
     if q.get("accuracy_before") is not None:
         rows.append(("accuracy (held out)", f"{100 * q['accuracy_before']:.2f}%", f"{100 * q['accuracy_after']:.2f}%"))
     if q.get("top1_agreement_with_original") is not None:

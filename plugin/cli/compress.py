@@ -67,10 +67,8 @@ def check_flags(*, cost: str, target: str | None, weight_bits: str | None, act_b
     if strategy not in available_strategies():
         get_strategy(strategy)  # raises ConfigError listing the known names
     options = parse_strategy_options(strategy_options)
-    if strategy == "rl" and target is not None:  # rl's budget is optional (no default): --target -> -S target
-        if "target" in options:
-            raise ConfigError("--target and -S target=...: give one of them")
-        options["target"], target = target, None
+    if target is not None and options.get("target"):
+        raise ConfigError("--target and -S target=...: give one of them")
     if strategy == "rl" and options.get("target"):
         parse_target(options["target"])
     geta_widths = _explicit_targets(strategy, options, sparsity, bits, weight_bits)

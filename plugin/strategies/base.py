@@ -70,7 +70,9 @@ class StrategyResult:
 @runtime_checkable
 class Strategy(Protocol):
     """The protocol. ``steerable``: whether the strategy follows a ``--target`` budget (a strategy
-    that cannot says so in one line when a target is given)."""
+    that cannot says so in one line when a target is given). An optional ClassVar
+    ``default_target`` (default: ``steerable``) says whether a run without ``--target`` and
+    ``--lambda`` gets the default budget ``<cost>=35%``."""
 
     name: ClassVar[str]
     summary: ClassVar[str]

@@ -95,9 +95,10 @@ class RLStrategy:
                               "activation widths, minimising -S energy (mpic_energy) at <= -S accuracy_loss points "
                               "lost, each episode recalibrated and scored without retraining; --target (optional) "
                               "is kept by an action wall")
-    # the budget is optional for this strategy: --target reaches it as -S target (the CLI maps it), so
-    # that a run without one gets no default budget (compress gives steerable strategies <cost>=35%)
-    steerable: ClassVar[bool] = False
+    # the budget is optional for this strategy: it follows --target (or -S target) when given, and
+    # a run without one gets no default budget (compress gives other steerable strategies <cost>=35%)
+    steerable: ClassVar[bool] = True
+    default_target: ClassVar[bool] = False
     options: ClassVar[Mapping[str, StrategyOption]] = {
         "episodes": _opt("episodes", int, 200, "episodes in total (warm-up included)"),
         "warmup": _opt("warmup", int, None, "episodes of random actions first [default: episodes // 4]"),
