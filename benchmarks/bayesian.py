@@ -38,6 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import commit, versions  # noqa: E402
+
 from graph_passes.digest import model_digest  # noqa: E402
 from graph_passes.prepare import prepare_model  # noqa: E402
 from plugin.api import CompressConfig, compress  # noqa: E402
@@ -45,26 +47,6 @@ from plugin.data import input_specs, load_dataset  # noqa: E402
 from plugin.evaluate import evaluate  # noqa: E402
 from plugin.space import Precisions, SearchSpace  # noqa: E402
 from plugin.strategies.problem import Problem, RunSettings  # noqa: E402
-
-
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import optuna
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "optuna": optuna.__version__}
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "plugin", "graph_passes", "cost_models"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return head.stdout.strip() + (" (+ uncommitted changes in the library)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _problem(task: str, held_out: str = "test", target: str | None = "size=50%", weight_bits: str = "0,2,4,8") -> Problem:
@@ -187,7 +169,7 @@ def main() -> None:
     out = Path(args.out) if args.out else Path(tempfile_dir())
     out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
-    results: dict[str, Any] = {"command": " ".join(sys.argv), "commit": _commit(), "versions": _versions()}
+    results: dict[str, Any] = {"command": " ".join(sys.argv), "commit": commit(), "versions": versions('optuna')}
     for task in args.tasks.split(","):
         if "criterion" in parts:
             results.setdefault("criterion", []).extend(part_criterion(task, args.quick))

@@ -32,30 +32,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import commit, versions  # noqa: E402
+
 from graph_passes.prepare import prepare_model  # noqa: E402
 from plugin.api import CompressConfig, compress  # noqa: E402
 from plugin.data import input_specs, load_dataset  # noqa: E402
 from plugin.evaluate import evaluate  # noqa: E402
-
-
-def _versions() -> dict[str, str]:
-    import numpy
-    import onnx
-    import onnxruntime
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "plugin", "graph_passes", "cost_models"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return head.stdout.strip() + (" (+ uncommitted changes in the library)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _dominant_width(plan: Any) -> int:
@@ -153,8 +135,8 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": _commit(),
-                  "versions": _versions(), "seconds": time.perf_counter() - start,
+        record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit(),
+                  "versions": versions(), "seconds": time.perf_counter() - start,
                   "settings": {"epochs": epochs, "finetune_epochs": finetune, "max_steps_per_epoch": max_steps,
                                "seed": args.seed, "bits": args.bits, "sparsities": sparsities},
                   "rows": rows}

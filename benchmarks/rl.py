@@ -35,6 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import commit, versions  # noqa: E402
+
 from graph_passes.digest import model_digest  # noqa: E402
 from graph_passes.prepare import prepare_model  # noqa: E402
 from plugin.api import CompressConfig, compress  # noqa: E402
@@ -42,28 +44,6 @@ from plugin.data import input_specs, load_dataset  # noqa: E402
 from plugin.evaluate import evaluate  # noqa: E402
 from plugin.space import Precisions, SearchSpace  # noqa: E402
 from plugin.strategies.problem import Problem, RunSettings  # noqa: E402
-
-
-def _versions() -> dict[str, str]:
-    import gymnasium
-    import onnx
-    import onnxruntime
-    import stable_baselines3
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
-            "stable_baselines3": stable_baselines3.__version__, "gymnasium": gymnasium.__version__}
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "plugin", "graph_passes", "cost_models"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return head.stdout.strip() + (" (+ uncommitted changes in the library)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _test_loss_without_training(task: str, decision: dict[str, Any], options: dict[str, Any]) -> dict[str, float]:
@@ -148,8 +128,8 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        payload = {"command": " ".join([".ci/env", "python", *sys.argv]), "commit": _commit(),
-                   "versions": _versions(), "rows": rows}
+        payload = {"command": " ".join([".ci/env", "python", *sys.argv]), "commit": commit(),
+                   "versions": versions('stable_baselines3', 'gymnasium'), "rows": rows}
         (out / "rl.json").write_text(json.dumps(payload, indent=2, default=str))
         print(f"wrote {out / 'rl.json'}")
 
