@@ -69,10 +69,6 @@ SAMPLERS = ("tpe", "gp", "random")
 CLI_FLAGS = {"trials": "--trials", "study": "--study", "storage": "--storage", "resume": "--resume"}
 
 
-def _opt(name: str, type_: type, default: Any, help_: str) -> StrategyOption:
-    return StrategyOption(name, type_, default, help_)
-
-
 class BayesianStrategy:
     name: ClassVar[str] = "bayesian"
     summary: ClassVar[str] = ("quantize uniformly, then Bayesian optimisation (optuna) of a pruning ratio per "
@@ -80,20 +76,20 @@ class BayesianStrategy:
                               "--target or --lambda; resumable, shareable study (--study, --storage)")
     steerable: ClassVar[bool] = True
     options: ClassVar[Mapping[str, StrategyOption]] = {
-        "trials": _opt("trials", int, 40, "completed trials the study ends with (over all workers)"),
-        "bits": _opt("bits", int, None, "the uniform weight width [default: widest of --weight-bits]"),
-        "criterion": _opt("criterion", str, "ql1", "channels kept: ql1 (integer-domain L1 x scale), l1, l2"),
-        "sampler": _opt("sampler", str, "tpe", "tpe, gp or random"),
-        "min_keep": _opt("min_keep", float, 0.2, "lowest keep ratio of a group"),
-        "ratio_step": _opt("ratio_step", float, 0.05, "grid of the keep ratios"),
-        "study": _opt("study", str, None, "study name [default: bayesian-<model hash>]"),
-        "storage": _opt("storage", str, None,
+        "trials": StrategyOption("trials", int, 40, "completed trials the study ends with (over all workers)"),
+        "bits": StrategyOption("bits", int, None, "the uniform weight width [default: widest of --weight-bits]"),
+        "criterion": StrategyOption("criterion", str, "ql1", "channels kept: ql1 (integer-domain L1 x scale), l1, l2"),
+        "sampler": StrategyOption("sampler", str, "tpe", "tpe, gp or random"),
+        "min_keep": StrategyOption("min_keep", float, 0.2, "lowest keep ratio of a group"),
+        "ratio_step": StrategyOption("ratio_step", float, 0.05, "grid of the keep ratios"),
+        "study": StrategyOption("study", str, None, "study name [default: bayesian-<model hash>]"),
+        "storage": StrategyOption("storage", str, None,
                         "optuna storage: RDB URL or journal file [default: NAME.study.db beside the output]"),
-        "resume": _opt("resume", bool, False, "continue (or join) an existing study of that name"),
-        "calib_samples": _opt("calib_samples", int, 256, "training samples per candidate's recalibration"),
-        "eval_samples": _opt("eval_samples", int, None, "held-out samples scored per trial [default: all]"),
-        "bias_correction": _opt("bias_correction", bool, True, "correct biases after pruning/quantization"),
-        "finetune_steps": _opt("finetune_steps", int, 0, "QAT steps per candidate before scoring"),
+        "resume": StrategyOption("resume", bool, False, "continue (or join) an existing study of that name"),
+        "calib_samples": StrategyOption("calib_samples", int, 256, "training samples per candidate's recalibration"),
+        "eval_samples": StrategyOption("eval_samples", int, None, "held-out samples scored per trial [default: all]"),
+        "bias_correction": StrategyOption("bias_correction", bool, True, "correct biases after pruning/quantization"),
+        "finetune_steps": StrategyOption("finetune_steps", int, 0, "QAT steps per candidate before scoring"),
     }
 
     def search(self, problem: Problem, options: Mapping[str, Any]) -> StrategyResult:

@@ -85,10 +85,6 @@ OBS_DIM = 11
 PENALTY_CAP_POINTS = 10.0
 
 
-def _opt(name: str, type_: type, default: Any, help_: str) -> StrategyOption:
-    return StrategyOption(name, type_, default, help_)
-
-
 class RLStrategy:
     name: ClassVar[str] = "rl"
     summary: ClassVar[str] = ("a DDPG agent (stable-baselines3) chooses per layer the keep ratio and the weight and "
@@ -100,24 +96,24 @@ class RLStrategy:
     steerable: ClassVar[bool] = True
     default_target: ClassVar[bool] = False
     options: ClassVar[Mapping[str, StrategyOption]] = {
-        "episodes": _opt("episodes", int, 200, "episodes in total (warm-up included)"),
-        "warmup": _opt("warmup", int, None, "episodes of random actions first [default: episodes // 4]"),
-        "accuracy_loss": _opt("accuracy_loss", float, 1.7, "the constraint: accuracy points lost at most"),
-        "penalty": _opt("penalty", float, 0.2, "reward lost per point of accuracy loss over the constraint"),
-        "score_weight": _opt("score_weight", float, 0.1, "weight of the held-out score in the reward"),
-        "energy": _opt("energy", str, "mpic_energy", "the cost model to minimise"),
-        "target": _opt("target", str, None, "a budget kept by the action wall (what --target gives), e.g. "
+        "episodes": StrategyOption("episodes", int, 200, "episodes in total (warm-up included)"),
+        "warmup": StrategyOption("warmup", int, None, "episodes of random actions first [default: episodes // 4]"),
+        "accuracy_loss": StrategyOption("accuracy_loss", float, 1.7, "the constraint: accuracy points lost at most"),
+        "penalty": StrategyOption("penalty", float, 0.2, "reward lost per point of accuracy loss over the constraint"),
+        "score_weight": StrategyOption("score_weight", float, 0.1, "weight of the held-out score in the reward"),
+        "energy": StrategyOption("energy", str, "mpic_energy", "the cost model to minimise"),
+        "target": StrategyOption("target", str, None, "a budget kept by the action wall (what --target gives), e.g. "
                                             "size=30%"),
-        "min_keep": _opt("min_keep", float, 0.2, "lowest keep ratio of a group"),
-        "agent": _opt("agent", str, "ddpg", "ddpg or td3"),
-        "hidden": _opt("hidden", int, 300, "units of each of the 2 hidden layers of actor and critic"),
-        "noise": _opt("noise", float, 0.5, "initial exploration noise (sigma, scaled action space)"),
-        "gradient_steps": _opt("gradient_steps", int, 0, "agent updates after each episode [default 0: one per "
+        "min_keep": StrategyOption("min_keep", float, 0.2, "lowest keep ratio of a group"),
+        "agent": StrategyOption("agent", str, "ddpg", "ddpg or td3"),
+        "hidden": StrategyOption("hidden", int, 300, "units of each of the 2 hidden layers of actor and critic"),
+        "noise": StrategyOption("noise", float, 0.5, "initial exploration noise (sigma, scaled action space)"),
+        "gradient_steps": StrategyOption("gradient_steps", int, 0, "agent updates after each episode [default 0: one per "
                                                          "layer stepped]"),
-        "noise_decay": _opt("noise_decay", float, 0.99, "exploration noise factor per episode"),
-        "calib_samples": _opt("calib_samples", int, 256, "training samples per candidate's recalibration"),
-        "eval_samples": _opt("eval_samples", int, None, "held-out samples scored per episode [default: all]"),
-        "bias_correction": _opt("bias_correction", bool, True, "correct biases after pruning/quantization"),
+        "noise_decay": StrategyOption("noise_decay", float, 0.99, "exploration noise factor per episode"),
+        "calib_samples": StrategyOption("calib_samples", int, 256, "training samples per candidate's recalibration"),
+        "eval_samples": StrategyOption("eval_samples", int, None, "held-out samples scored per episode [default: all]"),
+        "bias_correction": StrategyOption("bias_correction", bool, True, "correct biases after pruning/quantization"),
     }
 
     def search(self, problem: Problem, options: Mapping[str, Any]) -> StrategyResult:
