@@ -438,9 +438,15 @@ def sidecar_paths(output: str | os.PathLike) -> list[str]:
     return [f"{stem}.plan.json", f"{stem}.report.json"]
 
 
-def _sidecars(output: str, files: dict[str, str]) -> dict[str, str]:
-    stem = os.path.splitext(os.path.basename(output))[0]
-    return {f"{stem}.{name}": content for name, content in files.items()}
+def _write(output: str, model: onnx.ModelProto, plan: CompressionPlan, report: dict, timer: _Timer) -> None:
+    """The model, NAME.plan.json and NAME.report.json, all or nothing (the report's timings
+    include the write afterwards)."""
+    plan_path, report_path = sidecar_paths(output)
+    with timer.phase("write"):
+        files = {Path(plan_path).name: plan.to_json(),
+                 Path(report_path).name: json.dumps(report, indent=2, default=str)}
+        write_outputs(output, model, files)
+    report["seconds"] = timer.seconds
 
 
 def _versions() -> dict[str, str]:
@@ -540,10 +546,7 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
     report = _report(prepared, space, plan, exported, gate_report, quality, timer, config, found.history,
                      asdict(dry))
     if output is not None:
-        with timer.phase("write"):
-            files = {"plan.json": plan.to_json(), "report.json": json.dumps(report, indent=2, default=str)}
-            write_outputs(output, exported.model, _sidecars(output, files))
-        report["seconds"] = timer.seconds
+        _write(output, exported.model, plan, report, timer)
     return CompressResult(exported.model, plan, report, output)
 
 
@@ -770,10 +773,7 @@ def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.Pa
     report["plan_source"] = str(source_plan) if source_plan is not None else None
     report["held_out_source"] = held.source
     if output is not None:
-        with timer.phase("write"):
-            files = {"plan.json": plan.to_json(), "report.json": json.dumps(report, indent=2, default=str)}
-            write_outputs(output, exported.model, _sidecars(output, files))
-        report["seconds"] = timer.seconds
+        _write(output, exported.model, plan, report, timer)
     return ApplyResult(exported.model, plan, report, output)
 
 
