@@ -673,10 +673,16 @@ def check_runnable(model: onnx.ModelProto, smoke: bool = True) -> None:
 
 
 def _smoke_run(model: onnx.ModelProto) -> None:
+    from .normalise import AssignNodeNamesPass
     from .ort_utils import random_feeds
 
+    # onnxruntime refuses duplicate or missing-looking node names, which normalisation fixes
+    # (AssignNodeNamesPass): they do not make the model invalid, so run a renamed copy
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    named = AssignNodeNamesPass().run(named).model
     try:
-        session = make_session(model)
+        session = make_session(named)
         feeds = random_feeds(session, seed=0)
     except ValueError:
         return  # an input type random inputs cannot be made for: the callers report it

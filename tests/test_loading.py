@@ -9,7 +9,7 @@ import tempfile
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from graph_passes import loading, ort_utils
 from graph_passes.errors import (
@@ -578,3 +578,18 @@ def _write_big_matmul(directory: str) -> str:
     path = os.path.join(directory, "model.onnx")
     onnx.save_model(model, path)
     return path
+
+
+def test_duplicate_node_names_are_not_an_invalid_model():
+    """onnxruntime refuses two nodes with one name; normalisation renames them, so the smoke run
+    of check_runnable must not refuse such a model (common in hand-edited exports)."""
+    from graph_passes.prepare import prepare_model
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="same"), helper.make_node("Relu", ["a"], ["y"], name="same")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    check_runnable(model)
+    prepared = prepare_model(model)
+    assert [n.name for n in prepared.model.graph.node] == ["same", "Relu_1"]
+    assert [n.name for n in model.graph.node] == ["same", "same"]  # the caller's model is untouched
