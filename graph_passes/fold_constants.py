@@ -220,3 +220,91 @@ def _rewrite(
     apply_renames(graph, plan.aliases)
     graph.initializer.extend(values[name] for name in sorted(values))
     drop_value_info(graph, plan.produced)
+
+
+class FoldIfPass(Pass):
+    """Inline every main-graph ``If`` whose condition is a constant (a folded comparison, or an
+    input the user pinned with ``--input-value``): the taken branch's nodes and initializers
+    replace the ``If`` (its local names made unique), so the weights inside become ordinary
+    weight layers. An ``If`` on a run-time condition is left alone."""
+
+    def run(self, model: onnx.ModelProto) -> RewriteResult:
+        graph = model.graph
+        inits = constant_initializers(model)
+        folded = 0
+        while True:
+            index = next((i for i, n in enumerate(graph.node) if _constant_condition(n, inits) is not None), None)
+            if index is None:
+                break
+            node = graph.node[index]
+            branch_name = "then_branch" if _constant_condition(node, inits) else "else_branch"
+            branch = next(a.g for a in node.attribute if a.name == branch_name)
+            replacement, new_inits = _inline(graph, node, branch)
+            nodes = list(graph.node)
+            del graph.node[:]
+            graph.node.extend(nodes[:index] + replacement + nodes[index + 1:])
+            graph.initializer.extend(new_inits)
+            inits.update({t.name: t for t in new_inits})
+            logger.info("%s: If %r has a constant condition: inlined its %s (%d nodes)", self.name, node.name,
+                        branch_name, len(replacement))
+            folded += 1
+        return RewriteResult(model, bool(folded), folded)
+
+
+def _constant_condition(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool | None:
+    if node.op_type != "If" or not is_default_domain(node) or not node.input or node.input[0] not in inits:
+        return None
+    value = numpy_helper.to_array(inits[node.input[0]])
+    if value.size != 1:
+        return None
+    return bool(value.reshape(-1)[0])
+
+
+def _graph_names(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        names.add(node.name)
+        for sub in (a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH):
+            names |= _graph_names(sub)
+        for subs in (a.graphs for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS):
+            for sub in subs:
+                names |= _graph_names(sub)
+    return names
+
+
+def _inline(graph: onnx.GraphProto, node: onnx.NodeProto, branch: onnx.GraphProto
+            ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    from .fold_utils import unique_name
+
+    work = onnx.GraphProto()
+    work.CopyFrom(branch)
+    taken = _graph_names(graph) | _graph_names(work)
+    produced = {o for n in work.node for o in n.output if o}
+    local = produced | {t.name for t in work.initializer}
+    mapping: dict[str, str] = {}
+    outputs_done: set[str] = set()
+    extra: list[onnx.NodeProto] = []
+    for bo, io in zip(work.output, node.output):
+        if bo.name in produced and bo.name not in mapping and io:
+            mapping[bo.name] = io
+            outputs_done.add(io)
+    for name in sorted(local):
+        if name not in mapping:
+            mapping[name] = unique_name(f"{node.name}/{name}", taken)
+            taken.add(mapping[name])
+    apply_renames(work, mapping, top=True)
+    for bo, io in zip(work.output, node.output):
+        if io and io not in outputs_done:
+            extra.append(onnx.helper.make_node("Identity", [mapping.get(bo.name, bo.name)], [io],
+                                               name=unique_name(f"{node.name}/out", taken)))
+            taken.add(extra[-1].name)
+    for inner in work.node:
+        inner.name = unique_name(f"{node.name}/{inner.name or inner.op_type}", taken)
+        taken.add(inner.name)
+    new_inits = []
+    for tensor in work.initializer:
+        tensor.name = mapping[tensor.name]
+        new_inits.append(tensor)
+    return list(work.node) + extra, new_inits

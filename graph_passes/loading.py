@@ -32,6 +32,7 @@ import onnx.shape_inference
 import onnxruntime as ort
 from google.protobuf.message import DecodeError, EncodeError
 
+from .feeds import annotate_input_ranges
 from .errors import (
     ExternalDataError,
     InputFileError,
@@ -99,6 +100,7 @@ def load_model(
     _require_sane_sizes(model.graph.input, src.label, "input")
     inferred = _infer_shapes(model, src.label, declared)
     _require_sane_sizes([*inferred.graph.value_info, *inferred.graph.output], src.label, "tensor")
+    annotate_input_ranges(inferred)  # integer inputs: the values random checks may feed
     logger.info("loaded %s: %d nodes, opsets %s", src.label, len(inferred.graph.node),
                 _opsets(inferred))
     return inferred

@@ -22,7 +22,7 @@ from .eliminate_dead_nodes import EliminateDeadNodesPass
 from .eliminate_identity import EliminateIdentityPass
 from .errors import UnsupportedModelError, VerificationError
 from .fold_batchnorm import FoldBatchNormPass
-from .fold_constants import FoldConstantsPass, has_foldable_constants
+from .fold_constants import FoldConstantsPass, FoldIfPass, has_foldable_constants
 from .fold_utils import DEFAULT_DOMAINS, RewriteResult, subgraphs, unique_name
 from .ort_utils import compare_outputs, make_session, random_feeds, run
 from .passes import Pass, PassResult
@@ -89,7 +89,7 @@ class AssignNodeNamesPass(Pass):
 
 def normalisation_passes() -> list[Pass]:
     """One round of normalisation, in order."""
-    return [FoldConstantsPass(), EliminateIdentityPass(), FoldBatchNormPass(),
+    return [FoldConstantsPass(), FoldIfPass(), EliminateIdentityPass(), FoldBatchNormPass(),
             EliminateDeadNodesPass()]
 
 
@@ -143,6 +143,7 @@ def _worth_another_round(model: onnx.ModelProto) -> bool:
 _STAT_OF_PASS = {
     "AssignNodeNamesPass": "nodes_named",
     "FoldConstantsPass": "constants_folded",
+    "FoldIfPass": "constants_folded",
     "EliminateIdentityPass": "identities_removed",
     "FoldBatchNormPass": "batchnorms_folded",
     "EliminateDeadNodesPass": "dead_removed",

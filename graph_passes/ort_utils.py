@@ -72,6 +72,7 @@ def random_feeds(
     """Random inputs matching the session's (fully static) input shapes and dtypes."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
+    ranges = _integer_ranges(session)
     for inp in session.get_inputs():
         shape = [d if isinstance(d, int) else 1 for d in inp.shape]
         if batch is not None and shape:
@@ -83,9 +84,19 @@ def random_feeds(
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
             feeds[inp.name] = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            feeds[inp.name] = rng.integers(0, 10, shape).astype(dtype)
+        else:  # the range the graph allows (an embedding's rows: graph_passes.feeds), else 0..9
+            low, high = ranges.get(inp.name, (0, 10))
+            feeds[inp.name] = rng.integers(low, min(high, 10) if high > low else low + 1, shape).astype(dtype)
     return feeds
+
+
+def _integer_ranges(session: ort.InferenceSession) -> dict[str, tuple[int, int]]:
+    from .feeds import ranges_from_metadata
+
+    try:
+        return ranges_from_metadata(session.get_modelmeta().custom_metadata_map)
+    except Exception:  # noqa: BLE001 - metadata is a hint; a session without it draws 0..9
+        return {}
 
 
 def run(

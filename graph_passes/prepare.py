@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import onnx
 
 from .batch import generalise_batch_reshapes
 from .channel_groups import ChannelAnalysis, analyse
-from .errors import VerificationError
+from .errors import DataError, ModelLoadError, VerificationError
+from .feeds import annotate_input_ranges, parse_input_values, pin_input_values
 from .loading import check_runnable, load_model
 from .normalise import NormaliseResult, normalise
 from .ort_utils import compare_outputs, make_session, random_feeds
@@ -38,15 +39,27 @@ class PreparedModel:
 
 
 def prepare_model(source: str | onnx.ModelProto, input_shapes: Sequence[str] | dict = (),
-                  verify: bool = True, batch: int | None = 1) -> PreparedModel:
+                  verify: bool = True, batch: int | None = 1,
+                  input_values: Sequence[str] | Mapping[str, str] = ()) -> PreparedModel:
     """Load safely, check onnxruntime can run it, normalise (verified), analyse.
 
     A dynamic leading (batch) dim is taken as ``batch``; other symbolic dims need
-    ``input_shapes`` (texts like "input=1x3x224x224" or a dict)."""
+    ``input_shapes`` (texts like "input=1x3x224x224" or a dict). ``input_values`` ("sr=16000"
+    texts or a dict) make those inputs constants of the model (graph_passes.feeds)."""
     shapes = input_shapes if isinstance(input_shapes, dict) else parse_input_shapes(input_shapes)
     original = load_model(source, shapes or None, batch=batch)
+    if input_values:
+        original = pin_input_values(original, input_values)
+        annotate_input_ranges(original)
     if verify:
-        check_runnable(original)
+        try:
+            check_runnable(original)
+        except ModelLoadError as exc:
+            if not input_values:
+                raise
+            raise DataError(f"onnxruntime cannot run the model with --input-value "
+                            f"{' '.join(f'{k}={v}' for k, v in parse_input_values(input_values).items())}: "
+                            f"{exc}; give values the model accepts") from None
     result = normalise(original, verify=verify)
     # Reshape targets that spell out the batch size: make them batch-agnostic (same results)
     result.model, rewritten = generalise_batch_reshapes(result.model)

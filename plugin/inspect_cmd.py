@@ -31,8 +31,8 @@ def _bridge_summary(model: onnx.ModelProto) -> dict:
 
 
 def build_inspect_report(source: str, input_shapes: Sequence[str], verify: bool = True,
-                         bridge: bool = True) -> InspectReport:
-    prepared = prepare_model(source, input_shapes, verify=verify)
+                         bridge: bool = True, input_values: Sequence[str] = ()) -> InspectReport:
+    prepared = prepare_model(source, input_shapes, verify=verify, input_values=input_values)
     stats = prepared.normalised.stats
     normalisation = dataclasses.asdict(stats) if stats is not None else {}
     normalisation["max_rel_error"] = prepared.normalised.max_rel_error

@@ -17,6 +17,9 @@ _INPUT_SHAPE_HELP = (
 @click.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDxD", help=_INPUT_SHAPE_HELP)
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
+              help="Make a model input a constant, e.g. --input-value sr=16000 (a sample rate, a flag); "
+                   "an If on it is folded. Integer inputs otherwise get values the graph allows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON (for pipelines).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check of the normalised model.")
 @click.option("--bridge/--no-bridge", default=True, show_default=True,
@@ -25,7 +28,7 @@ _INPUT_SHAPE_HELP = (
               help="Rows per table in the text report.")
 @handle_errors
 def inspect_command(model: str, input_shapes: tuple[str, ...], as_json: bool, no_verify: bool, bridge: bool,
-                    max_rows: int) -> None:
+                    max_rows: int, input_values: tuple[str, ...] = ()) -> None:
     """Analyse MODEL: weight layers, parameters, MACs, channel groups (which channels must be
     removed together, and which cannot be removed and why), ops without a rule, and whether the
     model can be trained through the torch bridge.
@@ -36,7 +39,8 @@ def inspect_command(model: str, input_shapes: tuple[str, ...], as_json: bool, no
     """
     from plugin.inspect_cmd import build_inspect_report
 
-    report = build_inspect_report(model, input_shapes, verify=not no_verify, bridge=bridge)
+    report = build_inspect_report(model, input_shapes, verify=not no_verify, bridge=bridge,
+                                  input_values=input_values)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

