@@ -1,29 +1,17 @@
-"""What a benchmark result records about how it was made: the commit and the library versions."""
+"""What a benchmark result records about how it was made: the commit and the library versions.
+
+The library's own helpers (``plugin/provenance.py``, also used by ``prunequant sweep``), so a
+benchmark's results and a sweep's carry the same provenance."""
 
 from __future__ import annotations
 
-import importlib
-import platform
-import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+from plugin.provenance import command_line, commit, file_sha256, prunequant_version, versions  # noqa: E402
 
-def commit() -> str:
-    """HEAD, marked when the library's sources have uncommitted changes; "unknown" outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "plugin", "graph_passes", "cost_models"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return head.stdout.strip() + (" (+ uncommitted changes in the library)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def versions(*extra: str) -> dict[str, str]:
-    """Python, torch, onnx, onnxruntime and numpy versions, plus those of the ``extra`` modules."""
-    out = {"python": platform.python_version()}
-    for name in ("torch", "onnx", "onnxruntime", "numpy", *extra):
-        out[name] = importlib.import_module(name).__version__
-    return out
+__all__ = ["command_line", "commit", "file_sha256", "prunequant_version", "versions"]

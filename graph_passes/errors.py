@@ -106,3 +106,9 @@ class ConfigError(PrunequantError):
     """Options that contradict each other or are out of range (e.g. --lambda with --target)."""
 
     exit_code = 14
+
+
+class SweepJobsFailed(PrunequantError):
+    """Some jobs of a sweep failed; each one's error is in the sweep's records (the others ran)."""
+
+    exit_code = 15

@@ -2,7 +2,7 @@
 ``graph_passes.errors`` and the CLI's own codes, and every code in it is triggered through the
 real CLI.
 
-Real inputs trigger 0, 2, 3, 4, 5, 10, 11, 12, 13, 14 and 64. Codes 1, 6, 7, 8, 9, 70 and 130
+Real inputs trigger 0, 2, 3, 4, 5, 10, 11, 12, 13, 14 and 64. Codes 1, 6, 7, 8, 9, 15, 70 and 130
 need a failure deep inside a long run (a graph pass or the bridge breaking, an exported model
 that disagrees, a bug, a Ctrl-C), so the function the command calls is monkeypatched to raise
 the error class (or RuntimeError / KeyboardInterrupt); test_compress_cli.py sends a real SIGINT.
@@ -127,6 +127,16 @@ def _bad_plan(tmp: Path, _mp: pytest.MonkeyPatch) -> list[str]:
     return ["export", str(DIGITS / "model.onnx"), "--plan", str(tmp / "bad.plan.json"), "-o", str(tmp / "out.onnx")]
 
 
+def _sweep_failed(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``sweep`` whose jobs ran and some failed (test_sweep.py runs a real one on local Ray)."""
+    def fail(*_args, **_kwargs):
+        raise errors.SweepJobsFailed("1 of 3 sweep jobs failed (first: uniform_none_s0: ConfigError: ...)")
+
+    monkeypatch.setattr("plugin.sweep.run_sweep", fail)
+    return ["sweep", str(DIGITS / "model.onnx"), "--data", str(DIGITS / "train.npz"), "-o", str(tmp / "sweep"),
+            "--no-progress"]
+
+
 # code -> (how, trigger, what stderr says)
 TRIGGERS: dict[int, tuple[str, Trigger, str]] = {
     0: ("real", lambda tmp, mp: ["inspect", _save(_conv_model(), tmp / "ok.onnx"), "--no-bridge"], ""),
@@ -147,6 +157,7 @@ TRIGGERS: dict[int, tuple[str, Trigger, str]] = {
     13: ("real", lambda tmp, mp: ["compress", str(DIGITS / "model.onnx"), "--data", str(DIGITS / "calib.npz"),
                                   "-o", str(tmp / "no" / "such" / "dir" / "m.onnx")], "does not exist"),
     14: ("real", lambda tmp, mp: _compress(tmp, "--weight-bits", "0,3,8"), "--weight-bits"),
+    15: ("monkeypatch", _sweep_failed, "sweep jobs failed"),
     EXIT_USAGE: ("real", lambda tmp, mp: ["compress", str(DIGITS / "model.onnx"), "-o", str(tmp / "o.onnx")],
                  "Missing option '--data'"),
     EXIT_INTERNAL: ("monkeypatch", _inspect_raising(RuntimeError("boom")), "prunequant bug"),

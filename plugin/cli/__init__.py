@@ -32,7 +32,7 @@ def main(verbose: int, debug: bool) -> None:
       prunequant inspect model.onnx --input-shape input=1x3x224x224 --json
 
     \b
-    Exit codes: 0 ok; 1-14 a mistake in the input (the one-line message says which, the README
+    Exit codes: 0 ok; 1-15 a mistake in the input (the one-line message says which, the README
     lists them); 64 a malformed command line; 70 a prunequant bug; 130 interrupted (Ctrl-C,
     SIGTERM or SIGHUP; nothing is left behind).
     """
@@ -49,9 +49,10 @@ def _register_commands() -> None:
     from .inspect import inspect_command
     from .report import report_command
     from .strategies import strategies_command
+    from .sweep import sweep_command
 
     for command in (inspect_command, compress_command, export_command, evaluate_command, strategies_command,
-                    report_command):
+                    report_command, sweep_command):
         main.add_command(command)
 
 
