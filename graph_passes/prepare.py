@@ -13,6 +13,7 @@ import onnx
 
 from .batch import generalise_batch_reshapes
 from .channel_groups import ChannelAnalysis, analyse
+from .dequantize import refuse_quantized, require_weight_layers
 from .errors import DataError, ModelLoadError, VerificationError
 from .feeds import annotate_input_ranges, parse_input_values, pin_input_values
 from .loading import check_runnable, load_model
@@ -60,6 +61,7 @@ def prepare_model(source: str | onnx.ModelProto, input_shapes: Sequence[str] | d
             raise DataError(f"onnxruntime cannot run the model with --input-value "
                             f"{' '.join(f'{k}={v}' for k, v in parse_input_values(input_values).items())}: "
                             f"{exc}; give values the model accepts") from None
+    refuse_quantized(original)  # integer weights behind integer ops: one line, not "0 weight layers"
     result = normalise(original, verify=verify)
     # Reshape targets that spell out the batch size: make them batch-agnostic (same results)
     result.model, rewritten = generalise_batch_reshapes(result.model)
@@ -69,6 +71,7 @@ def prepare_model(source: str | onnx.ModelProto, input_shapes: Sequence[str] | d
             _check_same(original, result)
     result.model, _ = untie_weight_initializers(result.model)
     analysis = analyse(result.model)
+    require_weight_layers(result.model, len(analysis.layers))
     label = source if isinstance(source, str) else "<model>"
     return PreparedModel(label, original, result, analysis)
 

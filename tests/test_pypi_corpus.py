@@ -120,23 +120,23 @@ def test_range_survives_a_cast():
 
 _BRANCH = """
 <ir_version: 8, opset_import: ["" : 17]>
-g (float[1, 4] x, int64 sr) => (float[1, 2] y) {
+g (float[1, 16] x, int64 sr) => (float[1, 8] y) {
     k = Constant <value = int64 {16000}> ()
     c = Equal (sr, k)
     y = If (c) <
-        then_branch = t () => (float[1, 2] a) { a = MatMul (x, w) },
-        else_branch = e () => (float[1, 2] b) { b = MatMul (x, w2) }
+        then_branch = t () => (float[1, 8] a) { a = MatMul (x, w) },
+        else_branch = e () => (float[1, 8] b) { b = MatMul (x, w2) }
     >
 }
 """
 
 
 def test_pinned_input_value_becomes_a_constant_and_the_if_folds():
-    model = build(_BRANCH, w=[4, 2], w2=[4, 2])
+    model = build(_BRANCH, w=[16, 8], w2=[16, 8])
     prepared = prepare_model(model, input_values=["sr=16000"])
     assert [i.name for i in prepared.model.graph.input] == ["x"]
     assert not any(n.op_type == "If" for n in prepared.model.graph.node)
-    x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
     w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w"))
     got = make_session(prepared.model).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, x @ w, rtol=1e-5)
@@ -144,7 +144,7 @@ def test_pinned_input_value_becomes_a_constant_and_the_if_folds():
 
 
 def test_pinned_input_value_errors_name_the_input():
-    model = build(_BRANCH, w=[4, 2], w2=[4, 2])
+    model = build(_BRANCH, w=[16, 8], w2=[16, 8])
     with pytest.raises(ConfigError, match="no input 'rate'"):
         pin_input_values(model, ["rate=1"])
     with pytest.raises(DataError, match="cannot hold"):
@@ -177,5 +177,52 @@ def test_cli_input_value_option_is_declared():
 
 
 def test_helper_graph_is_valid():
-    onnx.checker.check_model(build(_BRANCH, w=[4, 2], w2=[4, 2]), full_check=True)
+    onnx.checker.check_model(build(_BRANCH, w=[16, 8], w2=[16, 8]), full_check=True)
     assert helper  # imported for graph building in later tests
+
+
+# ------------------------------------------------------------------ quantized models, weights in control flow
+
+
+def _dynamic_quantized_conv() -> onnx.ModelProto:
+    """What onnxruntime's dynamic quantizer writes for one Conv (DynamicQuantizeLinear + ConvInteger)."""
+    rng = np.random.default_rng(0)
+    w_q = numpy_helper.from_array(rng.integers(0, 255, (4, 3, 3, 3)).astype(np.uint8), "w_q")
+    w_zp = numpy_helper.from_array(np.array(128, np.uint8), "w_zp")
+    w_scale = numpy_helper.from_array(np.array(0.01, np.float32), "w_scale")
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["x_q", "x_s", "x_zp"]),
+        helper.make_node("ConvInteger", ["x_q", "w_q", "x_zp", "w_zp"], ["y_i"], pads=[1, 1, 1, 1]),
+        helper.make_node("Cast", ["y_i"], ["y_f"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", ["x_s", "w_scale"], ["s"]),
+        helper.make_node("Mul", ["y_f", "s"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [w_q, w_zp, w_scale])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_dynamically_quantized_model_is_refused_naming_the_ops():
+    from graph_passes.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="already quantized.*ConvInteger") as info:
+        prepare_model(_dynamic_quantized_conv())
+    assert "\n" not in str(info.value)
+
+
+def test_weights_inside_runtime_control_flow_are_said_not_hidden():
+    """An If on a run-time input with the only weights in its branches: one line, not 0 layers + exit 0."""
+    from graph_passes.errors import UnsupportedModelError
+
+    model = build(_BRANCH, w=[16, 8], w2=[16, 8])
+    # move the weights into the branches (a real exporter's pattern): the main graph has none left
+    then_b = next(a.g for a in model.graph.node[-1].attribute if a.name == "then_branch")
+    else_b = next(a.g for a in model.graph.node[-1].attribute if a.name == "else_branch")
+    weights = {t.name: t for t in model.graph.initializer}
+    then_b.initializer.append(weights["w"])
+    else_b.initializer.append(weights["w2"])
+    del model.graph.initializer[:]
+    with pytest.raises(UnsupportedModelError, match="inside 1 If bodies.*--input-value"):
+        prepare_model(model)
+    assert prepare_model(model, input_values=["sr=8000"]).analysis.layers  # pinned: folded, analysed
