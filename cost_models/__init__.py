@@ -8,7 +8,10 @@ model's cost is the sum over its layers. This package never imports ``plugin`` a
 import torch.
 
 Built-in models (name, unit): ``size`` (bit; :func:`bits_to_bytes`), ``bops`` (bit-op),
-``mpic`` (cycles), ``mpic_energy`` (uJ), ``ne16`` (cycles; 8-bit activations assumed).
+``mpic`` (cycles), ``mpic_energy`` (uJ), ``ne16`` (cycles; 8-bit activations assumed),
+``horowitz_energy`` (uJ; a zero-skipping accelerator, Horowitz ISSCC 2014 constants). Of these
+only ``size`` (a bitmap encoding) and ``horowitz_energy`` (skipped MACs) count the zeros of
+fine-grained sparsity (``CostInputs.sparsity``); each module's docstring says how.
 
 Adding a cost model (for instance the latency table of your own chip)
 ---------------------------------------------------------------------

@@ -72,3 +72,11 @@ def weighted_sum(weights: Sequence[float], values: Sequence[Scalar]) -> Scalar:
 def finish(value: Scalar) -> Scalar:
     """Return tensors unchanged and everything else as a python float."""
     return value if is_tensor(value) else float(value)
+
+
+def minimum(a: Scalar, b: Scalar) -> Scalar:
+    """``min(a, b)``; on tensors ``torch.minimum`` (gradient through the smaller one)."""
+    if is_tensor(a) or is_tensor(b):
+        torch = sys.modules["torch"]
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    return float(min(a, b))

@@ -8,6 +8,9 @@ The expectation under theta, with weight and activation precisions independent::
 where ``macs_c = fan_in_eff * kh*kw * h_o*w_o`` are the MACs of one output channel, with
 ``fan_in_eff = c_in_eff / groups`` (depthwise: 1). ``C_in_eff`` therefore enters the MACs
 linearly and ``C_out_eff`` enters through the 0-bit rows of theta, which contribute nothing.
+
+Fine-grained sparsity (``inputs.sparsity``) is **not** counted: BOPs here are the dense bit
+operations of the layer's kept channels (no zero skipping), as on MPIC and NE16.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ A look-up table gives MACs per cycle by activation bits a and weight bits w; per
 with ``macs_c = fan_in_eff * kh*kw * h_o*w_o`` (``fan_in_eff = c_in_eff / groups``,
 depthwise: 1). Weight bits must be in {0, 2, 4, 8} and activation bits in {2, 4, 8}; any
 other precision in the precision sets is an error, even with zero probability.
+
+Fine-grained sparsity (``inputs.sparsity``) is **not** counted: MPIC's SIMD dot products do not
+skip zero weights, so a sparse layer costs what the dense one does (so does ``mpic_energy``).
 """
 
 from __future__ import annotations

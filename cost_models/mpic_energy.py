@@ -3,6 +3,9 @@
 ``energy = cycles / 250 MHz * P`` with ``P`` the mean of the four measured powers
 5.30, 5.39, 5.46 and 5.38 mW, i.e. 5.3825 mW (DESIGN.md rounds it to 5.38; the paper's code
 uses the mean itself). One cycle costs 5.3825e-3 / 250e6 J = 2.153e-5 uJ.
+
+Fine-grained sparsity is not counted (MPIC does not skip zero weights; see ``mpic``); the
+zero-skipping accelerator model is ``horowitz_energy``.
 """
 
 from __future__ import annotations

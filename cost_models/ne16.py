@@ -29,6 +29,9 @@ reads its own 16 input channels::
 Linear layers are 1x1 passes over ``out_hw`` (Gemm: one position). On tensors ``floor``/``ceil``
 are straight-through (identity gradient on their argument): ``d floor(K_o/32) / dK_o = 1/32``
 and the remainder has no gradient, so a channel's marginal cost is ``iteration(32) / 32``.
+
+Fine-grained sparsity (``inputs.sparsity``) is **not** counted: NE16's bit-serial engine streams
+every weight of a block, zero or not.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 
 from graph_passes.errors import CostModelError
 
-from . import bops, mpic, mpic_energy, ne16, size
+from . import bops, horowitz_energy, mpic, mpic_energy, ne16, size
 from ._math import Scalar
 from .base import CostFunction, CostModel
 from .spec import CostInputs, LayerSpec
@@ -30,6 +30,7 @@ BUILTIN_COST_MODELS: tuple[CostModel, ...] = (
     mpic.COST_MODEL,
     mpic_energy.COST_MODEL,
     ne16.COST_MODEL,
+    horowitz_energy.COST_MODEL,
 )
 
 _REGISTRY: dict[str, CostModel] = {model.name: model for model in BUILTIN_COST_MODELS}

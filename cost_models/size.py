@@ -7,13 +7,26 @@ Per layer, as in the paper's code (bias excluded; it stays in high precision)::
 with ``fan_in_eff = c_in_eff / groups`` (``c_in_eff`` for a plain conv or linear layer) and
 ``fan_in_eff = 1`` for a depthwise layer (its cost is per channel). 0-bit (pruned) channels
 contribute nothing. With one-hot theta this is the exact number of weight bits of the layer.
+
+Zeros of fine-grained sparsity (``inputs.sparsity``) are counted with a stated sparse encoding,
+used for a layer only where it is smaller than the dense one: a bitmap of 1 bit per weight
+position of every kept output channel, plus the nonzero values at their channel's width::
+
+    sparse = K * n + nnz * sum_c sum_j theta[j, c] * b_j,   size = min(dense, sparse)
+
+with ``n = fan_in_eff * kh*kw`` the weights of one kept channel, ``K = C_out_eff`` the kept
+channels and ``nnz = n - floor(sparsity * n)`` per channel (``cost_models.spec``). The bitmap wins
+once the density is below ``1 - 1/b`` (2-bit weights: under 50% nonzero). This is the size the
+*model* predicts for a sparse-capable store; the exported ONNX file stores the zeros densely (the
+report keeps file bytes and this figure apart). Zeros that quantization itself produces are not
+counted (the model sees shapes, not weights).
 """
 
 from __future__ import annotations
 
-from ._math import Scalar, finish
+from ._math import Scalar, finish, minimum
 from .base import CostModel
-from .spec import CostInputs, LayerSpec, channel_bits, check_inputs
+from .spec import CostInputs, LayerSpec, channel_bits, check_inputs, nonzero_per_channel, weights_per_channel
 
 NAME = "size"
 UNIT = "bit"
@@ -22,7 +35,13 @@ UNIT = "bit"
 def cost(spec: LayerSpec, inputs: CostInputs) -> Scalar:
     """Expected weight bits of one layer under ``inputs.w_theta``."""
     check_inputs(spec, inputs, NAME)
-    return finish(spec.fan_in_eff(inputs.c_in_eff) * spec.kernel_area * channel_bits(inputs))
+    n = weights_per_channel(spec, inputs)
+    bits = channel_bits(inputs)
+    dense = n * bits
+    if not inputs.sparsity:
+        return finish(dense)
+    sparse = inputs.c_out_eff() * n + nonzero_per_channel(spec, inputs) * bits
+    return finish(minimum(dense, sparse))
 
 
 def bits_to_bytes(bits: Scalar) -> Scalar:
@@ -30,4 +49,5 @@ def bits_to_bytes(bits: Scalar) -> Scalar:
     return bits / 8
 
 
-COST_MODEL = CostModel(NAME, UNIT, cost, "weight memory in bits (bias excluded)")
+COST_MODEL = CostModel(NAME, UNIT, cost, "weight memory in bits (bias excluded; sparse layers: bitmap + "
+                                          "nonzeros where smaller)")

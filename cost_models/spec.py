@@ -7,6 +7,7 @@ tensors (the differentiable search); the cost formulas treat both alike.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -162,6 +163,11 @@ class CostInputs:
         c_in_eff: effective input channels: the producer's ``C_out_eff``, detached by the
             caller (or ``c_in`` for a network input). A float or a 0-d tensor.
 
+        sparsity: fine-grained (unstructured) sparsity of the layer's kept weights, a float in
+            ``[0, 1)``: in each kept output channel ``floor(sparsity * n)`` of its ``n`` weights
+            at kept input positions are zero (:func:`zeroed_per_channel`, the plan's rule).
+            Which cost models count those zeros, and how, each model's docstring states.
+
     Compared by identity (``eq=False``): it holds arrays.
     """
 
@@ -170,6 +176,7 @@ class CostInputs:
     a_precisions: tuple[int, ...]
     a_theta: Any
     c_in_eff: Scalar
+    sparsity: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w_precisions", _precisions(self.w_precisions, "w_precisions"))
@@ -178,6 +185,10 @@ class CostInputs:
         object.__setattr__(self, "a_theta", _as_array(self.a_theta, 1, "a_theta"))
         if not is_tensor(self.c_in_eff):
             object.__setattr__(self, "c_in_eff", float(self.c_in_eff))
+        sparsity = float(self.sparsity)
+        if not 0.0 <= sparsity < 1.0:
+            raise CostModelError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        object.__setattr__(self, "sparsity", sparsity)
         if self.w_theta.shape[0] != len(self.w_precisions):
             raise CostModelError(
                 f"w_theta has {self.w_theta.shape[0]} rows but there are "
@@ -197,8 +208,10 @@ class CostInputs:
         c_in_eff: float,
         w_precisions: Sequence[int] = (0, 2, 4, 8),
         a_precisions: Sequence[int] = (2, 4, 8),
+        sparsity: float = 0.0,
     ) -> CostInputs:
-        """One-hot inputs for a final plan: ``w_bits[c]`` per output channel (0 = pruned)."""
+        """One-hot inputs for a final plan: ``w_bits[c]`` per output channel (0 = pruned), with
+        the layer's fine-grained ``sparsity``."""
         w_precisions, a_precisions = tuple(w_precisions), tuple(a_precisions)
         unknown = sorted({int(b) for b in w_bits} - set(w_precisions)) + (
             [] if a_bits in a_precisions else [a_bits]
@@ -212,7 +225,7 @@ class CostInputs:
         w_theta[[w_precisions.index(int(b)) for b in w_bits], np.arange(len(w_bits))] = 1.0
         a_theta = np.zeros(len(a_precisions))
         a_theta[a_precisions.index(a_bits)] = 1.0
-        return cls(w_precisions, w_theta, a_precisions, a_theta, c_in_eff)
+        return cls(w_precisions, w_theta, a_precisions, a_theta, c_in_eff, sparsity)
 
     def c_out_eff(self) -> Scalar:
         """``C_out_eff = C_out - sum_c theta[0, c]``: the expected number of kept channels.
@@ -250,3 +263,39 @@ def channel_bits(inputs: CostInputs) -> Scalar:
     """``sum_c sum_j theta[j, c] * b_j``: expected bits of one weight position over all
     output channels (0-bit, i.e. pruned, channels add nothing)."""
     return weighted_sum(inputs.w_precisions, channel_mass(inputs.w_theta))
+
+
+def zeroed_per_channel(sparsity: float, n: int) -> int:
+    """How many of the ``n`` weights of one kept output channel a layer of fine-grained
+    ``sparsity`` zeroes: ``floor(sparsity * n)``. The one rule the plan, the fake-quant engine,
+    the export and the cost models share."""
+    return int(math.floor(float(sparsity) * int(n) + 1e-9)) if sparsity > 0 and n > 0 else 0
+
+
+def weights_per_channel(spec: LayerSpec, inputs: CostInputs) -> Scalar:
+    """``n``: weights of one kept output channel at kept input positions, ``fan_in_eff * kh*kw``."""
+    return spec.fan_in_eff(inputs.c_in_eff) * spec.kernel_area
+
+
+def nonzero_per_channel(spec: LayerSpec, inputs: CostInputs) -> Scalar:
+    """Nonzero weights of one kept output channel: ``n - floor(sparsity * n)`` on numbers (exact
+    for a plan: ``c_in_eff`` is then a whole number), ``n * (1 - sparsity)`` on tensors."""
+    n = weights_per_channel(spec, inputs)
+    if not inputs.sparsity:
+        return n
+    if is_tensor(n):
+        return n * (1.0 - inputs.sparsity)
+    whole = int(round(float(n)))
+    if abs(float(n) - whole) > 1e-6:  # an expectation: no whole channel to floor over
+        return float(n) * (1.0 - inputs.sparsity)
+    return float(whole - zeroed_per_channel(inputs.sparsity, whole))
+
+
+def density(spec: LayerSpec, inputs: CostInputs) -> Scalar:
+    """Fraction of a kept channel's weights that are nonzero (1.0 when dense)."""
+    if not inputs.sparsity:
+        return 1.0
+    n = weights_per_channel(spec, inputs)
+    if not is_tensor(n) and float(n) <= 0:
+        return 1.0
+    return nonzero_per_channel(spec, inputs) / n

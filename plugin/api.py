@@ -676,7 +676,29 @@ def _file_accounting(exported, fp32_weight_bytes: int) -> dict:
         "scale_zero_point_index_bytes": sum(l.scale_bytes + l.zero_point_bytes + l.index_bytes for l in layers),
         "graph_bytes": exported.qdq.other_bytes,
         "fp32_weight_bytes": fp32_weight_bytes,
+        **_weight_zeros(exported.model),
     }
+
+
+def _weight_zeros(model: onnx.ModelProto) -> dict:
+    """Exact zeros among the quantized weight integers of the file (a DequantizeLinear's integer
+    initializer): fine-grained sparsity's zeros plus those quantization rounds to. The file
+    stores them densely; the ``size`` cost model's sparse encoding is a prediction for a sparse
+    store, not these bytes."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    total = zeros = 0
+    for node in model.graph.node:
+        tensor = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
+        if tensor is None or tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                  onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16):
+            continue
+        values = np.asarray(numpy_helper.to_array(tensor))
+        total += int(values.size)
+        zeros += int(values.size - np.count_nonzero(values.astype(np.int32)))
+    return {"weight_integers": total, "zero_weight_integers": zeros}
+
 
 
 def summary_table(report: dict) -> str:
@@ -742,7 +764,7 @@ def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.Pa
 
         raise PlanError(f"the plan has no entry for layer {missing[0]!r}; it was made for another model")
     scales = space.scales(layer_bits)
-    layers = {name: LayerPlan(lp.bits, scales.get(name)) for name, lp in plan.layers.items()}
+    layers = {name: LayerPlan(lp.bits, scales.get(name), lp.sparsity) for name, lp in plan.layers.items()}
     plan = space.with_costs(CompressionPlan(plan.model_sha256, plan.groups, layers, plan.activations,
                                             metadata={**plan.metadata, "applied_by": "export --plan",
                                                       "versions": _versions()}))

@@ -4,6 +4,13 @@ The ONNX graph is the source of truth: the output is the input graph (normalised
 pruned channels physically removed (``graph_passes.prune``), weights stored as packed
 per-channel INT8/INT4/INT2 with DequantizeLinear, and Q/DQ on every activation site that the
 plan quantizes (``graph_passes.qdq``). Nothing is re-exported from torch.
+
+Fine-grained sparsity (:class:`plugin.plan.LayerPlan`): after the channels are removed, in every
+remaining output channel of a sparse layer the ``floor(sparsity * n)`` weights of smallest |w|
+are set to 0 (stable order: the plan's rule), so the quantized integers there are exact zeros
+(``round(0 / scale) = 0``). Weights that come from the fake-quant engine carry those zeros
+already (it applies the same rule), so this step changes nothing for them; it makes the export
+of raw weights follow the plan too. The zeros are stored densely: the file does not shrink.
 """
 
 from __future__ import annotations
@@ -12,12 +19,14 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from graph_passes.channel_groups import ChannelAnalysis
 from graph_passes.errors import PlanError
 from graph_passes.prune import prune_channels
-from graph_passes.qdq import ActivationQuant, QdqResult, WeightQuant, insert_qdq
+from graph_passes.qdq import ActivationQuant, QdqResult, WeightQuant, insert_qdq, weight_axis
 
 from .plan import CompressionPlan
 
@@ -82,11 +91,62 @@ def quantization_of(plan: CompressionPlan, analysis: ChannelAnalysis, pruned: on
     return weights, activations
 
 
+def sparsify_weight(w: np.ndarray, sparsity: float, axis: int) -> np.ndarray:
+    """``w`` with the plan's fine-grained zeros: per output channel on ``axis``, the
+    ``floor(sparsity * n)`` smallest |w| (stable: ties to the lower row-major position) set to 0."""
+    from cost_models.spec import zeroed_per_channel
+
+    moved = np.moveaxis(np.array(w, copy=True), axis, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    k = zeroed_per_channel(sparsity, flat.shape[1])
+    if k > 0:
+        order = np.argsort(np.abs(flat.astype(np.float32)), axis=1, kind="stable")[:, :k]
+        np.put_along_axis(flat, order, 0, axis=1)
+    return np.moveaxis(flat.reshape(moved.shape), 0, axis)
+
+
+def apply_sparsity(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis: ChannelAnalysis,
+                   plan: CompressionPlan) -> dict[str, int]:
+    """Zero the plan's fine-grained weights in ``pruned`` (channels already removed), in place.
+    Returns per sparse layer the number of zero weights its weight tensor now holds."""
+    sparse = {name: lp.sparsity for name, lp in plan.layers.items() if lp.sparsity}
+    if not sparse:
+        return {}
+    layers = {layer.name: layer for layer in analysis.layers}
+    before = {n.name: n for n in original.graph.node}
+    nodes = {n.name: n for n in pruned.graph.node}
+    inits = {t.name: t for t in pruned.graph.initializer}
+    uses = Counter(i for n in pruned.graph.node for i in n.input)
+    zeros = {}
+    for name, sparsity in sparse.items():
+        layer, node = layers.get(name), nodes.get(name)
+        if layer is None or node is None or name not in before or layer.weight not in before[name].input:
+            raise PlanError(f"plan gives sparsity to layer {name!r}, which is not a weight layer of this model")
+        index = list(before[name].input).index(layer.weight)
+        tensor = inits.get(node.input[index])
+        if tensor is None:
+            raise PlanError(f"layer {name!r}: its weight is not an initializer, so it cannot be made sparse")
+        w = sparsify_weight(numpy_helper.to_array(tensor), sparsity, weight_axis(node))
+        if uses[tensor.name] > 1:  # shared with another node: give this one its own copy
+            new = numpy_helper.from_array(w, f"{tensor.name}__sparse_{len(zeros)}")
+            pruned.graph.initializer.append(new)
+            node.input[index] = new.name
+        else:
+            tensor.CopyFrom(numpy_helper.from_array(w, tensor.name))
+        zeros[name] = int(w.size - np.count_nonzero(w))
+    return zeros
+
+
 def export_plan(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: CompressionPlan) -> ExportResult:
     """``model``: the normalised model (with fine-tuned weights written back) that ``analysis``
     describes. Returns the compressed, not yet validated, model."""
     removal = removal_of(plan, analysis)
     pruned = prune_channels(model, analysis, removal) if removal else model
+    if any(lp.sparsity for lp in plan.layers.values()):
+        if pruned is model:
+            pruned = onnx.ModelProto()
+            pruned.CopyFrom(model)
+        apply_sparsity(pruned, model, analysis, plan)
     weights, activations = quantization_of(plan, analysis, pruned)
     layer_channels, layer_bits = {}, {}
     for layer in analysis.layers:

@@ -3,8 +3,9 @@
 A plan says, for one input model (identified by the sha256 of its bytes):
 
 - per channel group (analysis id): the group size and the kept group-channel indices;
-- per weight layer (ONNX node name): the bit-width of every output channel (0 = pruned) and,
-  optionally, the per-channel weight scales;
+- per weight layer (ONNX node name): the bit-width of every output channel (0 = pruned),
+  optionally the per-channel weight scales, and optionally a fine-grained (unstructured)
+  ``sparsity`` (see :class:`LayerPlan`);
 - per activation site (tensor name): bit-width, signedness and clip;
 - the cost under every cost model before and after compression; free-form metadata.
 
@@ -17,7 +18,8 @@ UTF-8, trailing newline; the same plan always gives the same bytes)::
       "activations": {"x": {"bits": 8, "clip": 6.0, "signed": false}},
       "costs": {"after": {"size": 12.5}, "before": {"size": 50.0}},
       "groups": {"g0": {"kept": [0, 2], "size": 3}},
-      "layers": {"conv1": {"bits": [8, 0, 4], "scales": [0.01, 1.0, 0.2]}},
+      "layers": {"conv1": {"bits": [8, 0, 4], "scales": [0.01, 1.0, 0.2]},
+                 "conv2": {"bits": [4, 4], "scales": null, "sparsity": 0.5}},
       "metadata": {"seed": 0, "strategy": "gradient"},
       "model_sha256": "<64 hex digits>"
     }
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from graph_passes.bitwidths import ACTIVATION_BITS as _ACT_WIDTHS, PRUNED, WEIGHT_BITS as _WEIGHT_WIDTHS
+from cost_models.spec import zeroed_per_channel
 from graph_passes.errors import InputFileError, OutputError, PlanError
 
 logger = logging.getLogger(__name__)
@@ -147,14 +150,35 @@ class GroupPlan:
         return tuple(i for i in range(self.size) if i not in kept)
 
 
+#: the largest fine-grained sparsity a layer may have (every kept channel keeps a nonzero weight
+#: as long as floor(sparsity * n) < n; a layer of 100% zeros is a pruned channel, not sparsity)
+MAX_SPARSITY = 0.99
+
+
 @dataclass(frozen=True)
 class LayerPlan:
-    """A weight layer: one bit-width per output channel (0 = pruned), optional scales."""
+    """A weight layer: one bit-width per output channel (0 = pruned), optional scales, and the
+    fine-grained ``sparsity`` in ``[0, MAX_SPARSITY]`` (default 0: dense).
+
+    Sparsity rule (shared by the fake-quant engine, the export and the cost models): in every
+    kept output channel, among its weights at *kept* input positions (``n`` of them: fan-in of
+    the kept input channels x kernel area), the ``floor(sparsity * n)`` of smallest ``|w|`` are
+    zero, ties broken by the lower position in the channel's row-major order (input channel,
+    then kernel). Ranking the float weight orders the quantized integers ``|q|`` the same way
+    (quantization is monotonic), with their ties broken by the float value. The mask follows the
+    weights: recomputed on every forward pass, so QAT may move it; the export writes the zeros
+    of the weights it exports as exact integer zeros. In the JSON the field is written only when
+    it is not 0 (a dense plan's bytes are unchanged)."""
 
     bits: tuple[int, ...]
     scales: tuple[float, ...] | None = None
+    sparsity: float = 0.0
 
     def __post_init__(self) -> None:
+        sparsity = self.sparsity
+        if not _is_number(sparsity) or not math.isfinite(sparsity) or not 0 <= sparsity <= MAX_SPARSITY:
+            raise PlanError(f"layer.sparsity must be a number in [0, {MAX_SPARSITY}], got {sparsity!r}")
+        object.__setattr__(self, "sparsity", float(sparsity))
         bits = _require_int_list(self.bits, "layer.bits")
         if not bits:
             raise PlanError("layer.bits is empty; a weight layer has at least one output channel")
@@ -414,8 +438,8 @@ def _parse_group(obj: Mapping[str, Any], where: str) -> GroupPlan:
 
 
 def _parse_layer(obj: Mapping[str, Any], where: str) -> LayerPlan:
-    _require_keys(obj, ("bits", "scales"), where)
-    return LayerPlan(bits=obj["bits"], scales=obj["scales"])
+    _require_keys(obj, ("bits", "scales", "sparsity") if "sparsity" in obj else ("bits", "scales"), where)
+    return LayerPlan(bits=obj["bits"], scales=obj["scales"], sparsity=obj.get("sparsity", 0.0))
 
 
 def _parse_activation(obj: Mapping[str, Any], where: str) -> ActivationPlan:
@@ -424,7 +448,10 @@ def _parse_activation(obj: Mapping[str, Any], where: str) -> ActivationPlan:
 
 
 def _layer_dict(layer: LayerPlan) -> dict[str, Any]:
-    return {"bits": list(layer.bits), "scales": None if layer.scales is None else list(layer.scales)}
+    out: dict[str, Any] = {"bits": list(layer.bits), "scales": None if layer.scales is None else list(layer.scales)}
+    if layer.sparsity:
+        out["sparsity"] = layer.sparsity
+    return out
 
 
 def _check_json_value(value: object, where: str) -> None:

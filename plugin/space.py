@@ -366,8 +366,10 @@ class SearchSpace:
     def assemble(self, layer_bits: Mapping[str, Sequence[int]], site_bits: Mapping[str, int], *,
                  scales: Mapping[str, Sequence[float] | None] | None = None,
                  clips: Mapping[str, float] | None = None,
-                 metadata: Mapping[str, Any] | None = None) -> CompressionPlan:
-        """A plan (without costs) from per-layer per-channel bits (0 = pruned) and site bits.
+                 metadata: Mapping[str, Any] | None = None,
+                 sparsity: Mapping[str, float] | None = None) -> CompressionPlan:
+        """A plan (without costs) from per-layer per-channel bits (0 = pruned) and site bits
+        (``sparsity``: per layer its fine-grained sparsity, default 0).
 
         The groups' kept channels are read off the layers' bits; every layer of a group must
         agree on which channels are pruned."""
@@ -383,7 +385,8 @@ class SearchSpace:
                 if previous != (b != PRUNED):
                     raise PlanError(f"layer {name!r} keeps a channel another layer of its group prunes")
             layer_scales = None if scales is None else scales.get(name)
-            layers[name] = LayerPlan(bits, None if layer_scales is None else tuple(float(s) for s in layer_scales))
+            layers[name] = LayerPlan(bits, None if layer_scales is None else tuple(float(s) for s in layer_scales),
+                                     float((sparsity or {}).get(name, 0.0)))
         groups = {}
         for unit in self.map.units.values():
             if unit.group_id is None:
@@ -403,10 +406,13 @@ class SearchSpace:
              weights: Mapping[str, np.ndarray] | None = None,
              clips: Mapping[str, float] | None = None,
              metadata: Mapping[str, Any] | None = None,
-             cost_models: Sequence[str] | None = None) -> CompressionPlan:
+             cost_models: Sequence[str] | None = None,
+             sparsity: Mapping[str, float] | None = None) -> CompressionPlan:
         """The plan of a decision, with costs. Unset parts take the widest allowed width and
         keep every channel. ``weights`` (initializer name -> array; default: the model's own)
-        give the per-channel weight scales."""
+        give the per-channel weight scales. ``sparsity``: per layer a fine-grained (unstructured)
+        sparsity in ``[0, 0.99]`` (:class:`~plugin.plan.LayerPlan` states which weights are zero);
+        only layers for which :meth:`supports_sparsity` holds may have one."""
         keep = self._keep_columns(kept or {})
         widest_w, widest_a = max(self.precisions.weight_widths), max(self.precisions.activations)
         per_layer: dict[str, tuple[int, ...]] = {}
@@ -429,9 +435,24 @@ class SearchSpace:
             if b not in self.precisions.activations:
                 raise PlanError(f"activation {tensor!r}: {b} bits is not an allowed activation width "
                                 f"({self.precisions.describe()})")
+        for name, fraction in (sparsity or {}).items():
+            if name not in self.layers:
+                raise PlanError(f"sparsity names layer {name!r}, which this model does not have")
+            if fraction and not self.supports_sparsity(name):
+                raise PlanError(f"layer {name!r}: fine-grained sparsity needs a plain (groups 1) or depthwise conv or "
+                                "a linear layer whose input channel layout is known; leave it dense")
         scales = self.scales(per_layer, weights)
-        plan = self.assemble(per_layer, sites, scales=scales, clips=clips, metadata=metadata)
+        plan = self.assemble(per_layer, sites, scales=scales, clips=clips, metadata=metadata, sparsity=sparsity)
         return self.with_costs(plan, cost_models)
+
+    def supports_sparsity(self, name: str) -> bool:
+        """Whether layer ``name`` may take fine-grained sparsity: a depthwise conv, or a conv of
+        groups 1 or a linear layer (not a recurrent one) whose input positions are known (so the engine, the export and
+        the cost models count the same kept inputs)."""
+        info = self.layers[name]
+        if info.spec.kind == "depthwise":
+            return True
+        return info.spec.kind in ("conv", "linear") and info.spec.groups == 1 and info.input_units is not None
 
     def scales(self, layer_bits: Mapping[str, Sequence[int]],
                weights: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple[float, ...]]:
@@ -490,7 +511,8 @@ class SearchSpace:
             if info.input_units is not None:
                 c_in = float(sum(1 for unit in info.input_units
                                  if unit is None or unit[0] not in kept or unit[1] in kept[unit[0]]))
-            pairs.append((info.spec, CostInputs.from_bits(layer_plan.bits, site_plan.bits, c_in)))
+            pairs.append((info.spec, CostInputs.from_bits(layer_plan.bits, site_plan.bits, c_in,
+                                                          sparsity=layer_plan.sparsity)))
         return pairs
 
     def cost_of_plan(self, plan: CompressionPlan, name: str = "size") -> float:
@@ -518,7 +540,7 @@ class SearchSpace:
         before = self.costs(self.baseline_plan(), list(after))
         after = {k: v for k, v in after.items() if k in before}
         return CompressionPlan(plan.model_sha256, plan.groups, plan.layers, plan.activations,
-                               before, after, plan.metadata)
+                               before, after, plan.metadata)  # layers keep their sparsity
 
     def describe_plan(self, plan: CompressionPlan, name: str = "size") -> str:
         before, after = plan.cost_before.get(name), plan.cost_after.get(name)

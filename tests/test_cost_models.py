@@ -406,7 +406,7 @@ def test_unknown_name_lists_available_on_one_line():
         get_cost_model("tpu")
     message = str(info.value)
     assert "\n" not in message and "unknown cost model 'tpu'" in message
-    assert "bops, mpic, mpic_energy, ne16, size" in message
+    assert "bops, horowitz_energy, mpic, mpic_energy, ne16, size" in message
     assert info.value.exit_code == 11
 
 
@@ -538,3 +538,65 @@ def test_import_does_not_load_torch_or_plugin():
     code = ("import sys, cost_models; "
             "assert 'torch' not in sys.modules and 'plugin' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# --------------------------------------------------------------------------- fine-grained sparsity, horowitz_energy
+
+
+SPARSE_SPEC = LayerSpec("sparse", "conv", 16, 4, (3, 3), (8, 8))
+
+
+def test_sparsity_counted_as_each_model_states():
+    from cost_models import horowitz_energy
+
+    dense = CostInputs.from_bits([8, 8, 0, 4], 8, 16)
+    sparse = CostInputs.from_bits([8, 8, 0, 4], 8, 16, sparsity=0.5)
+    # n = 16 * 9 = 144 weights per kept channel, floor(0.5 * 144) = 72 zero: 72 nonzero
+    assert size.cost(SPARSE_SPEC, dense) == 144 * 20
+    assert size.cost(SPARSE_SPEC, sparse) == 3 * 144 + 72 * 20  # bitmap of the 3 kept channels + nonzeros
+    # the bitmap is used only where it is smaller: 2-bit weights at 30% zeros stay dense
+    two = CostInputs.from_bits([2, 2, 2, 2], 8, 16, sparsity=0.3)
+    assert size.cost(SPARSE_SPEC, two) == 144 * 8
+    for model in (bops, mpic, mpic_energy, ne16):  # none of them skips zero weights
+        assert model.cost(SPARSE_SPEC, sparse) == model.cost(SPARSE_SPEC, dense)
+    # horowitz_energy skips the zero-weight MACs and reads the sparse encoding
+    mult = 0.2 / 64 * (8 * 8 + 8 * 8 + 4 * 8)
+    compute = 64 * 72 * (mult + 0.1 * 3)
+    memory = (3 * 144 + 72 * 20 + 16 * 64 * 8) * 10 / 64
+    assert horowitz_energy.cost(SPARSE_SPEC, sparse) == pytest.approx((compute + memory) * 1e-6, rel=1e-12)
+    dense_compute = 64 * 144 * (mult + 0.1 * 3)
+    dense_memory = (144 * 20 + 16 * 64 * 8) * 10 / 64
+    assert horowitz_energy.cost(SPARSE_SPEC, dense) == pytest.approx((dense_compute + dense_memory) * 1e-6, rel=1e-12)
+    # an odd count floors the zeros: 0.3 * 144 = 43.2 -> 43 zero
+    assert size.cost(SPARSE_SPEC, CostInputs.from_bits([8] * 4, 8, 16, sparsity=0.3)) == 4 * 144 + 4 * 101 * 8
+
+
+def test_horowitz_constants_and_scaling():
+    from cost_models import horowitz_energy as h
+
+    assert h.mac_pj(8, 8) == pytest.approx(0.3)  # 0.2 pJ multiply + 0.1 pJ 32-bit accumulate
+    # the w * a rule reproduces Horowitz's own 32-bit multiply (3.1 pJ) within 5%
+    assert h.multiply_pj(32, 32) == pytest.approx(h.MULT_32BIT_PJ, rel=0.05)
+    assert h.multiply_pj(4, 4) == pytest.approx(0.0125 * 4) and h.multiply_pj(2, 2) == pytest.approx(0.0125)
+    model = get_cost_model("horowitz_energy")
+    assert model.unit == "uJ" and "horowitz_energy" in available_cost_models()
+    # fewer bits and fewer channels cost less; the accumulator keeps a floor
+    spec = SMALL_LAYERS[0]
+    e8, e2 = model(spec, one_hot([8] * spec.c_out, 8, spec=spec)), model(spec, one_hot([2] * spec.c_out, 2, spec=spec))
+    assert 0.3 < e2 / e8 < 0.6
+
+
+def test_horowitz_energy_on_tensors_matches_numbers_and_has_gradients():
+    spec = SMALL_LAYERS[0]
+    inputs = random_inputs(spec, seed=3)
+    model = get_cost_model("horowitz_energy")
+    t = to_torch(inputs, grad=True)
+    value = model(spec, t)
+    assert value.item() == pytest.approx(model(spec, inputs), rel=1e-10)
+    value.backward()
+    assert t.w_theta.grad is not None and torch.isfinite(t.w_theta.grad).all()
+    sparse = CostInputs(inputs.w_precisions, inputs.w_theta, inputs.a_precisions, inputs.a_theta, inputs.c_in_eff,
+                        0.4)
+    assert model(spec, sparse) < model(spec, inputs)
+    with pytest.raises(CostModelError, match="sparsity must be in"):
+        CostInputs.from_bits([8], 8, 1, sparsity=1.0)

@@ -17,7 +17,7 @@ from plugin.cli import main
 from plugin.evaluator import channel_scores
 from plugin.space import Precisions, SearchSpace
 from plugin.strategies import available_strategies, get_strategy
-from plugin.strategies.rl import Decision, Walk, episode_reward, make_env
+from plugin.strategies.rl import ACTION_DIM, Decision, Walk, episode_reward, make_env
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "samples" / "digits" / "model.onnx")
@@ -64,7 +64,7 @@ def test_walk_shares_a_coupled_groups_decision(space: SearchSpace) -> None:
     assert len(writers) == 2 and walk.group_of[writers[0]] == "g1" and walk.group_of[writers[1]] is None
 
 
-@pytest.mark.parametrize("budget", ["mpic_energy=30%", "size=20%"])
+@pytest.mark.parametrize("budget", ["mpic_energy=30%", "size=20%", "horowitz_energy=25%"])
 def test_action_wall_keeps_every_episode_within_the_budget(space: SearchSpace, budget: str) -> None:
     from plugin.targets import parse_target
 
@@ -74,7 +74,7 @@ def test_action_wall_keeps_every_episode_within_the_budget(space: SearchSpace, b
     env = make_env(walk, lambda d: (0.0, {}), wall=(b.cost_model, limit))
     rng = np.random.default_rng(0)
     steps = len(walk.names)
-    episodes = [np.ones((steps, 3))] + [rng.uniform(0, 1, (steps, 3)) for _ in range(15)]
+    episodes = [np.ones((steps, ACTION_DIM))] + [rng.uniform(0, 1, (steps, ACTION_DIM)) for _ in range(15)]
     for actions in episodes:
         decision = _run_episode(env, actions)
         cost = walk.plan(decision, cost_models=[b.cost_model]).cost_after[b.cost_model]
@@ -85,6 +85,36 @@ def test_action_wall_keeps_every_episode_within_the_budget(space: SearchSpace, b
     decision = _run_episode(free, np.ones((steps, 3)))
     plan = walk.plan(decision, cost_models=["size"])
     assert plan.cost_after["size"] == pytest.approx(plan.cost_before["size"])
+
+
+def test_granularity_actions(space: SearchSpace) -> None:
+    walk = _walk(space)
+    env = make_env(walk, lambda d: (0.0, {}))
+    steps = len(walk.names)
+    deciders = [n for n in walk.names if walk.group_of[n] is not None]
+    # fine (granularity >= 0.5) at ratio 0.5: sparsity 0.9 * 0.5 on every layer, no channel removed
+    fine = _run_episode(env, np.tile([0.5, 1.0, 1.0, 0.9], (steps, 1)))
+    assert fine.sparsity == {n: pytest.approx(0.45) for n in walk.names}
+    assert all(fine.keep[walk.group_of[n]] == space.group_size(walk.group_of[n]) for n in deciders)
+    plan = walk.plan(fine, cost_models=["horowitz_energy", "mpic_energy"])
+    assert all(lp.sparsity == pytest.approx(0.45) for lp in plan.layers.values())
+    assert plan.cost_after["mpic_energy"] == pytest.approx(plan.cost_before["mpic_energy"])  # mpic skips no zero
+    assert plan.cost_after["horowitz_energy"] < 0.7 * plan.cost_before["horowitz_energy"]
+    # coarse at ratio 0: the deciding layers keep min_keep of their group, dense; a layer that decides
+    # no group has only fine-grained pruning to offer
+    coarse = _run_episode(env, np.tile([0.0, 1.0, 1.0, 0.1], (steps, 1)))
+    assert all(coarse.keep[walk.group_of[n]] == walk.lowest_keep(walk.group_of[n]) for n in deciders)
+    assert set(coarse.sparsity) == set(walk.names) - set(deciders)
+    # -S granularity=coarse: never sparse; =fine: never a channel removed
+    only_coarse = Walk(space, walk.scores, 0.2, "coarse")
+    env = make_env(only_coarse, lambda d: (0.0, {}))
+    rng = np.random.default_rng(1)
+    assert not _run_episode(env, rng.uniform(0, 1, (steps, ACTION_DIM))).sparsity
+    only_fine = Walk(space, walk.scores, 0.2, "fine", max_sparsity=0.6)
+    env = make_env(only_fine, lambda d: (0.0, {}))
+    decision = _run_episode(env, rng.uniform(0, 1, (steps, ACTION_DIM)))
+    assert all(decision.keep[g] == space.group_size(g) for g in decision.keep)
+    assert decision.sparsity and max(decision.sparsity.values()) <= 0.6
 
 
 def test_observation_is_normalised(space: SearchSpace) -> None:
@@ -160,6 +190,10 @@ def test_bad_input(tmp_path: Path) -> None:
         run(episodes=0)
     with pytest.raises(ConfigError, match="agent"):
         run(agent="ppo")
+    with pytest.raises(ConfigError, match="granularity=rows"):
+        run(granularity="rows")
+    with pytest.raises(ConfigError, match="max_sparsity=1.5"):
+        run(max_sparsity=1.5)
     with pytest.raises(CostModelError, match="cannot be met"):
         run(target="mpic_energy=1%")
     cli = CliRunner().invoke(main, ["compress", DIGITS, "--data", TRAIN, "-o", str(tmp_path / "x.onnx"),

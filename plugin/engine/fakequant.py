@@ -4,7 +4,9 @@ calibration, QAT (``plugin.engine.training``) and evaluation; it has no architec
 no temperature (the DNAS supernet, ``plugin.engine.supernet``, adds those for the gradient search).
 
 Weights: every weight layer's weight gets a quantizer parametrization (one bit-width per output
-channel, 0 = pruned: zero). Biases are gated by the kept mask, so a pruned channel outputs
+channel, 0 = pruned: zero), preceded by a fine-grained sparsity mask (:class:`SparsityMask`,
+identity while the plan's layer is dense) that zeroes the smallest-|w| weights of each kept
+channel by the plan's rule (:class:`plugin.plan.LayerPlan`). Biases are gated by the kept mask, so a pruned channel outputs
 exactly zero. Activations: one quantizer per activation site (a tensor read by weight layers),
 applied by forward pre-hooks on the consumer modules; all consumers of a site share it. Only the
 weight layers' inputs are quantized: the exporter puts the site's Q/DQ on those edges. Once a
@@ -63,6 +65,51 @@ class _BiasGate(nn.Module):
         return bias * (1 - q.theta()[q.precisions.index(0)]).to(bias.dtype).reshape(bias.shape)
 
 
+class SparsityMask(nn.Module):
+    """Weight parametrization applied before the quantizer: in every output channel, among its
+    weights at kept input positions (``input_keep``, None: all), the ``floor(sparsity * n)`` of
+    smallest |w| become exact zeros (stable sort: ties go to the lower row-major position), the
+    rule of :class:`plugin.plan.LayerPlan`. The quantizer's per-channel scale is unchanged (the
+    largest weight is never zeroed). The mask follows the weights (recomputed every pass, no
+    gradient through the choice); gradients reach the kept weights only."""
+
+    def __init__(self, ch_axis: int) -> None:
+        super().__init__()
+        self.ch_axis = ch_axis
+        self.sparsity = 0.0
+        self.register_buffer("input_keep", None, persistent=False)
+
+    def set(self, sparsity: float, input_keep: Tensor | None) -> None:
+        self.sparsity = float(sparsity)
+        self.input_keep = input_keep
+
+    @torch.no_grad()
+    def mask(self, w: Tensor) -> Tensor:
+        from cost_models.spec import zeroed_per_channel
+
+        moved = w.detach().movedim(self.ch_axis, 0)
+        magnitude = moved.abs().float()
+        n = moved[0].numel() if moved.shape[0] else 0
+        if self.input_keep is not None and moved.ndim >= 2:
+            shape = [1] * moved.ndim
+            shape[1] = -1
+            keep = self.input_keep.to(device=w.device).reshape(shape)
+            magnitude = torch.where(keep, magnitude, torch.full_like(magnitude, float("inf")))
+            n = int(self.input_keep.sum()) * (n // max(moved.shape[1], 1))
+        k = zeroed_per_channel(self.sparsity, n)
+        flat = magnitude.reshape(moved.shape[0], -1)
+        out = torch.ones_like(flat)
+        if k > 0:
+            order = torch.sort(flat, dim=1, stable=True).indices[:, :k]
+            out.scatter_(1, order, 0.0)
+        return out.reshape(moved.shape).movedim(0, self.ch_axis).to(w.dtype)
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.sparsity:
+            return w
+        return w * self.mask(w)
+
+
 class SiteQuantizer(nn.Module):
     """The quantizer of one activation site plus, once frozen, the mask of kept channels."""
 
@@ -90,6 +137,7 @@ class WrappedLayer:
     weight_attr: str
     bias_attr: str | None
     fold_factor: Tensor | None = None
+    sparsity_mask: SparsityMask | None = None
 
 
 class FakeQuantModel(nn.Module):
@@ -175,6 +223,8 @@ class FakeQuantModel(nn.Module):
         if ch_axis != 0 and layer.groups != 1:
             raise PlanError(f"layer {layer.name!r}: grouped ConvTranspose is not supported by the search")
         quantizer = self._weight_quantizer(info, ch_axis)
+        sparsity_mask = SparsityMask(ch_axis)
+        parametrize.register_parametrization(module, attr, sparsity_mask)  # first: it ranks the raw weights
         parametrize.register_parametrization(module, attr, quantizer)
         bias_attr = None
         if layer.bias is not None and layer.bias in self.bridged.param_map:
@@ -182,7 +232,7 @@ class FakeQuantModel(nn.Module):
             if bias_owner != owner:
                 raise PlanError(f"layer {layer.name!r}: weight and bias live in different modules")
             parametrize.register_parametrization(module, bias_attr, _BiasGate(quantizer))
-        return WrappedLayer(info, quantizer, owner, attr, bias_attr)
+        return WrappedLayer(info, quantizer, owner, attr, bias_attr, sparsity_mask=sparsity_mask)
 
     def _wrap_sites(self) -> None:
         init_clip = self.config.init_clip or 6.0
@@ -273,9 +323,29 @@ class FakeQuantModel(nn.Module):
             if entry.quantizer.frozen_bits is None:
                 self._on_freeze(entry)
             entry.quantizer.freeze(list(layer_plan.bits))
+            self._freeze_sparsity(entry, layer_plan.sparsity, kept)
         for site in self.sites.values():
             self._freeze_site(site, plan, kept)
         logger.info("froze plan: %d layers, %d activation sites", len(self._layers), len(self.sites))
+
+    def _freeze_sparsity(self, entry: WrappedLayer, sparsity: float, kept: dict[str, set[int]]) -> None:
+        """Set the layer's fine-grained mask: the kept input positions by the plan's groups."""
+        if entry.sparsity_mask is None:
+            if sparsity:
+                raise PlanError(f"layer {entry.info.name!r}: this engine cannot apply fine-grained sparsity")
+            return
+        input_keep = None
+        units = entry.info.input_units
+        if sparsity and entry.info.spec.kind != "depthwise":
+            weight = self._raw(entry, entry.weight_attr)
+            in_axis = 1 if entry.sparsity_mask.ch_axis == 0 else 0
+            if units is None or weight.ndim < 2 or weight.shape[in_axis] != len(units):
+                raise PlanError(f"layer {entry.info.name!r}: fine-grained sparsity needs a known input layout "
+                                "(a conv of groups 1 or a linear layer); leave the layer dense")
+            keep = [unit is None or unit[0] not in kept or unit[1] in kept[unit[0]] for unit in units]
+            if not all(keep):
+                input_keep = torch.tensor(keep, device=weight.device)
+        entry.sparsity_mask.set(sparsity, input_keep)
 
     @torch.no_grad()
     def _freeze_site(self, site: SiteQuantizer, plan: CompressionPlan, kept: dict[str, set[int]]) -> None:
@@ -319,8 +389,10 @@ class FakeQuantModel(nn.Module):
                     cost_models: Sequence[str] | None = None) -> CompressionPlan:
         """The plan in force, with the current weights' scales and the current clips."""
         layers, sites = self.frozen_bits()
+        sparsity = {name: entry.sparsity_mask.sparsity for name, entry in self._layers.items()
+                    if entry.sparsity_mask is not None and entry.sparsity_mask.sparsity}
         plan = self.space.assemble(layers, sites, scales=self.weight_scales(layers), clips=self.clips(),
-                                   metadata=metadata)
+                                   metadata=metadata, sparsity=sparsity)
         return self.space.with_costs(plan, cost_models)
 
     # ------------------------------------------------------------------ export
@@ -356,4 +428,4 @@ def _quantile(x: Tensor) -> float:
     return float(torch.quantile(flat, _CALIB_QUANTILE)) if flat.numel() else 0.0
 
 
-__all__ = ["FakeQuantModel", "SiteQuantizer", "WrappedLayer"]
+__all__ = ["FakeQuantModel", "SiteQuantizer", "SparsityMask", "WrappedLayer"]

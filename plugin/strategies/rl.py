@@ -1,32 +1,38 @@
-"""``--strategy rl``: a reinforcement-learning agent chooses, per weight layer, the keep ratio of its
-channels and the weight and activation bit-widths, minimising energy under an accuracy-loss
+"""``--strategy rl``: a reinforcement-learning agent chooses, per weight layer, the pruning
+granularity (coarse: whole channels of the layer's channel group; fine: individual weights), the
+pruning ratio, and the weight and activation bit-widths, minimising energy under an accuracy-loss
 constraint, without retraining (after Balaskas et al. 2023, arXiv 2312.15322; the agent follows
 the public AMC and HAQ designs, whose details are in /work/shared/DESIGN.md).
 
-This first slice is coarse-grained only: whole channels are pruned; fine-grained (unstructured,
-per-weight) pruning needs per-layer sparsity in the plan and is left for a later slice.
-
 Environment (:class:`CompressionEnv`, gymnasium): one episode walks the weight layers in graph
-order (``space.layers``). At layer ``i`` the action ``(keep, w, a)`` in ``[0, 1]^3`` sets
+order (``space.layers``). At layer ``i`` the action ``(ratio, w, a, g)`` in ``[0, 1]^4`` sets
 
-* the keep ratio ``0.2 + 0.8 * keep`` (AMC's range; ``-S min_keep``) of the layer's output channel
-  group, when it is prunable and no earlier layer of the same group (coupled layers: a residual
-  Add) has decided it already; the channels kept are the best by the integer-domain L1 criterion
-  of :func:`plugin.evaluator.channel_scores`,
+* the granularity: fine-grained when ``g >= 0.5`` (or when the layer decides no prunable group:
+  coupled later layers, unprunable groups), where the space allows it
+  (:meth:`SearchSpace.supports_sparsity`); ``-S granularity=coarse|fine`` restricts the choice,
+* coarse: the keep ratio ``0.2 + 0.8 * ratio`` (AMC's range; ``-S min_keep``) of the layer's output
+  channel group, when it is prunable and no earlier layer of the same group (coupled layers: a
+  residual Add) has decided it already; the channels kept are the best by the integer-domain L1
+  criterion of :func:`plugin.evaluator.channel_scores`,
+* fine: the layer's sparsity ``max_sparsity * (1 - ratio)`` (``-S max_sparsity``, default 0.9;
+  the group keeps all its channels): in every kept channel the smallest-|w| weights are zero, by
+  the plan's rule (:class:`plugin.plan.LayerPlan`), exported as exact integer zeros,
 * the layer's weight width: HAQ's rounding of a continuous action onto the exportable widths of
   ``--weight-bits`` (sorted, ``w`` in ``[0, 1]`` picks ``widths[min(n - 1, floor(w * n))]``),
 * the width of the activation site feeding the layer (the first layer reading a site decides it).
 
-The *action wall* (AMC): after each action the cheapest completion of the episode (every later
-group at the lowest keep ratio, every later layer and site at its lowest width) must still meet
-``--target`` on the target's cost model; if it does not, the action is lowered (keep ratio
-first, in steps of one channel, then the weight width, then the activation width) until it does,
-so every episode's plan is within the budget. Without ``--target`` there is no wall.
+The *action wall* (AMC): after each action the most compressed reachable completion of the
+episode (every later group-deciding layer at the lowest keep ratio, every other later layer at
+``max_sparsity`` where allowed, every later layer and site at its lowest width) must still meet
+``--target`` on the target's cost model; if it does not, the action is lowered (keep ratio in
+steps of one channel, sparsity in steps of 0.05, a granularity switch towards the completion's,
+then the weight width, then the activation width; see ``apply_action``) until it does, so every
+episode's plan is within the budget. Without ``--target`` there is no wall.
 
 State (AMC-like, every feature min-max normalised to ``[0, 1]``): layer index, kind (conv 0,
 depthwise 0.5, linear 1), c_in, c_out, kernel size, #weights, cost reduced so far (the decided
 layers' 8-bit cost minus their cost now, over the whole 8-bit model's), remaining cost (the
-undecided layers' 8-bit cost over the whole), the previous action (3 numbers).
+undecided layers' 8-bit cost over the whole), the previous action (4 numbers, as taken).
 
 Reward, at the episode end only (AMC; 0 on the other steps, discount 1): the plan is scored by
 the shared candidate evaluator (:mod:`plugin.evaluator`: clips recalibrated on the candidate, bias
@@ -35,7 +41,9 @@ correction, held-out accuracy with labels, agreement with the original without; 
     reward = (1 - E / E_8bit) + score_weight * score                       if loss <= accuracy_loss
     reward = score_weight * score - penalty * min(loss - accuracy_loss, 10)  otherwise
 
-with ``E`` the energy of ``-S energy`` (default ``mpic_energy``, uJ per sample), ``loss`` the
+with ``E`` the energy of ``-S energy`` (default ``horowitz_energy``, uJ per sample: the zero-skipping
+accelerator model, the one that rewards fine-grained zeros; ``mpic_energy`` skips no zero, so
+under it fine-grained pruning earns nothing), ``loss`` the
 accuracy loss in points against the FP32 original on the same held-out samples (100 x (1 -
 agreement) without labels) and ``accuracy_loss`` the constraint (default 1.7 points): the energy
 saved counts only within the constraint, so every feasible plan earns more than every infeasible
@@ -78,17 +86,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 AGENTS = ("ddpg", "td3")
+GRANULARITIES = ("both", "coarse", "fine")
+#: the action: keep ratio or sparsity, weight width, activation width, granularity (>= 0.5: fine)
+ACTION_DIM = 4
 _KINDS = {"conv": 0.0, "depthwise": 0.5, "linear": 1.0}
-#: observation: index, kind, c_in, c_out, k, #weights, reduced, remaining, previous action (3)
-OBS_DIM = 11
+#: observation: index, kind, c_in, c_out, k, #weights, reduced, remaining, previous action (ACTION_DIM)
+OBS_DIM = 8 + ACTION_DIM
 #: the penalty stops growing this many points over the constraint (keeps the critic's targets bounded)
 PENALTY_CAP_POINTS = 10.0
 
 
 class RLStrategy:
     name: ClassVar[str] = "rl"
-    summary: ClassVar[str] = ("a DDPG agent (stable-baselines3) chooses per layer the keep ratio and the weight and "
-                              "activation widths, minimising -S energy (mpic_energy) at <= -S accuracy_loss points "
+    summary: ClassVar[str] = ("a DDPG agent (stable-baselines3) chooses per layer the pruning granularity (channels or "
+                              "weights), its ratio and the weight and activation widths, minimising -S energy "
+                              "(horowitz_energy) at <= -S accuracy_loss points "
                               "lost, each episode recalibrated and scored without retraining; --target (optional) "
                               "is kept by an action wall")
     # the budget is optional for this strategy: it follows --target (or -S target) when given, and
@@ -101,7 +113,11 @@ class RLStrategy:
         "accuracy_loss": StrategyOption("accuracy_loss", float, 1.7, "the constraint: accuracy points lost at most"),
         "penalty": StrategyOption("penalty", float, 0.2, "reward lost per point of accuracy loss over the constraint"),
         "score_weight": StrategyOption("score_weight", float, 0.1, "weight of the held-out score in the reward"),
-        "energy": StrategyOption("energy", str, "mpic_energy", "the cost model to minimise"),
+        "energy": StrategyOption("energy", str, "horowitz_energy", "the cost model to minimise (horowitz_energy "
+                                                                  "counts skipped zero weights; mpic_energy does not)"),
+        "granularity": StrategyOption("granularity", str, "both", "pruning granularity the agent may choose per layer: "
+                                                       "both, coarse (channels) or fine (weights)"),
+        "max_sparsity": StrategyOption("max_sparsity", float, 0.9, "highest fine-grained sparsity of a layer"),
         "target": StrategyOption("target", str, None, "a budget kept by the action wall (what --target gives), e.g. "
                                             "size=30%"),
         "min_keep": StrategyOption("min_keep", float, 0.2, "lowest keep ratio of a group"),
@@ -130,15 +146,27 @@ class Decision:
     keep: dict[str, int] = field(default_factory=dict)  # group -> channels kept
     layer_bits: dict[str, int] = field(default_factory=dict)
     site_bits: dict[str, int] = field(default_factory=dict)
+    sparsity: dict[str, float] = field(default_factory=dict)  # layer -> fine-grained sparsity (absent: dense)
+
+    def copy(self) -> Decision:
+        return Decision(dict(self.keep), dict(self.layer_bits), dict(self.site_bits), dict(self.sparsity))
 
 
 class Walk:
     """The layers in graph order with what each decides, and the plans of (partial) decisions."""
 
-    def __init__(self, space: SearchSpace, scores: Mapping[str, np.ndarray], min_keep: float) -> None:
+    def __init__(self, space: SearchSpace, scores: Mapping[str, np.ndarray], min_keep: float,
+                 granularity: str = "both", max_sparsity: float = 0.9, sparsity_step: float = 0.05) -> None:
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"-S granularity={granularity}: use one of {', '.join(GRANULARITIES)}")
+        if not 0 < max_sparsity <= 0.99:
+            raise ConfigError(f"-S max_sparsity={max_sparsity}: give a fraction in (0, 0.99], e.g. 0.9")
         self.space = space
         self.scores = scores
         self.min_keep = min_keep
+        self.granularity = granularity
+        self.max_sparsity = float(max_sparsity)
+        self.sparsity_step = float(sparsity_step)
         self.names = list(space.layers)
         self.widths = sorted(space.precisions.weight_widths)
         self.act_widths = sorted(space.precisions.activations)
@@ -160,6 +188,8 @@ class Walk:
             self.site_of[name] = site
             if site is not None:
                 seen_sites.add(site)
+        #: layers that may be pruned fine-grained (the space says which layouts allow it)
+        self.fine_ok = {name: granularity != "coarse" and space.supports_sparsity(name) for name in self.names}
 
     def keep_count(self, group: str, ratio: float) -> int:
         size = self.space.group_size(group)
@@ -174,13 +204,23 @@ class Walk:
     def act_width(self, action: float) -> int:
         return self.act_widths[min(len(self.act_widths) - 1, int(math.floor(float(action) * len(self.act_widths))))]
 
+    def coarse_ok(self, name: str) -> bool:
+        """Whether the layer decides a channel group that coarse pruning may cut."""
+        return self.group_of[name] is not None and self.granularity != "fine"
+
     def completed(self, decision: Decision, step: int) -> Decision:
-        """``decision`` with every layer from ``step`` on at its cheapest."""
-        out = Decision(dict(decision.keep), dict(decision.layer_bits), dict(decision.site_bits))
+        """``decision`` with every layer from ``step`` on at its most compressed *reachable* choice
+        (the action wall lowers every action towards it): a layer that decides a group at the
+        lowest keep ratio (coarse; unless ``granularity`` is fine), any other layer that may be
+        sparse at ``max_sparsity`` (fine), every width at its lowest."""
+        out = decision.copy()
         for name in self.names[step:]:
             group, site = self.group_of[name], self.site_of[name]
-            if group is not None and group not in out.keep:
-                out.keep[group] = self.lowest_keep(group)
+            if self.coarse_ok(name):
+                if group not in out.keep:
+                    out.keep[group] = self.lowest_keep(group)
+            elif self.fine_ok[name] and name not in out.layer_bits:
+                out.sparsity[name] = self.max_sparsity
             out.layer_bits.setdefault(name, self.widths[0])
             if site is not None:
                 out.site_bits.setdefault(site, self.act_widths[0])
@@ -196,6 +236,7 @@ class Walk:
                 order = np.argsort(-np.asarray(self.scores[g]), kind="stable")
                 kept[g] = sorted(int(c) for c in order[:n])
         return self.space.plan(kept=kept, layer_bits=decision.layer_bits, site_bits=decision.site_bits,
+                               sparsity={n: v for n, v in decision.sparsity.items() if v},
                                cost_models=cost_models, metadata=metadata)
 
 
@@ -218,7 +259,7 @@ def _make_env_class() -> type:
             self.evaluate_fn = evaluate
             self.wall = wall
             self.energy = energy
-            self.action_space = spaces.Box(0.0, 1.0, shape=(3,), dtype=np.float32)
+            self.action_space = spaces.Box(0.0, 1.0, shape=(ACTION_DIM,), dtype=np.float32)
             self.observation_space = spaces.Box(0.0, 1.0, shape=(OBS_DIM,), dtype=np.float32)
             space = walk.space
             specs = [space.layers[n].spec for n in walk.names]
@@ -240,7 +281,7 @@ def _make_env_class() -> type:
         def _reset_state(self) -> None:
             self.step_index = 0
             self.decision = Decision()
-            self.previous = np.zeros(3)
+            self.previous = np.zeros(ACTION_DIM)
             self.reduced = 0.0
             self.actions: list[list[float]] = []
 
@@ -263,20 +304,41 @@ def _make_env_class() -> type:
             return plan.cost_after[name] <= budget * (1 + 1e-9)
 
         def apply_action(self, action: np.ndarray) -> list[float]:
-            """Decide the current layer (action wall applied); the action actually taken."""
+            """Decide the current layer (action wall applied); the action actually taken.
+
+            ``action = (ratio, w, a, granularity)``: granularity >= 0.5 picks fine-grained (where
+            the layer allows it; ``-S granularity`` may force one), then ``ratio`` sets the
+            sparsity ``max_sparsity * (1 - ratio)``; otherwise coarse, and ``ratio`` the keep ratio
+            of the group the layer decides (a layer deciding none stays dense). High actions
+            compress less. The wall lowers, in order: the keep ratio one channel at a time, the
+            sparsity up by ``sparsity_step``, a fine layer deciding a group to coarse (full keep,
+            then down), a dense layer deciding no group to fine, the weight width, the activation
+            width; that ends at :meth:`Walk.completed`'s choice, which the wall has checked."""
             walk = self.walk
             name = walk.names[self.step_index]
             group, site = walk.group_of[name], walk.site_of[name]
             a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), 0.0, 1.0)
-            keep = walk.keep_count(group, walk.min_keep + (1 - walk.min_keep) * a[0]) if group else None
+            if a.size < ACTION_DIM:  # a 3-number action (no granularity): coarse
+                a = np.concatenate([a, np.zeros(ACTION_DIM - a.size)])
+            fine = walk.fine_ok[name] and (a[3] >= 0.5 or not walk.coarse_ok(name))
+            if walk.granularity == "fine" and not walk.fine_ok[name]:
+                fine = False
+            size = walk.space.group_size(group) if group else 1
+            keep = (walk.keep_count(group, walk.min_keep + (1 - walk.min_keep) * a[0]) if walk.coarse_ok(name) and not fine
+                    else size if group else None)
+            sparsity = walk.max_sparsity * (1.0 - a[0]) if fine else 0.0
             w_index = walk.widths.index(walk.width(a[1]))
             a_index = walk.act_widths.index(walk.act_width(a[2])) if site else None
 
             def trial() -> Decision:
-                d = Decision(dict(self.decision.keep), dict(self.decision.layer_bits), dict(self.decision.site_bits))
+                d = self.decision.copy()
                 if group is not None:
                     d.keep[group] = keep
                 d.layer_bits[name] = walk.widths[w_index]
+                if sparsity > 0:
+                    d.sparsity[name] = round(float(sparsity), 6)
+                else:
+                    d.sparsity.pop(name, None)
                 if site is not None:
                     d.site_bits[site] = walk.act_widths[a_index]
                 return d
@@ -285,8 +347,14 @@ def _make_env_class() -> type:
             walled = False
             while not self.feasible(decided, self.step_index + 1):
                 walled = True
-                if group is not None and keep > walk.lowest_keep(group):
+                if not fine and walk.coarse_ok(name) and keep > walk.lowest_keep(group):
                     keep -= 1
+                elif fine and sparsity < walk.max_sparsity - 1e-9:
+                    sparsity = min(walk.max_sparsity, sparsity + walk.sparsity_step)
+                elif fine and walk.coarse_ok(name):
+                    fine, sparsity, keep = False, 0.0, size
+                elif not fine and not walk.coarse_ok(name) and walk.fine_ok[name]:
+                    fine, sparsity = True, 0.0
                 elif w_index > 0:
                     w_index -= 1
                 elif a_index is not None and a_index > 0:
@@ -296,11 +364,17 @@ def _make_env_class() -> type:
                 decided = trial()
             self.wall_hits += int(walled)
             self.decision = decided
-            size = walk.space.group_size(group) if group else 1
+            if fine:
+                ratio = 1.0 - sparsity / walk.max_sparsity
+            elif group is not None and walk.coarse_ok(name) and walk.min_keep < 1:
+                ratio = (keep / size - walk.min_keep) / (1 - walk.min_keep)
+            else:
+                ratio = 1.0
             taken = [
-                (keep / size - walk.min_keep) / (1 - walk.min_keep) if group and walk.min_keep < 1 else 1.0,
+                ratio,
                 (w_index + 0.5) / len(walk.widths),
                 (a_index + 0.5) / len(walk.act_widths) if a_index is not None else 1.0,
+                0.75 if fine else 0.25,
             ]
             return [float(min(max(t, 0.0), 1.0)) for t in taken]
 
@@ -426,7 +500,8 @@ class _Search:
         from plugin.evaluator import channel_scores
 
         self.scores = channel_scores(space, "ql1", max(space.precisions.weight_widths))
-        self.walk = Walk(space, self.scores, self.min_keep)
+        self.walk = Walk(space, self.scores, self.min_keep, str(options["granularity"]).lower(),
+                         float(options["max_sparsity"]))
         self.wall: tuple[str, float] | None = None
         self.budget_text = options.get("target") or s.target
         if self.budget_text:
@@ -473,6 +548,7 @@ class _Search:
                   "energy": energy, "energy_ratio": energy / self.energy_before if self.energy_before else None,
                   "cost": {k: v / plan.cost_before[k] for k, v in plan.cost_after.items() if plan.cost_before.get(k)},
                   "kept": dict(decision.keep), "layer_bits": dict(decision.layer_bits),
+                  "sparsity": dict(decision.sparsity),
                   "site_bits": dict(decision.site_bits), "seconds": round(evaluation.seconds, 4)}
         self.records.append(record)
         self.decisions.append(decision)
@@ -543,7 +619,7 @@ class _Search:
 
         cls = DDPG if self.agent == "ddpg" else TD3
         steps = len(self.walk.names)
-        noise = _make_noise(3, self.noise, self.noise_decay, self.problem.settings.seed) if self.noise > 0 else None
+        noise = _make_noise(ACTION_DIM, self.noise, self.noise_decay, self.problem.settings.seed) if self.noise > 0 else None
         return cls("MlpPolicy", env, learning_rate=1e-3, buffer_size=max(1000, self.episodes * steps * 2),
                    learning_starts=self.warmup * steps, batch_size=64, tau=0.01, gamma=1.0,
                    train_freq=(1, "episode"), gradient_steps=self.gradient_steps or -1, action_noise=noise,
@@ -566,6 +642,7 @@ class _Search:
                            records[best]["energy_ratio"])
         chosen = records[best]
         metadata = {"strategy": "rl", "agent": self.agent, "episode": best, "energy_model": self.energy,
+                    "granularity": self.walk.granularity,
                     "accuracy_loss_constraint": self.constraint, "feasible": chosen["feasible"],
                     "budget": self.budget_text}
         plan = self.evaluator.apply(self.walk.plan(self.decisions[best], metadata=metadata))
