@@ -25,6 +25,7 @@ from .fold_batchnorm import FoldBatchNormPass
 from .fold_constants import FoldConstantsPass, FoldIfPass, has_foldable_constants
 from .fold_utils import DEFAULT_DOMAINS, RewriteResult, subgraphs, unique_name
 from .ort_utils import compare_outputs, make_session, random_feeds, run
+from .drop_default_inputs import DropDefaultInputsPass
 from .passes import Pass, PassResult
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class AssignNodeNamesPass(Pass):
 def normalisation_passes() -> list[Pass]:
     """One round of normalisation, in order."""
     return [FoldConstantsPass(), FoldIfPass(), EliminateIdentityPass(), FoldBatchNormPass(),
-            EliminateDeadNodesPass()]
+            DropDefaultInputsPass(), EliminateDeadNodesPass()]
 
 
 def normalise(
@@ -107,6 +108,10 @@ def normalise(
     # Names first: onnxruntime rejects duplicate node names, and they change nothing else.
     work, _ = _apply(AssignNodeNamesPass(), model, stats, applied)
     reference = _reference_session(work) if verify else None
+    pristine = None
+    if verify:  # the passes below rewrite ``work`` in place; the noise floor needs the original
+        pristine = onnx.ModelProto()
+        pristine.CopyFrom(work)
     work = infer_shapes(_constant_initializer_inputs(work))
     for _ in range(MAX_ROUNDS):
         stats.rounds += 1
@@ -121,7 +126,7 @@ def normalise(
             break
     stats.nodes_after = len(work.graph.node)
     stats.initializers_after = len(work.graph.initializer)
-    error = _verify(reference, work, rtol, seed) if reference is not None else None
+    error = _verify(reference, work, rtol, seed, pristine) if reference is not None else None
     stats.seconds = time.perf_counter() - start
     logger.info("normalise: %s", stats)
     return NormaliseResult(work, error, applied, stats)
@@ -249,10 +254,35 @@ def _unsupported_message(model: onnx.ModelProto, exc: Exception) -> str:
     return f"onnxruntime cannot run this model: {first_line}"
 
 
+#: how far above the original's own float32 noise floor a normalised model may be
+NOISE_FACTOR = 10.0
+
+
+def noise_floor(original: onnx.ModelProto, feeds: dict, expected: list) -> float:
+    """The original model's own float32 rounding noise on ``feeds``: its relative output error
+    when onnxruntime runs it with all graph optimisations (which fold BatchNorms into convs and
+    fuse ops, the rewrites normalisation makes) against the plain run. Two valid executions of
+    the same model differ by this much; a normalised model within a small multiple of it differs
+    by rounding only. 0.0 when the optimised session cannot be built."""
+    try:
+        optimised = make_session(original, optimize=True)
+        return compare_outputs(optimised.run(None, feeds), expected).max_rel_error
+    except Exception:  # noqa: BLE001 - the floor is a refinement: without it rtol alone decides
+        logger.debug("noise floor: optimised session failed", exc_info=True)
+        return 0.0
+
+
 def _verify(
-    reference: ort.InferenceSession, normalised: onnx.ModelProto, rtol: float, seed: int
+    reference: ort.InferenceSession, normalised: onnx.ModelProto, rtol: float, seed: int,
+    original: onnx.ModelProto | None = None,
 ) -> float:
-    """Worst relative output error of ``normalised`` against the original's session."""
+    """Worst relative output error of ``normalised`` against the original's session.
+
+    The bound is ``rtol``, or, when the error exceeds it, ``NOISE_FACTOR`` times the original's
+    own rounding noise (:func:`noise_floor`): a relative error is measured against each output's
+    largest magnitude, and an output near zero everywhere (a sigmoid of strongly negative
+    logits on random inputs) turns absolute rounding of 1e-7 into a relative 1e-3. A wrong
+    rewrite is orders of magnitude above that floor."""
     try:
         feeds = random_feeds(reference, seed=seed)
     except ValueError as exc:
@@ -266,10 +296,16 @@ def _verify(
         ) from exc
     comparison = compare_outputs(got, expected)
     if not comparison.ok(rtol):
+        floor = noise_floor(original, feeds, expected) if original is not None else 0.0
+        bound = max(rtol, NOISE_FACTOR * floor)
         name = reference.get_outputs()[comparison.worst_output].name
-        raise VerificationError(
-            f"the normalised model differs from the original: output {name!r} has relative "
-            f"error {comparison.max_rel_error:.3g} > rtol {rtol:g}"
-        )
+        if not comparison.ok(bound):
+            raise VerificationError(
+                f"the normalised model differs from the original: output {name!r} has relative "
+                f"error {comparison.max_rel_error:.3g} > {bound:.3g} (rtol {rtol:g}; the original's own "
+                f"float32 noise with onnxruntime optimisations is {floor:.3g})"
+            )
+        logger.info("normalise: output %r relative error %.3g is float rounding (the original's own noise "
+                    "floor is %.3g)", name, comparison.max_rel_error, floor)
     logger.info("normalise verified: max relative error %.3g", comparison.max_rel_error)
     return comparison.max_rel_error

@@ -226,3 +226,39 @@ def test_weights_inside_runtime_control_flow_are_said_not_hidden():
     with pytest.raises(UnsupportedModelError, match="inside 1 If bodies.*--input-value"):
         prepare_model(model)
     assert prepare_model(model, input_values=["sr=8000"]).analysis.layers  # pinned: folded, analysed
+
+
+# ------------------------------------------------------------------ normalisation tolerance
+
+
+def test_normalisation_tolerance_is_the_originals_own_noise_floor():
+    """Rounding that exceeds 1e-4 relative only because an output is tiny passes when the
+    original differs from itself as much under onnxruntime's optimisations; a real error fails."""
+    from graph_passes.errors import VerificationError
+    from graph_passes.normalise import _verify, noise_floor
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 3, 8, 8] x) => (float[1, 4, 8, 8] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w)
+        b = BatchNormalization (c, s, bias, mean, var_pos)
+        y = Sigmoid (b)
+    }
+    """
+    model = build(text, w=[4, 3, 3, 3], s=[4], bias=[4], mean=[4], var_pos=[4])
+    bias = next(t for t in model.graph.initializer if t.name == "bias")
+    bias.CopyFrom(numpy_helper.from_array(np.full(4, -30.0, np.float32), "bias"))  # sigmoid ~ 1e-13
+    model = load_model(model)
+    reference = make_session(model)
+    feeds = random_feeds(reference, seed=0)
+    expected = reference.run(None, feeds)
+    floor = noise_floor(model, feeds, expected)
+    normalised = prepare_model(model).model  # BatchNorm folded: verified within the floor
+    assert not any(n.op_type == "BatchNormalization" for n in normalised.graph.node)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(normalised)
+    w = next(t for t in broken.graph.initializer if numpy_helper.to_array(t).ndim == 4)
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.5, w.name))
+    with pytest.raises(VerificationError, match="noise"):
+        _verify(reference, broken, 1e-4, 0, model)
+    assert floor >= 0.0
