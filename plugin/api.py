@@ -83,6 +83,8 @@ class CompressConfig:
     min_top1_agreement: float = 99.0
     threads: int | None = None  # torch intra-op threads; None: 1 for small models, else torch's default
     keep_best_qat: bool = False  # QAT ends on its best held-out epoch (the start counts); off: measured neutral
+    #: report["runtimes"]: OpenVINO vs onnxruntime on the held-out inputs, when openvino is importable
+    compare_runtimes: bool = True
 
     def precisions(self) -> Precisions:
         """The validated precisions (ConfigError naming the flag)."""
@@ -545,9 +547,20 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
                                                               config.min_top1_agreement)
     report = _report(prepared, space, plan, exported, gate_report, quality, timer, config, found.history,
                      asdict(dry))
+    if config.compare_runtimes:
+        report["runtimes"] = _runtimes(exported.model, held, quality, timer)
     if output is not None:
         _write(output, exported.model, plan, report, timer)
     return CompressResult(exported.model, plan, report, output)
+
+
+def _runtimes(model: onnx.ModelProto, held: Dataset, quality: dict, timer: _Timer) -> dict:
+    """report["runtimes"]: OpenVINO's agreement with onnxruntime (the gate's runtime), or why it
+    cannot run the model; never fails the run."""
+    from .runtimes import runtimes_report
+
+    with timer.phase("runtimes"):
+        return runtimes_report(model, held.arrays, batch=None if quality["dynamic_batch_restored"] else 1)
 
 
 def _torch_outputs(engine: Any, feeds: dict[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
@@ -794,6 +807,7 @@ def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.Pa
                      CompressConfig(strategy="plan", progress=progress), [], None)
     report["plan_source"] = str(source_plan) if source_plan is not None else None
     report["held_out_source"] = held.source
+    report["runtimes"] = _runtimes(exported.model, held, quality, timer)
     if output is not None:
         _write(output, exported.model, plan, report, timer)
     return ApplyResult(exported.model, plan, report, output)

@@ -1,5 +1,9 @@
 """Measure a model on data with onnxruntime (CPU): accuracy, and agreement with a reference.
 
+``runtime="openvino"`` runs the model in OpenVINO on CPU instead
+(:mod:`plugin.runtimes`, the optional extra ``prunequant[openvino]``); a
+reference always runs in onnxruntime, so ``--reference`` the same file compares the two runtimes.
+
 * With labels: top-1 accuracy. The model must be a classifier: output 0 has shape ``[N, C]``.
 * With a reference model (usually the original the model was compressed from): top-1 agreement
   (classifiers only) and the relative error of every output against the reference's. An
@@ -30,7 +34,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from graph_passes.errors import DataError, InputFileError, UnsupportedModelError
+from graph_passes.errors import DataError, InputFileError, PrunequantError, UnsupportedModelError
 from graph_passes.loading import check_runnable, load_model
 from graph_passes.ort_utils import make_session
 from graph_passes.shapes import graph_inputs, tensor_shape, value_dims
@@ -39,6 +43,8 @@ from .data import Dataset, InputSpec, dims_text, input_specs
 
 logger = logging.getLogger(__name__)
 
+#: the runtimes :func:`evaluate` can run a model in
+RUNTIMES = ("onnxruntime", "openvino")
 _TINY = 1e-12
 _IN_MEMORY = "<in-memory model>"
 
@@ -158,6 +164,7 @@ class EvaluationResult:
 
     model: str
     samples: int
+    runtime: str = "onnxruntime"
     accuracy: float | None = None
     correct: int | None = None
     reference: str | None = None
@@ -172,7 +179,7 @@ class EvaluationResult:
         return _json_safe(dataclasses.asdict(self))
 
     def to_text(self) -> str:
-        rows = [("model", self.model), ("samples", str(self.samples))]
+        rows = [("model", self.model), ("runtime", self.runtime), ("samples", str(self.samples))]
         if self.accuracy is not None:
             rows.append(("accuracy", f"{self.accuracy:.2%} ({self.correct}/{self.samples})"))
         if self.reference is not None:
@@ -271,12 +278,18 @@ def evaluate(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     optimize: bool = True,
     progress: bool | None = None,
+    runtime: str = "onnxruntime",
 ) -> EvaluationResult:
     """Run ``model`` (and ``reference``) over ``dataset``; see the module docs for the metrics.
 
     ``optimize`` runs onnxruntime with all graph optimisations (as deployed); ``progress``
-    shows a tqdm bar (None: only when stderr is a terminal).
+    shows a tqdm bar (None: only when stderr is a terminal). ``runtime``: ``"onnxruntime"`` or
+    ``"openvino"`` (CPU) for ``model``; the reference always runs in onnxruntime.
     """
+    if runtime not in RUNTIMES:
+        from graph_passes.errors import ConfigError
+
+        raise ConfigError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     if dataset.labels is None and reference is None:
         raise DataError(
             f"nothing to evaluate: {dataset.source} has no labels and no reference model was "
@@ -294,7 +307,7 @@ def evaluate(
         _require_same_inputs(main, ref)
     if dataset.labels is not None:
         _require_classifier_shape(main)
-    result = _Run(main, ref, dataset, optimize).execute(batch_size, _show_progress(progress))
+    result = _Run(main, ref, dataset, optimize, runtime).execute(batch_size, _show_progress(progress))
     result.seconds = time.perf_counter() - start
     logger.info("evaluated %s on %d samples in %.2f s", main.label, len(dataset), result.seconds)
     return result
@@ -369,9 +382,9 @@ class _Run:
     """One pass over the dataset with the model and, optionally, the reference."""
 
     def __init__(self, main: RunnableModel, ref: RunnableModel | None, dataset: Dataset,
-                 optimize: bool) -> None:
-        self.main, self.ref, self.dataset = main, ref, dataset
-        self.session = make_session(main.session_model, optimize=optimize)
+                 optimize: bool, runtime: str = "onnxruntime") -> None:
+        self.main, self.ref, self.dataset, self.runtime = main, ref, dataset, runtime
+        self.session = _runtime_session(main, optimize, runtime)
         self.ref_session = make_session(ref.session_model, optimize=optimize) if ref else None
         self.accuracy = _Top1() if dataset.labels is not None else None
         self.agreement: _Top1 | None = _Top1() if ref is not None else None
@@ -419,7 +432,7 @@ class _Run:
         self.dataset.require_num_classes(logits.shape[1], self.main.label)
 
     def _result(self) -> EvaluationResult:
-        result = EvaluationResult(model=self.main.name, samples=len(self.dataset))
+        result = EvaluationResult(model=self.main.name, samples=len(self.dataset), runtime=self.runtime)
         if self.accuracy is not None:
             result.accuracy, result.correct = self.accuracy.fraction, self.accuracy.matched
         if self.ref is not None:
@@ -429,6 +442,15 @@ class _Run:
             result.max_rel_error = max(o.max_rel_error for o in result.outputs)
             result.mean_rel_error = max(o.mean_rel_error for o in result.outputs)
         return result
+
+
+def _runtime_session(model: RunnableModel, optimize: bool, runtime: str) -> Any:
+    """An onnxruntime session, or an OpenVINO one with the same ``run(None, feeds)``."""
+    if runtime == "openvino":
+        from .runtimes import OpenVinoSession
+
+        return OpenVinoSession(model.session_model, model.label)
+    return make_session(model.session_model, optimize=optimize)
 
 
 def _is_classifier(logits: np.ndarray, n: int) -> bool:
@@ -471,6 +493,8 @@ def _session_run(session: ort.InferenceSession, model: RunnableModel,
                  feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     try:
         return session.run(None, feeds)
+    except PrunequantError:
+        raise  # OpenVINO's session words its own failures
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own unexported types
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise DataError(

@@ -180,6 +180,12 @@ def _study_flags(strategy: str, options: tuple[str, ...], **flags: Any) -> tuple
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDxD", help=_SHAPE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@click.option("--mlflow-uri", "mlflow_uri", default=None, metavar="URI",
+              help="Log the run to MLflow (the extra prunequant[mlflow]): parameters, metrics, and the model, "
+                   "plan and report as artifacts, once the model passed the gate and was written; e.g. "
+                   "sqlite:///mlflow.db or http://host:5000 (checked before the search starts).")
+@click.option("--mlflow-experiment", "mlflow_experiment", default=None, metavar="NAME",
+              help="MLflow experiment of the run (created when missing) [default: prunequant].")
 @handle_errors
 def compress_command(model: str, data: str, labels: str | None, output: str, strategy: str,
                      strategy_options: tuple[str, ...], cost: str, lam: float | None, target: str | None,
@@ -187,7 +193,8 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
                      act_bits: str | None, sparsity: float | None, bits: str | None, device: str, seed: int,
                      threads: int | None,
                      input_shapes: tuple[str, ...], as_json: bool, no_progress: bool, trials: int | None = None,
-                     study: str | None = None, storage: str | None = None, resume: bool = False) -> None:
+                     study: str | None = None, storage: str | None = None, resume: bool = False,
+                     mlflow_uri: str | None = None, mlflow_experiment: str | None = None) -> None:
     """Compress MODEL: a search strategy chooses which channels to remove and the bit-width of
     every remaining weight channel and activation; then quantization-aware fine-tuning, then
     export to a QDQ ONNX model that is validated (checker, onnxruntime, agreement with the
@@ -229,6 +236,10 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
     settings = check_flags(cost=cost, target=target, weight_bits=weight_bits, act_bits=act_bits, strategy=strategy,
                            strategy_options=strategy_options, input_shapes=input_shapes, output=output,
                            sparsity=sparsity, bits=bits)
+    if mlflow_uri is not None:  # an unusable tracking URI fails now, in seconds, not after the search
+        from plugin.integrations.mlflow_log import check_tracking_uri
+
+        check_tracking_uri(mlflow_uri, mlflow_experiment)
     from plugin import api
 
     config = api.CompressConfig(
@@ -236,8 +247,15 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
         seed=seed, progress=not no_progress, threads=threads, **settings,
     )
     result = api.compress(model, data, labels=labels, output=output, config=config)
+    run_id = None
+    if mlflow_uri is not None:  # the model passed the gate and was written: log it with its plan and report
+        from plugin.integrations.mlflow_log import log_run
+
+        run_id = log_run(result, mlflow_uri, mlflow_experiment, files=[output, *api.sidecar_paths(output)])
     if as_json:
         click.echo(json.dumps(result.report, indent=2, default=str))
     else:
         click.echo(api.summary_table(result.report))
         click.echo(f"wrote {output}")
+        if run_id is not None:
+            click.echo(f"logged MLflow run {run_id} (experiment {mlflow_experiment or 'prunequant'})")
