@@ -691,8 +691,8 @@ def _smoke_run(model: onnx.ModelProto) -> None:
     except Exception as exc:  # onnxruntime's own exception classes
         if not type(exc).__module__.startswith("onnxruntime"):
             raise
-        raise ModelLoadError(f"onnxruntime cannot load the model: {_ort_reason(exc)}; the model is invalid "
-                             "(the checker does not catch this) - fix or re-export it") from None
+        raise ModelLoadError(f"onnxruntime cannot load the model with inputs {_input_shapes_text(named)}: "
+                             f"{_ort_reason(exc)}; {_invalid_hint(named)}") from None
     try:
         session.run(None, feeds)
     except MemoryError:
@@ -701,8 +701,27 @@ def _smoke_run(model: onnx.ModelProto) -> None:
     except Exception as exc:
         if not type(exc).__module__.startswith("onnxruntime"):
             raise
-        raise ModelLoadError(f"onnxruntime cannot run the model: {_ort_reason(exc)}; the model is invalid "
-                             "(the checker does not catch this) - fix or re-export it") from None
+        raise ModelLoadError(f"onnxruntime cannot run the model on random inputs {_input_shapes_text(named)}: "
+                             f"{_ort_reason(exc)}; {_invalid_hint(named)}") from None
+
+
+def _input_shapes_text(model: onnx.ModelProto) -> str:
+    inits = {t.name for t in model.graph.initializer}
+    parts = []
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in inp.type.tensor_type.shape.dim]
+        parts.append(f"{inp.name}={'x'.join(dims) or 'scalar'}")
+    return ", ".join(parts) or "(none)"
+
+
+def _invalid_hint(model: onnx.ModelProto) -> str:
+    # a dim pinned to 1 (the default batch) or by --input-shape may be one the model cannot take
+    # (a Reshape needing a multiple of 4 samples): that is the inputs' problem, not the model's
+    return ("if the model needs other input sizes or values, pin them with --input-shape / --input-value; "
+            "otherwise the model is invalid (the checker does not catch this) - fix or re-export it")
 
 
 def _ops_without_kernel(model: onnx.ModelProto) -> Counter[tuple[str, str]]:

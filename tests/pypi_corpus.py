@@ -126,7 +126,8 @@ MODELS: tuple[PypiModel, ...] = (
     # --- EEG / MEG
     _m("iclabel", "mne-icalabel", "0.10.0", "mne_icalabel/iclabel/network/assets/ICLabelNet.onnx",
        "b7dc72bc3fa5960b2843fc6d5ba60add842b0a240c6371598be09b595182c04b", "torch legacy 1.13",
-       "EEG component classifier, three inputs"),
+       "EEG component classifier, three inputs (4 augmented copies per component: batch 4)",
+       ("topo=4x1x32x32", "psds=4x1x1x100", "autocorr=4x1x1x100")),
     _m("megnet", "mne-icalabel", "0.10.0", "mne_icalabel/megnet/assets/megnet.onnx",
        "1a6a5b7ac025c35a30534d5687f7123bdd93fa50e0946f5d1f547686ba3574f2", "keras + tf2onnx",
        "MEG component classifier: NHWC CNN + 1-D CNN"),
