@@ -112,11 +112,28 @@ class ChannelAnalysis:
         return sum(layer.prunable_out_channels for layer in convs) / total if total else 0.0
 
 
+def _carries_features(graph: ModelGraph, name: str) -> bool:
+    """False for integer and boolean graph inputs (token ids, attention masks, positions): their
+    axes are not feature channels, and a blocked layout on them (a mask's key axis) would only
+    collide with the heads it is broadcast onto. Without a layout, every rule still refuses to
+    mix them into channels it cannot see."""
+    value = next((v for v in graph.model.graph.input if v.name == name), None)
+    elem = value.type.tensor_type.elem_type if value is not None and value.type.HasField("tensor_type") else 0
+    return elem not in _NON_FEATURE_TYPES
+
+
+_NON_FEATURE_TYPES = {
+    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+    onnx.TensorProto.UINT64, onnx.TensorProto.BOOL,
+}
+
+
 def _propagate(graph: ModelGraph) -> PropagationContext:
     ctx = PropagationContext(graph)
     for name in graph.graph_inputs:
         shape = graph.shape(name)
-        if shape is not None and len(shape) >= 2:
+        if shape is not None and len(shape) >= 2 and _carries_features(graph, name):
             ctx.fresh(f"input:{name}", name, 1, weight_layer=False, blocked=f"graph input '{name}'")
     for name in graph.topological_nodes():
         node = graph.nodes[name]

@@ -41,13 +41,23 @@ class _Entry:
 _REGISTRY: dict[tuple[str, str], list[_Entry]] = {}
 
 
-def register(*op_types: str, versions: tuple[int, int | None] = (1, None), domain: str = ""):
-    """Class decorator: instantiate the rule and register it for ``op_types`` in an opset range."""
+def register(*op_types: str, versions: tuple[int, int | None] = (1, None), domain: str = "",
+             extends: bool = False):
+    """Class decorator: instantiate the rule and register it for ``op_types`` in an opset range.
+
+    ``extends``: the rule subclasses the one already registered for the same range and takes
+    its place (op_rules/attention.py extends MatMul to activation x activation products)."""
 
     def deco(cls: type[OpRule]) -> type[OpRule]:
         rule = cls()
         for op in op_types:
-            _REGISTRY.setdefault((domain, op), []).append(_Entry(versions[0], versions[1], rule))
+            entries = _REGISTRY.setdefault((domain, op), [])
+            if extends:
+                same = [e for e in entries if (e.first, e.last) == versions]
+                if len(same) != 1 or not isinstance(rule, type(same[0].rule)):
+                    raise TypeError(f"{cls.__name__} must extend the one rule registered for {op} {versions}")
+                entries.remove(same[0])
+            entries.append(_Entry(versions[0], versions[1], rule))
         return cls
 
     return deco

@@ -3,7 +3,11 @@
 Concat along channels concatenates layouts (each segment keeps its own atoms); Split and Slice
 on the channel axis cut them; Flatten and Reshape that merge the channel axis with the axes
 after it repeat each atom once per merged position (the H*W rows a Gemm sees per channel).
-Anything that splits the channel axis itself (a channel shuffle) is a wall.
+A Reshape that splits the channel axis into two ([.., D] -> [.., H, Dh], attention heads) ties
+each block of Dh channels into one unit and carries one atom per block on the H axis, or, when
+the outer axis is later picked apart ([.., 3D] -> [.., 3, D], a fused Q/K/V projection), ties
+the segments position by position and carries the D axis. Anything else that reorders the
+channel axis (a channel shuffle's merge back) is a wall.
 """
 
 from __future__ import annotations
@@ -53,6 +57,90 @@ def _merge_layout(layout: Layout, in_shape: list[int], out_shape: list[int]) -> 
     return None
 
 
+def _split_axes(layout: Layout, in_shape: list[int], out_shape: list[int]) -> int | None:
+    """Output axis j when a row-major reshape splits the channel axis C into two output axes
+    (j, j + 1) of sizes A * B = C, both > 1, keeping the axes before and after; else None."""
+    c = layout.axis
+    lead, tail = int(np.prod(in_shape[:c])), int(np.prod(in_shape[c + 1 :]))
+    for j in range(len(out_shape) - 1):
+        if int(np.prod(out_shape[:j])) != lead:
+            continue
+        a, b = out_shape[j], out_shape[j + 1]
+        if a > 1 and b > 1 and a * b == in_shape[c] and int(np.prod(out_shape[j + 2 :])) == tail:
+            return j
+    return None
+
+
+def _follow_axis(graph, tensor: str, axis: int, depth: int = 0) -> bool:
+    """True when some reader, through Transpose / Squeeze / Unsqueeze / Identity, picks
+    entries of ``tensor``'s axis ``axis`` apart (Gather, Split or Slice along it)."""
+    if depth > 8:
+        return False
+    shape = graph.shape(tensor)
+    for reader in graph.consumers.get(tensor, []):
+        node = graph.nodes[reader]
+        if node.op_type in ("Gather", "Split", "Slice") and node.input[0] == tensor:
+            if shape is None:
+                continue
+            if node.op_type == "Slice":
+                axes_value = graph.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+                starts = graph.constant(node.input[1]) if len(node.input) > 1 else None
+                if axes_value is not None:
+                    picked_axes = [_norm_axis(int(x), len(shape)) for x in np.asarray(axes_value).ravel()]
+                elif starts is not None:
+                    picked_axes = list(range(np.asarray(starts).size))
+                else:
+                    picked_axes = list(range(len(shape)))  # unknown: counts as picking apart
+                if axis in picked_axes:
+                    return True
+                continue
+            if _norm_axis(int(graph.attr(node, "axis", 0)), len(shape)) == axis:
+                return True
+            continue
+        out = node.output[0] if node.output else ""
+        out_shape = graph.shape(out) if out else None
+        if shape is None or out_shape is None:
+            continue
+        if node.op_type == "Transpose":
+            perm = graph.attr(node, "perm") or list(reversed(range(len(shape))))
+            if _follow_axis(graph, out, list(perm).index(axis), depth + 1):
+                return True
+        elif node.op_type in ("Squeeze", "Unsqueeze", "Identity"):
+            moved = _merge_layout(Layout(axis, np.arange(shape[axis])), shape, out_shape)
+            if moved is not None and _follow_axis(graph, out, moved.axis, depth + 1):
+                return True
+    return False
+
+
+def _split_layout(name, node, layout: Layout, in_shape, out_shape, ctx: PropagationContext) -> Layout | None:
+    """Layout after a reshape that splits the channel axis C into (A, B), A * B = C.
+
+    Two sound readings, chosen by what reads the result:
+
+    * *blocks* (attention heads, [.., D] -> [.., H, Dh]): the B channels of each block are tied
+      into one unit and the layout sits on the A axis, one representative atom per block; the
+      reshape's A entry shrinks to the blocks kept;
+    * *segments* (a fused projection, [.., 3D] -> [.., 3, D], whose A axis is later picked apart
+      by Gather / Split / Slice): the A segments are tied position by position and the layout
+      sits on the B axis; the reshape's B entry shrinks.
+    """
+    j = _split_axes(layout, in_shape, out_shape)
+    if j is None:
+        return None
+    target = np.asarray(ctx.const(node.input[1])).astype(np.int64).ravel()
+    if target.shape[0] != len(out_shape) or (target[j : j + 2] == 0).any():
+        return None  # a 0 (copy an input dim) at the split axes: not followed
+    a, b = out_shape[j], out_shape[j + 1]
+    blocks = layout.atoms.reshape(a, b)
+    if _follow_axis(ctx.graph, node.output[0], j):
+        for k in range(1, a):
+            ctx.atoms.tie(blocks[0], blocks[k])
+        return Layout(j + 1, blocks[0].copy())
+    for k in range(a):
+        ctx.atoms.tie_all(blocks[k])
+    return Layout(j, blocks[:, 0].copy())
+
+
 @register("Flatten", "Reshape", "Squeeze", "Unsqueeze")
 class ReshapeRule(OpRule):
     def propagate(self, name, node, ctx: PropagationContext) -> None:
@@ -67,6 +155,8 @@ class ReshapeRule(OpRule):
             ctx.opaque(name, node, "target shape is computed at run time")
             return
         merged = _merge_layout(layout, in_shape, out_shape)
+        if merged is None and node.op_type == "Reshape":
+            merged = _split_layout(name, node, layout, in_shape, out_shape, ctx)
         if merged is None:
             ctx.opaque(name, node, f"reshape {in_shape} -> {out_shape} splits or reorders the channel axis")
             return

@@ -1,4 +1,5 @@
-"""Reshape (allowzero), Split (num_outputs, opset 18) and Pad (axes input, wrap mode)."""
+"""Reshape (allowzero), Flatten (any axis), Split (num_outputs, opset 18) and Pad (axes input,
+wrap mode)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,27 @@ def convert_reshape(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResul
         raise unsupported(node, "allowzero=1 with both 0 and -1 in the shape")
     count = 1 if shape is not None else 2
     return result(OnnxReshape(allowzero, shape), dynamic_mapping(node, count))
+
+
+# ---------------------------------------------------------------------------- Flatten
+
+
+class OnnxFlattenAnyAxis(nn.Module):
+    """Flatten to [prod(shape[:axis]), prod(shape[axis:])]. onnx2torch's flattens a rank-r tensor
+    at axis r to rank 1 and then fails (a BERT export flattens its [1, S] mask at axis 2)."""
+
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        axis = self.axis + x.dim() if self.axis < 0 else self.axis
+        return torch.reshape(x, (int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:]))))
+
+
+@registry.register("Flatten", 9, 11, 13)
+def convert_flatten(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    return result(OnnxFlattenAnyAxis(int(node.attributes.get("axis", 1))), full_mapping(node))
 
 
 # ---------------------------------------------------------------------------- Split
