@@ -207,3 +207,85 @@ def test_synthetic_report_renders_with_its_plan(tmp_path):
     text = (tmp_path / "m.html").read_text()
     assert "relu_out" in text and "task_loss, cost per epoch" in text
     assert len(_parse(text).images) == 2
+
+
+# ----------------------------------------------------------------------------- a real browser
+
+#: browsers that can screenshot a page headless (Debian: apt-get install chromium-headless-shell);
+#: PRUNEQUANT_CHROMIUM names another binary
+_BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+_SHOT_SIZE = (1000, 1400)
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    named = os.environ.get("PRUNEQUANT_CHROMIUM")
+    if named:
+        return shutil.which(named) or (named if os.access(named, os.X_OK) else None)
+    return next((path for path in map(shutil.which, _BROWSERS) if path), None)
+
+
+def _png_header(data: bytes) -> tuple[int, int, int, int]:
+    """(width, height, bit depth, colour type) of a PNG whose chunks all pass their CRC and whose
+    image data inflates (zlib) to exactly its rows; AssertionError otherwise."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        assert zlib.crc32(kind + body) == struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0], kind
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    assert header is not None and idat, "no IHDR or no image data"
+    width, height, depth, color = header[:4]
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color]
+    assert header[6] == 0 and len(zlib.decompress(idat)) == height * (1 + width * channels * depth // 8)
+    return width, height, depth, color
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    """The page as a browser draws it: a screenshot of the window's size, not blank, with the
+    embedded figures' colours (the PNG data URIs decoded by the browser) and dark text."""
+    import subprocess
+
+    import numpy as np
+
+    browser = _chromium()
+    if browser is None:
+        message = f"no headless Chromium ({', '.join(_BROWSERS)}); apt-get install chromium-headless-shell"
+        if os.environ.get("PRUNEQUANT_CI") == "1":
+            pytest.fail(f"PRUNEQUANT_CI=1 but {message} (.ci/run installs it)")
+        pytest.skip(message)
+    report = _report_file(tmp_path / "m.report.json")
+    page = tmp_path / "m.html"
+    code, _, err = _run("report", report, "-o", page)
+    assert code == 0, err
+    shot = tmp_path / "m.png"
+    width, height = _SHOT_SIZE
+    command = [browser, "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+               "--force-device-scale-factor=1", f"--user-data-dir={tmp_path / 'profile'}",
+               f"--window-size={width},{height}", f"--screenshot={shot}", page.as_uri()]
+    if "headless-shell" not in Path(browser).name:
+        command.insert(1, "--headless")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    assert _png_header(shot.read_bytes())[:2] == _SHOT_SIZE
+    from matplotlib.image import imread
+
+    pixels = np.round(imread(shot)[:, :, :3] * 255).astype(np.int16)
+    assert pixels.shape == (_SHOT_SIZE[1], _SHOT_SIZE[0], 3)
+    assert pixels.std() > 20  # not a blank page
+    white = (pixels > 245).all(axis=2)
+    assert 0.02 < 1 - white.mean() < 0.9
+    dark = (pixels < 80).all(axis=2).sum()  # text: headings, the table
+    colourful = ((pixels.max(axis=2) - pixels.min(axis=2)) > 80).sum()  # the figures' bars and lines
+    assert dark > 2000 and colourful > 2000, (dark, colourful)
