@@ -176,3 +176,23 @@ def test_evaluate_without_openvino_names_the_extra(model_files, monkeypatch):
 def test_unknown_runtime_is_a_usage_error(model_files):
     code, _, err = _run("evaluate", model_files["w8a8"], "--data", DIGITS / "test.npz", "--runtime", "tensorrt")
     assert code == 64 and "onnxruntime" in err
+
+
+@pytest.mark.slow
+def test_compress_report_compares_the_runtimes(tmp_path):
+    """The report of a compress OpenVINO can run states its agreement; the gate stays onnxruntime's."""
+    import json
+
+    out = tmp_path / "w4.onnx"
+    code, _, err = _run("compress", DIGITS / "model.onnx", "--data", DIGITS / "train.npz", "-o", out, "--strategy",
+                        "uniform", "--weight-bits", "4", "--act-bits", "8", "--epochs", "1", "--finetune-epochs", "0",
+                        "--no-progress")
+    assert code == 0, err
+    report = json.loads(out.with_name("w4.report.json").read_text())
+    runtimes = report["runtimes"]
+    assert runtimes["onnxruntime"]["role"] == "the gate"
+    openvino = runtimes["openvino"]
+    assert openvino["status"] == "ok", openvino
+    assert openvino["samples"] == report["quality"]["held_out_samples"]
+    assert openvino["top1_agreement_with_onnxruntime"] >= 0.97 and openvino["max_abs_diff"] >= 0
+    assert "runtimes" in report["seconds"]
