@@ -20,6 +20,18 @@ bytes, BOPs, MPIC cycles, onnxruntime CPU latency (1 thread, batch 1 and 32, med
 training wall time (search + fine-tuning; sequential: both stages). Outputs in ``--out``
 (default ``benchmarks/out/``): ``pareto.json``, ``pareto.csv``, ``pareto_<task>_<net>.png``.
 
+Every compress run (uniform, prune-only, sequential, joint, and the ``--strategies`` runs) is a job of
+``plugin.sweep`` on Ray (a local Ray with ``--jobs`` CPUs, or ``--address`` of a cluster), so each
+row carries the same provenance as a ``prunequant sweep`` result (prunequant version, commit,
+command line, model hash); the jobs' folders are kept in ``OUT/sweeps/<task>_<network>/`` and
+``--resume`` continues a stopped run there. ``--strategies gradient,bayesian,rl --targets
+size=50%,35%,25% --seeds 0,1,2`` adds every strategy at every budget and seed (accuracy vs size and
+vs mpic energy, search wall time per method); ``--methods`` picks the baselines (``none``: only
+the strategies and the FP32 row).
+
+    .ci/env python benchmarks/pareto.py --tasks digits:dscnn --methods uniform,fp32,ort \
+        --strategies gradient,bayesian,rl --targets size=50%,35%,25% --seeds 0,1 -S bayesian.bits=4
+
 Headline (per experiment): the smallest joint plan whose accuracy is within ``--tolerance``
 points of a baseline, and how much smaller it is than that baseline (the paper: 47.50 % below
 all-8-bit and 69.54 % below all-2-bit at iso-accuracy); and joint vs sequential at the same
@@ -33,9 +45,9 @@ import csv
 import json
 import logging
 import os
-import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +65,9 @@ if str(HERE) not in sys.path:
 import bench_baselines as bb  # noqa: E402
 import bench_networks as bn  # noqa: E402
 from bench_tasks import load_task  # noqa: E402
+from provenance import command_line, commit, versions  # noqa: E402
+
+from plugin import sweep  # noqa: E402
 
 # shapes32's cross-entropy stays near 1 (FP32: 74% accuracy), so the trade starts at smaller
 # lambdas than on digits / MNIST-1D (measured: lambda 20 pruned it to 37% accuracy with {0, 8},
@@ -96,10 +111,10 @@ MODES = {
 # the seed paper's headline figures (size reduction at iso-accuracy)
 PAPER = {"W8A8 QAT": "-47.50%", "W2A8 QAT": "-69.54%"}
 
-ROW_FIELDS = ["task", "network", "method", "label", "lam", "lam_prune", "cost_model", "test_acc",
-              "size_model_bytes", "size_vs_w8", "file_bytes", "bops", "mpic_cycles", "latency_b1_ms",
-              "latency_b32_ms", "search_s", "finetune_s", "train_s", "wall_s", "weight_channels_kept",
-              "weight_channels_total", "weight_bits", "error"]
+ROW_FIELDS = ["task", "network", "method", "label", "seed", "target", "lam", "lam_prune", "cost_model", "test_acc",
+              "size_model_bytes", "size_vs_w8", "file_bytes", "bops", "mpic_cycles", "energy_uj", "energy_vs_w8",
+              "latency_b1_ms", "latency_b32_ms", "search_s", "finetune_s", "train_s", "wall_s",
+              "weight_channels_kept", "weight_channels_total", "weight_bits", "job_id", "error"]
 
 STYLE = {  # method -> (marker, colour, label)
     "fp32": ("*", "black", "FP32 original"),
@@ -109,42 +124,178 @@ STYLE = {  # method -> (marker, colour, label)
     "sequential": ("^", "tab:orange", "sequential prune -> MP"),
     "joint-size": ("o", "tab:red", "joint (size cost)"),
     "joint-mpic": ("P", "tab:purple", "joint (mpic cost)"),
+    "gradient-target": ("h", "tab:pink", "gradient search (--target)"),
+    "bayesian": ("X", "tab:green", "bayesian (optuna, --target)"),
+    "rl": ("p", "tab:cyan", "rl (DDPG, --target wall)"),
 }
+#: the row method of a ``--strategies`` run
+STRATEGY_METHOD = {"gradient": "gradient-target"}
+#: row methods of the --strategies runs (all kept by merges; compared at the same budgets)
+STRATEGY_METHODS = ("gradient-target", "bayesian", "rl")
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+METHODS = ("uniform", "fp32", "ort", "sequential", "joint")
+
+
+@dataclass
+class RunOptions:
+    """How the compress jobs run (``plugin.sweep``) and what ``--strategies`` adds."""
+
+    strategies: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    strategy_options: dict = field(default_factory=dict)  # {strategy: {option: value}}
+    act_bits: tuple[int, ...] = (8,)
+    address: str | None = None
+    num_cpus: int | None = None  # local Ray CPUs (--jobs)
+    cpus_per_job: float = 1.0  # --threads
+    resume: bool = False
+    progress: bool = True
+
+
+def _method_of(strategy: str) -> str:
+    return STRATEGY_METHOD.get(strategy, strategy)
+
+
+def compress_jobs(settings: dict, costs: list[str], methods: tuple[str, ...], run: RunOptions
+                  ) -> list[tuple[sweep.Job, dict]]:
+    """(sweep job, row template) for every compress run of one experiment, in table order."""
+    multi = len(run.seeds) > 1
+    out: list[tuple[sweep.Job, dict]] = []
+
+    def add(job_id: str, strategy: str, seed: int, config: dict, row: dict, target: str | None = None) -> None:
+        label = row["label"] + (f" s{seed}" if multi else "")
+        out.append((sweep.Job(f"{job_id}_s{seed}", strategy, target, seed, config, label),
+                    {**row, "label": label, "seed": seed, "target": target}))
+
+    for seed in run.seeds:
+        if "uniform" in methods:
+            for bits in settings["uniform_bits"]:
+                add(f"uniform_w{bits}", "uniform", seed, {"weight_precisions": (bits,)},
+                    {"method": "uniform", "label": f"W{bits}A8 QAT", "weight_bits": bits})
+        if "sequential" in methods:
+            for p in dict.fromkeys(p for p, _m in settings["sequential"]):
+                add(f"pruneonly_lam{p:g}", "gradient", seed, {"lam": p, "weight_precisions": (0, 8)},
+                    {"method": "prune-only", "label": f"prune-only lam={p:g}", "lam": p, "cost_model": "size"})
+            for p, m in settings["sequential"]:
+                add(f"sequential_lam{p:g}-{m:g}", "sequential", seed,
+                    {"lam": m, "weight_precisions": (0, 2, 4, 8), "strategy_options": {"prune_lambda": p}},
+                    {"method": "sequential", "label": f"sequential lam={p:g}/{m:g}", "lam": m, "lam_prune": p,
+                     "cost_model": "size"})
+        if "joint" in methods:
+            for cost in costs:
+                for lam in settings["lambdas"].get(cost, []):
+                    add(f"gradient_lam{lam:g}-{cost}", "gradient", seed,
+                        {"lam": lam, "cost": cost, "weight_precisions": (0, 2, 4, 8)},
+                        {"method": f"joint-{cost}", "label": f"joint {cost} lam={lam:g}", "lam": lam,
+                         "cost_model": cost})
+        for strategy in run.strategies:
+            for target in run.targets:
+                add(sweep.job_id(strategy, target, seed)[:-len(f"_s{seed}")], strategy, seed,
+                    {"weight_precisions": (0, 2, 4, 8),
+                     "strategy_options": dict(run.strategy_options.get(strategy, {}))},
+                    {"method": _method_of(strategy), "label": f"{strategy} {target}",
+                     "cost_model": target.partition("=")[0]}, target=target)
+    return out
+
+
+def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, input=x, labels=y)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def run_compress_jobs(ctx: bb.Context, task, jobs: list[tuple[sweep.Job, dict]], cfg: bb.BenchConfig,
+                      run: RunOptions, folder: Path, data_dir: Path) -> list[dict]:
+    """The experiment's compress runs as one ``plugin.sweep`` (on Ray); one row per job."""
+    if not jobs:
+        return []
+    key = f"{ctx.task_name}_{ctx.network}"
+    train = _write_npz(data_dir / f"{key}_train.npz", ctx.x_train, ctx.y_train)
+    test = _write_npz(data_dir / f"{key}_test.npz", task.x_test, task.y_test)
+    if folder.exists() and not run.resume:
+        import shutil
+
+        shutil.rmtree(folder)  # a fresh run; --resume keeps the finished jobs
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    spec = sweep.SweepSpec(model=str(ctx.model_path), data=train, eval_data=test, output=str(folder),
+                           base={"epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs,
+                                 "batch_size": cfg.batch_size, "max_steps_per_epoch": cfg.max_steps_per_epoch,
+                                 "act_bits": tuple(run.act_bits), "device": cfg.device})
+    result = sweep.run_sweep(spec, [j for j, _ in jobs], address=run.address, num_cpus=run.num_cpus,
+                             cpus_per_job=run.cpus_per_job, resume=True, progress=run.progress,
+                             command=command_line())
+    records = {r["job_id"]: r for r in result.records}
+    rows = []
+    for job, template in jobs:
+        rows.append(_row_from_record(ctx, template, records[job.id], folder / job.id))
+    return rows
+
+
+def _row_from_record(ctx: bb.Context, template: dict, rec: dict, folder: Path) -> dict:
+    row = {"task": ctx.task_name, "network": ctx.network, **template, "job_id": rec["job_id"],
+           "provenance": rec.get("provenance"), "wall_s": rec.get("wall_s")}
+    if rec.get("status") != "ok":
+        row["error"] = rec.get("error") or "failed"
+        log(f"    {row['label']:<30} FAILED: {row['error'][:200]}")
+        return row
+    from plugin.plan import CompressionPlan
+
+    before = rec["cost_before_8bit"]
+    if ctx.ref8 is None and "size" in before:
+        ctx.ref8 = dict(before)
+    bb._costs_row(row, rec["cost_after"])
+    row["energy_uj"] = rec.get("energy_uJ")
+    row["search_s"], row["finetune_s"] = rec.get("search_s") or 0.0, rec.get("finetune_s") or 0.0
+    row["train_s"] = row["search_s"] + row["finetune_s"]
+    row["heldout_acc_compress"] = rec.get("heldout_accuracy")
+    row["plan"] = bb.plan_summary(CompressionPlan.load(str(folder / "model.plan.json")))
+    if row["method"] == "sequential":
+        report = json.loads((folder / "model.report.json").read_text())
+        stage1 = next((h for h in report.get("history") or [] if isinstance(h, dict) and h.get("stage") == "prune"),
+                      None)
+        row["stage1_epochs"] = stage1.get("epochs") if stage1 else None
+    bb._measure(ctx, folder / "model.onnx", row)  # test accuracy (onnxruntime), file bytes, latency
+    if rec.get("eval_accuracy") is not None:
+        row["test_acc_job"] = rec["eval_accuracy"]  # the job's own onnxruntime score: the same test split
+    log(f"    {row['label']:<30} acc {100 * row['test_acc']:6.2f}%  size {row.get('size_model_bytes') or 0:9,.0f} B  "
+        f"file {row['file_bytes']:8,} B  search {row['search_s']:6.1f}s  train {row['train_s']:6.1f}s")
+    return row
+
+
 def _safe(fn, ctx, label: str, *args):
-    """Run one method; a failure is a result too (recorded with its error)."""
+    """Run one method in this process (FP32, onnxruntime int8); a failure is a result too."""
     start = time.perf_counter()
     try:
         out = fn(ctx, *args)
     except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
         wall = time.perf_counter() - start
         log(f"    {label}: FAILED after {wall:.0f}s: {type(exc).__name__}: {str(exc)[:200]}")
-        method = {"run_uniform": "uniform", "run_joint": "joint-" + str(args[1] if len(args) > 1 else "size"),
-                  "run_sequential": "sequential", "run_ort_static": "ort_static"}.get(fn.__name__, fn.__name__)
+        method = {"run_ort_static": "ort_static", "run_fp32": "fp32"}.get(fn.__name__, fn.__name__)
         return [{"task": ctx.task_name, "network": ctx.network, "method": method, "label": label,
                  "error": f"{type(exc).__name__}: {exc}", "wall_s": wall}]
     rows = out if isinstance(out, list) else [out]
     for r in rows:
-        log(f"    {r['label']:<30} acc {100 * r['test_acc']:6.2f}%  size {r.get('size_model_bytes') or 0:9,.0f} B  "
-            f"file {r['file_bytes']:8,} B  train {r.get('train_s') or 0:6.1f}s")
+        log(f"    {r['label']:<30} acc {100 * r['test_acc']:6.2f}%  file {r['file_bytes']:8,} B")
     return rows
-
-
-METHODS = ("uniform", "fp32", "ort", "sequential", "joint")
 
 
 def run_experiment(task_name: str, network: str, width: float, fp32_epochs: int, n_compress: int | None,
                    mode: dict, cfg: bb.BenchConfig, costs: list[str], partial: Path | None = None,
-                   overrides: dict | None = None, methods: tuple[str, ...] = METHODS) -> dict:
+                   overrides: dict | None = None, methods: tuple[str, ...] = METHODS,
+                   run: RunOptions | None = None, out: Path | None = None) -> dict:
     """All methods on one (task, network); ``overrides`` replaces the mode's ``lambdas`` /
-    ``sequential`` for this experiment. With ``partial``, the result so far is written there
-    after every method (a long run stopped early keeps what it measured)."""
+    ``sequential`` for this experiment. The compress runs go through ``plugin.sweep`` (their
+    folders in ``out/sweeps/``); with ``partial``, the result is also written there."""
     start = time.perf_counter()
+    run = run or RunOptions(seeds=(cfg.seed,))
+    out = out or (partial.parent.parent if partial is not None else HERE / "out")
     settings = {**{k: mode[k] for k in ("lambdas", "sequential", "uniform_bits")}, **(overrides or {})}
     task = load_task(task_name, bn.CACHE)
     path, meta = bn.get_model(task, network, width, fp32_epochs, cfg.seed, log=log)
@@ -152,29 +303,24 @@ def run_experiment(task_name: str, network: str, width: float, fp32_epochs: int,
     ctx = bb.make_context(task, network, path, x, y, cfg)
     log(f"[{task_name} / {network}] {task.description}; compress sees {len(x)} labelled training samples "
         f"(80% train / 20% its own validation); test {len(task.x_test)}")
-    calls = []
-    if "uniform" in methods:
-        calls += [(bb.run_uniform, f"W{bits}A8 QAT", (bits,)) for bits in settings["uniform_bits"]]
+    jobs = compress_jobs(settings, costs, methods, run)
+    log(f"    {len(jobs)} compress jobs on Ray ({'cluster ' + run.address if run.address else 'local'})")
+    key = f"{task_name}_{network}"
+    rows = run_compress_jobs(ctx, task, jobs, cfg, run, out / "sweeps" / key, out / "data")
     if "fp32" in methods:
-        calls.append((bb.run_fp32, "FP32 original", ()))
+        rows += _safe(bb.run_fp32, ctx, "FP32 original")
     if "ort" in methods:
-        calls.append((bb.run_ort_static, "ORT quantize_static", ()))
-    if "sequential" in methods:
-        calls += [(bb.run_sequential, f"sequential {p:g}/{m:g}", (p, m)) for p, m in settings["sequential"]]
-    if "joint" in methods:
-        calls += [(bb.run_joint, f"joint {cost} lam={lam:g}", (lam, cost))
-                  for cost in costs for lam in settings["lambdas"].get(cost, [])]
-    rows: list[dict] = []
+        rows += _safe(bb.run_ort_static, ctx, "ORT quantize_static")
     info = {"task": task_name, "network": network, "width": width, "fp32_train": meta,
             "task_description": task.description, "n_compress": len(x), "n_test": len(task.x_test),
-            "settings": settings, "epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs}
-    for i, (fn, label, args) in enumerate(calls):
-        rows += _safe(fn, ctx, label, *args)
-        if partial is not None:
-            result = finish_experiment(info, rows, ctx.ref8, time.perf_counter() - start, i + 1 == len(calls))
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(result, default=str))
-    return finish_experiment(info, rows, ctx.ref8, time.perf_counter() - start, True)
+            "settings": settings, "epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs,
+            "seeds": list(run.seeds), "strategies": list(run.strategies), "targets": list(run.targets),
+            "strategy_options": run.strategy_options, "sweep_folder": str(out / "sweeps" / key)}
+    result = finish_experiment(info, sorted(rows, key=_row_order), ctx.ref8, time.perf_counter() - start, True)
+    if partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(result, default=str))
+    return result
 
 
 def finish_experiment(info: dict, rows: list[dict], ref8: dict | None, seconds: float, complete: bool) -> dict:
@@ -188,8 +334,16 @@ def finish_experiment(info: dict, rows: list[dict], ref8: dict | None, seconds: 
                 bb._costs_row(r, ref8)
         if ref8 and r.get("size_model_bytes") is not None:
             r["size_vs_w8"] = r["size_model_bytes"] / (ref8["size"] / 8)
-    return {**info, "ref_8bit": {k: ref8.get(k) for k in ("size", "bops", "mpic")}, "rows": rows,
-            "headline": headline(rows, 0.5), "seconds": seconds, "complete": complete}
+        if ref8 and ref8.get("mpic_energy") and "error" not in r:
+            if r.get("method") == "ort_static" and r.get("energy_uj") is None:
+                r["energy_uj"] = ref8["mpic_energy"]  # int8 weights and activations: the 8-bit model's
+            if r.get("energy_uj") is not None:
+                r["energy_vs_w8"] = r["energy_uj"] / ref8["mpic_energy"]
+    result = {**info, "ref_8bit": {k: ref8.get(k) for k in ("size", "bops", "mpic", "mpic_energy")}, "rows": rows,
+              "headline": headline(rows, 0.5), "seconds": seconds, "complete": complete}
+    if any(r.get("method") in STRATEGY_METHODS for r in rows):
+        result["strategies_summary"] = strategy_summary(rows, 0.5)
+    return result
 
 
 def sweep_labels(settings: dict) -> set[str]:
@@ -211,7 +365,7 @@ def merge_results(results: list[dict], settings: dict | None = None) -> dict:
     if settings:
         keep = sweep_labels(settings)
         rows = {k: r for k, r in rows.items()
-                if r.get("method") in ("uniform", "fp32", "ort_static") or k in keep}
+                if r.get("method") in ("uniform", "fp32", "ort_static", *STRATEGY_METHODS) or k in keep}
     base = dict(results[-1])
     ref8 = next((r["ref_8bit"] for r in results if (r.get("ref_8bit") or {}).get("size")), None)
     info = {k: v for k, v in base.items() if k not in ("rows", "headline", "seconds", "complete", "ref_8bit")}
@@ -220,16 +374,28 @@ def merge_results(results: list[dict], settings: dict | None = None) -> dict:
                              sum(r.get("seconds", 0.0) for r in results), all(r.get("complete", True) for r in results))
 
 
-_METHOD_ORDER = ("uniform", "fp32", "ort_static", "prune-only", "sequential", "joint-size", "joint-mpic")
+_METHOD_ORDER = ("uniform", "fp32", "ort_static", "prune-only", "sequential", "joint-size", "joint-mpic",
+                 *STRATEGY_METHODS)
+
+
+def _target_percent(target: str | None) -> float:
+    try:
+        return -float(str(target).partition("=")[2].rstrip("%"))
+    except ValueError:
+        return 0.0
 
 
 def _row_order(row: dict) -> tuple:
-    """Baselines first (W8, W4, W2), then sequential pairs, then each sweep by lambda."""
+    """Baselines first (W8, W4, W2), then sequential pairs, then each sweep by lambda, then the
+    strategies grouped by budget (largest first); seeds in order."""
     method = row.get("method", "")
     rank = _METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER)
+    seed = row.get("seed") or 0
+    if method in STRATEGY_METHODS:
+        return (_METHOD_ORDER.index(STRATEGY_METHODS[0]), _target_percent(row.get("target")), rank, seed)
     if method in ("prune-only", "sequential"):
-        return (_METHOD_ORDER.index("prune-only"), row.get("lam_prune") or row.get("lam") or 0.0, rank)
-    return (rank, -(row.get("weight_bits") or 0), row.get("lam") or 0.0)
+        return (_METHOD_ORDER.index("prune-only"), row.get("lam_prune") or row.get("lam") or 0.0, rank, seed)
+    return (rank, -(row.get("weight_bits") or 0), row.get("lam") or 0.0, seed)
 
 
 def _ok(rows: list[dict]) -> list[dict]:
@@ -281,6 +447,72 @@ def joint_vs_sequential(seq: dict, joint: list[dict], tolerance_pt: float) -> di
     return entry
 
 
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def _group(rows: list[dict]) -> dict[tuple[str, str | None], list[dict]]:
+    """Rows by (method, target or weight bits), the seeds of one configuration together."""
+    groups: dict[tuple[str, str | None], list[dict]] = {}
+    for r in rows:
+        key = r.get("target") if r["method"] in STRATEGY_METHODS else (
+            f"W{r['weight_bits']}" if r["method"] == "uniform" else r["label"].rsplit(" s", 1)[0])
+        groups.setdefault((r["method"], key), []).append(r)
+    return groups
+
+
+def strategy_summary(rows: list[dict], tolerance_pt: float) -> dict:
+    """The ``--strategies`` runs over seeds: per (method, budget) the mean and standard deviation
+    of test accuracy, size and energy (x the all-8-bit model) and search seconds; per method its
+    mean search time; and, per method and uniform baseline, the smallest (and the lowest-energy)
+    budget whose mean accuracy is within ``tolerance_pt`` points of the baseline's mean."""
+    ok = _ok(rows)
+    configs = []
+    for (method, key), group in _group(ok).items():
+        acc, acc_sd = _mean_sd([100 * r["test_acc"] for r in group])
+        size, _ = _mean_sd([r["size_vs_w8"] for r in group if r.get("size_vs_w8") is not None])
+        energy, _ = _mean_sd([r["energy_vs_w8"] for r in group if r.get("energy_vs_w8") is not None])
+        search, _ = _mean_sd([r.get("search_s") or 0.0 for r in group])
+        wall, _ = _mean_sd([r.get("wall_s") or 0.0 for r in group])
+        configs.append({"method": method, "config": key, "seeds": sorted(r.get("seed") or 0 for r in group),
+                        "test_acc_mean": acc, "test_acc_sd": acc_sd, "size_vs_w8_mean": size,
+                        "energy_vs_w8_mean": energy, "search_s_mean": search, "wall_s_mean": wall})
+    failed = {}
+    for r in rows:
+        if "error" in r and r.get("method") in STRATEGY_METHODS:
+            failed.setdefault(r["method"], []).append(f"{r['label']}: {r['error'][:160]}")
+    search_time = {m: _mean_sd([r.get("search_s") or 0.0 for r in ok if r["method"] == m])[0]
+                   for m in dict.fromkeys(r["method"] for r in ok)}
+    iso: dict[str, dict] = {}
+    for base in [c for c in configs if c["method"] == "uniform"]:
+        entry = {"baseline_acc_mean": base["test_acc_mean"], "baseline_size_vs_w8": base["size_vs_w8_mean"],
+                 "baseline_energy_vs_w8": base["energy_vs_w8_mean"]}
+        for method in STRATEGY_METHODS:
+            cands = [c for c in configs if c["method"] == method
+                     and c["test_acc_mean"] >= base["test_acc_mean"] - tolerance_pt]
+            if not any(c["method"] == method for c in configs):
+                continue
+            if not cands:
+                entry[method] = None
+                continue
+            small = min(cands, key=lambda c: c["size_vs_w8_mean"])
+            low = min(cands, key=lambda c: c["energy_vs_w8_mean"] if c["energy_vs_w8_mean"] is not None else 9e9)
+            entry[method] = {"smallest": small["config"], "acc": small["test_acc_mean"],
+                             "size_vs_w8": small["size_vs_w8_mean"],
+                             "size_reduction_pct": 100 * (1 - small["size_vs_w8_mean"] / base["size_vs_w8_mean"]),
+                             "lowest_energy": low["config"], "energy_vs_w8": low["energy_vs_w8_mean"],
+                             "energy_reduction_pct": (100 * (1 - low["energy_vs_w8_mean"] / base["energy_vs_w8_mean"])
+                                                      if low["energy_vs_w8_mean"] and base["energy_vs_w8_mean"]
+                                                      else None)}
+        iso[f"{base['config']}A8 QAT"] = entry
+    return {"tolerance_points": tolerance_pt, "configs": configs, "search_s_mean": search_time,
+            "iso_accuracy": iso, "failed": failed}
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """(cost, accuracy) points not dominated (lower cost, higher accuracy), by cost."""
     front, best = [], -1.0
@@ -303,9 +535,11 @@ def plot(result: dict, path: Path) -> None:
     top = max(accs) if accs else 100.0
     # the y range covers the useful region; collapsed runs are drawn hollow on the bottom edge
     ylo = max(0.0, min([a for a in accs if a >= top - 30] + [top - 5]) - 3)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, key, xlabel in ((axes[0], "size_model_bytes", "weight size (cost model, bytes, log)"),
-                            (axes[1], "mpic_cycles", "MPIC latency (cycles, log)")):
+    panels = [("size_model_bytes", "weight size (cost model, bytes, log)"), ("mpic_cycles", "MPIC latency (cycles, log)")]
+    if any(r.get("energy_uj") for r in rows):
+        panels.append(("energy_uj", "MPIC energy (uJ, log)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5))
+    for ax, (key, xlabel) in zip(axes, panels):
         for method, (marker, colour, label) in STYLE.items():
             pts = [(r[key], 100 * r["test_acc"], r["label"]) for r in rows
                    if r["method"] == method and r.get(key)]
@@ -325,7 +559,7 @@ def plot(result: dict, path: Path) -> None:
             if method == "uniform":
                 for x, y, lab in shown:
                     ax.annotate(lab.split()[0], (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-            if method.startswith("joint"):
+            if method.startswith("joint") or method in STRATEGY_METHODS:
                 front = pareto_front([(p[0], p[1]) for p in pts])
                 ax.plot([p[0] for p in front], [max(p[1], ylo + 0.4) for p in front], color=colour, lw=1, zorder=2)
         ax.set_xscale("log")
@@ -337,7 +571,7 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.set_ylim(ylo, top + 1.5)
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{result['task']} / {result['network']}: accuracy vs size and MPIC cycles "
+    fig.suptitle(f"{result['task']} / {result['network']}: accuracy vs size, MPIC cycles and energy "
                  "(hollow markers on the bottom edge: runs below the y range, accuracy annotated)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -356,12 +590,12 @@ def _bits_text(plan: dict) -> str:
 def markdown(results: list[dict], meta: dict) -> str:
     """The README's tables: every row per task, then the headline against the paper's claims."""
     lines = [f"Mode `{meta['mode']}`: {meta['epochs']} search + {meta['finetune_epochs']} QAT epochs, "
-             f"8-bit activations, {meta.get('jobs', 1)} job(s) x {meta['torch_threads']} torch thread(s) "
+             f"8-bit activations, {meta.get('jobs') or meta['cpu_count']} job(s) at once x {meta['torch_threads']} torch thread(s) "
              f"on {meta['cpu_count']} CPUs ({meta.get('device', 'cpu')}), {meta['seconds'] / 60:.0f} min of "
              "experiment time in all"
              + (f", merged from {len(meta['merged_from'])} runs (`--report-only`)."
                 if meta.get("merged_from") else ".")]
-    if meta.get("jobs", 1) > 1 or meta.get("merged_from"):
+    if (meta.get("jobs") or meta["cpu_count"]) > 1 or meta.get("merged_from"):
         lines += ["", "Training times (train s) were measured with other jobs running: compare them only "
                       "as rough figures; a timing comparison needs a run alone on the machine."]
     for res in results:
@@ -403,7 +637,42 @@ def markdown(results: list[dict], meta: dict) -> str:
                              f"{e['joint']} ({100 * e['joint_acc']:.2f}%, {e['joint_size_bytes']:,.0f} B, "
                              f"{e['joint_train_s'] or 0:.0f} s): training time x{e.get('time_ratio', 0):.2f} "
                              "(target <= 0.5)")
+        if res.get("strategies_summary"):
+            lines += ["", *strategy_markdown(res["strategies_summary"])]
     return "\n".join(lines) + "\n"
+
+
+def strategy_markdown(summary: dict) -> list[str]:
+    """The --strategies table (mean over seeds) and the iso-accuracy lines."""
+    lines = ["Strategies and uniform baselines, mean over seeds (sd of test accuracy); size and energy "
+             "(mpic_energy) relative to the all-8-bit model; search = wall seconds of the search phase:", "",
+             "| method | budget | seeds | test acc (sd) | size x W8 | energy x W8 | search s | job wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in summary["configs"]:
+        if c["method"] not in ("uniform", *STRATEGY_METHODS):
+            continue
+        lines.append(f"| {c['method']} | {c['config']} | {','.join(map(str, c['seeds']))} "
+                     f"| {c['test_acc_mean']:.2f}% ({c['test_acc_sd']:.2f}) | {_fmt(c['size_vs_w8_mean'], '.3f')} "
+                     f"| {_fmt(c['energy_vs_w8_mean'], '.3f')} | {_fmt(c['search_s_mean'], '.1f')} "
+                     f"| {_fmt(c['wall_s_mean'], '.1f')} |")
+    lines += ["", f"At iso-accuracy (mean within {summary['tolerance_points']} pt of a uniform baseline's mean):", ""]
+    for base, entry in summary["iso_accuracy"].items():
+        for method in STRATEGY_METHODS:
+            if method not in entry:
+                continue
+            e = entry[method]
+            if e is None:
+                lines.append(f"- {method} vs {base} ({entry['baseline_acc_mean']:.2f}%): no budget that accurate")
+                continue
+            energy = (f"; lowest energy {e['lowest_energy']} at {e['energy_vs_w8']:.3f} "
+                      f"({-e['energy_reduction_pct']:+.1f}% vs the baseline's)" if e.get("energy_reduction_pct") is not None
+                      else "")
+            lines.append(f"- {method} vs {base} ({entry['baseline_acc_mean']:.2f}%, size {entry['baseline_size_vs_w8']:.3f}):"
+                         f" {e['smallest']} {e['acc']:.2f}% at {e['size_vs_w8']:.3f} "
+                         f"({-e['size_reduction_pct']:+.1f}%){energy}")
+    for method, errors in summary.get("failed", {}).items():
+        lines.append(f"- {method}: {len(errors)} job(s) failed, e.g. {errors[0]}")
+    return lines
 
 
 def write_outputs(results: list[dict], meta: dict, out: Path) -> dict[str, Path]:
@@ -467,26 +736,11 @@ def print_table(res: dict) -> None:
                 f"train {e['joint_train_s'] or 0:.0f}s vs {e['baseline_train_s'] or 0:.0f}s")
 
 
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
-
-
-def _run_parallel(jobs: list[tuple], n_workers: int, threads: int) -> list[dict]:
-    """Experiments in ``n_workers`` processes (one experiment each; results in the given order).
-
-    Each worker trains (or takes from the cache) its own FP32 network; the cache file is
-    written atomically. A failed experiment raises here, as it would in the serial loop."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # longest first: the 32x32 task, then by training-set size
-    order = sorted(range(len(jobs)), key=lambda i: (jobs[i][0] != "shapes32", -(jobs[i][4] or 0)))
-    with ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = {i: pool.submit(run_experiment, *jobs[i]) for i in order}
-        return [futures[i].result() for i in range(len(jobs))]
+def print_strategies(res: dict) -> None:
+    if res.get("strategies_summary"):
+        log("")
+        for line in strategy_markdown(res["strategies_summary"]):
+            log(line)
 
 
 def _experiments(name: str, mode: dict, args: argparse.Namespace) -> list[tuple]:
@@ -563,16 +817,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default benchmarks/out)")
     parser.add_argument("--report-only", type=Path, nargs="+", metavar="RUN_DIR",
                         help="no training: rebuild the outputs in --out from these runs' partial/ results")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="experiments run in parallel processes (default 1; full mode on 2 cores: 2)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of the FP32 training and data subset, and "
+                        "of the compress jobs unless --seeds is given")
+    parser.add_argument("--seeds", help="comma-separated seeds of every compress job (e.g. 0,1,2; default: --seed)")
+    parser.add_argument("--strategies", default="",
+                        help="strategies run at every --targets budget beside the baselines, e.g. gradient,bayesian,rl")
+    parser.add_argument("--targets", default="size=50%,35%,25%",
+                        help="budgets of the --strategies runs (default size=50%%,35%%,25%%)")
+    parser.add_argument("-S", "--strategy-option", dest="strategy_options", action="append", default=[],
+                        metavar="STRATEGY.NAME=VALUE", help="an option of one strategy, e.g. -S rl.episodes=60")
+    parser.add_argument("--act-bits", default="8", help="activation widths of every compress job (default 8: wXa8)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (Ray CPUs) per job (default 1)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="CPUs of the local Ray: compress jobs at once (default: the machine's CPUs)")
+    parser.add_argument("--address", help="run the compress jobs on this Ray cluster instead of a local Ray")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished jobs of an earlier run in OUT/sweeps/ (same settings) and run the rest")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="device of the searches and fine-tuning (FP32 training stays on the CPU)")
     args = parser.parse_args(argv)
     if args.report_only:
         return report_only(args.report_only, args.out)
-    methods = tuple(m.strip() for m in args.methods.split(","))
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none")
     if set(methods) - set(METHODS):
         parser.error(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; choose from {', '.join(METHODS)}")
     torch.set_num_threads(args.threads)
@@ -586,25 +853,30 @@ def main(argv: list[str] | None = None) -> int:
                          finetune_epochs=args.finetune_epochs if args.finetune_epochs is not None
                          else mode["finetune_epochs"], latency_runs=mode["latency_runs"], seed=args.seed,
                          device=args.device)
+    strategies = tuple(sweep.parse_strategies(args.strategies)) if args.strategies else ()
+    from plugin.space import Precisions
+
+    run = RunOptions(strategies=strategies, targets=tuple(sweep.parse_targets(args.targets)) if strategies else (),
+                     seeds=tuple(sweep.parse_seeds(args.seeds)) if args.seeds else (args.seed,),
+                     strategy_options=sweep.parse_job_options(args.strategy_options, strategies),
+                     act_bits=Precisions.parse(None, args.act_bits).activations,
+                     address=args.address, num_cpus=None if args.address else args.jobs,
+                     cpus_per_job=float(args.threads), resume=args.resume, progress=not args.no_progress)
     start = time.perf_counter()
-    jobs = [(task_name, network, width, fp32_epochs, n, mode, cfg, costs,
-             args.out / "partial" / f"{task_name}_{network}.json", overrides, methods)
-            for task_name, network, width, fp32_epochs, n, overrides in experiments]
-    if args.jobs > 1 and len(jobs) > 1:
-        results = _run_parallel(jobs, args.jobs, args.threads)
-    else:
-        results = [run_experiment(*job) for job in jobs]
+    results = [run_experiment(task_name, network, width, fp32_epochs, n, mode, cfg, costs,
+                              args.out / "partial" / f"{task_name}_{network}.json", overrides, methods, run, args.out)
+               for task_name, network, width, fp32_epochs, n, overrides in experiments]
     for res in results:
         print_table(res)
-    import onnxruntime
-
+        print_strategies(res)
     meta = {"mode": name, "epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs, "costs": costs,
             "methods": methods, "lambdas": mode["lambdas"], "sequential": mode["sequential"], "seed": args.seed,
-            "torch_threads": args.threads, "jobs": args.jobs, "device": args.device,
-            "seconds": time.perf_counter() - start,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
-            "cpu_count": os.cpu_count(), "activations": "8-bit everywhere (act_bits=(8,))"}
+            "seeds": list(run.seeds), "strategies": list(strategies), "targets": list(run.targets),
+            "strategy_options": run.strategy_options, "torch_threads": args.threads, "jobs": args.jobs,
+            "device": args.device, "ray_address": args.address, "seconds": time.perf_counter() - start,
+            "command": command_line(), "commit": commit(), "versions": versions("ray"),
+            "cpu_count": os.cpu_count(),
+            "activations": f"act_bits={tuple(run.act_bits)} for every compress job"}
     paths = write_outputs(results, meta, args.out)
     log(f"\ntotal {meta['seconds']:.0f}s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
