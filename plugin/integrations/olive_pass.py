@@ -51,6 +51,23 @@ logger = logging.getLogger(__name__)
 #: the package configuration declaring this pass (``olive run --package-config``)
 PACKAGE_CONFIG = Path(__file__).with_name("olive_config.json")
 PASS_TYPE = "PrunequantCompression"
+#: what PACKAGE_CONFIG holds (tests/test_olive.py checks the two agree; an install without the
+#: JSON file still writes it with ``python -m plugin.integrations.olive_pass --only-prunequant``)
+PASS_DECLARATION: dict[str, Any] = {
+    "passes": {
+        PASS_TYPE: {
+            "module_path": "plugin.integrations.olive_pass.PrunequantCompression",  # not __name__: -m runs it as __main__
+            "supported_providers": ["*"],
+            "supported_accelerators": ["*"],
+            "supported_precisions": ["int4", "int8"],
+            "supported_algorithms": [],
+            "supported_quantization_encodings": ["qdq"],
+            "module_dependencies": ["prunequant"],
+            "dataset": "dataset_required",
+        }
+    },
+    "extra_dependencies": {"cpu": ["onnxruntime"], "gpu": ["onnxruntime-gpu"], "ort": []},
+}
 
 
 class OlivePassError(PrunequantError, ValueError):
@@ -315,7 +332,7 @@ def _summary(report: dict) -> str:
 def package_config(merge_default: bool = True) -> dict[str, Any]:
     """Olive's package configuration with this pass: Olive's default one (every built-in pass)
     merged with :data:`PACKAGE_CONFIG`, or only the latter."""
-    ours = json.loads(PACKAGE_CONFIG.read_text())
+    ours = json.loads(json.dumps(PASS_DECLARATION))
     if not merge_default:
         return ours
     from olive.package_config import OlivePackageConfig
