@@ -19,7 +19,7 @@ from graph_passes.errors import CostModelError
 from ._math import Scalar, channel_mass, is_tensor, probabilities, weighted_sum
 
 
-LAYER_KINDS = ("conv", "depthwise", "linear")
+LAYER_KINDS = ("conv", "depthwise", "linear", "recurrent")
 
 
 def _pair(value: Any, what: str, layer: str) -> tuple[int, int]:
@@ -44,7 +44,11 @@ class LayerSpec:
     Attributes:
         name: the layer's name (the ONNX node name), used in messages and reports.
         kind: ``"conv"`` (any Conv, grouped included), ``"depthwise"`` (each output channel
-            reads one input channel; ``groups == c_in``) or ``"linear"`` (Gemm/MatMul).
+            reads one input channel; ``groups == c_in``), ``"linear"`` (Gemm/MatMul) or
+            ``"recurrent"`` (LSTM/GRU/RNN: an output channel is a hidden unit, which reads the
+            ``c_in`` inputs and the ``c_out`` hidden units of the previous step through each of
+            its ``kh*kw`` = directions x gates rows, at ``h_o*w_o`` = sequence-length steps;
+            the recurrent fan-in counts all ``c_out`` units, pruned ones included).
         c_in, c_out: input and output channel counts.
         kernel: ``(kh, kw)``; ``(1, 1)`` for linear layers; a 1-d conv's ``(k,)`` is stored as
             ``(1, k)``.
@@ -100,6 +104,8 @@ class LayerSpec:
                 f"layer {self.name!r}: a depthwise layer needs groups == c_in "
                 f"(got groups={self.groups}, c_in={self.c_in}); pass groups={self.c_in}"
             )
+        if self.kind == "recurrent" and self.groups != 1:
+            raise CostModelError(f"layer {self.name!r}: a recurrent layer has groups 1, got {self.groups}")
         if self.kind == "linear" and (self.kernel != (1, 1) or self.groups != 1):
             raise CostModelError(
                 f"layer {self.name!r}: a linear layer has kernel (1, 1) and groups 1, "
@@ -118,7 +124,10 @@ class LayerSpec:
 
     @property
     def fan_in(self) -> int:
-        """Input channels read by one output channel (full counts)."""
+        """Input channels read by one output channel (full counts; recurrent: inputs plus
+        hidden units)."""
+        if self.kind == "recurrent":
+            return self.c_in + self.c_out
         return 1 if self.kind == "depthwise" else self.c_in // self.groups
 
     def fan_in_eff(self, c_in_eff: Scalar) -> Scalar:
@@ -127,6 +136,8 @@ class LayerSpec:
         ``c_in_eff / groups`` for conv and linear; 1 for depthwise, whose cost is per channel
         (its input channels are tied to its output channels, so ``c_in_eff`` does not enter).
         """
+        if self.kind == "recurrent":
+            return c_in_eff + self.c_out
         return 1.0 if self.kind == "depthwise" else c_in_eff / self.groups
 
     def macs_per_out_channel(self, c_in_eff: Scalar) -> Scalar:

@@ -34,7 +34,9 @@ class WeightLayer:
       output / input channels (Conv 0/1, ConvTranspose 1/0, Gemm transB=1 0/1, Gemm transB=0
       and MatMul 1/0);
     * ``cost_kind``: ``"conv"``, ``"depthwise"`` (a Conv with ``groups > 1`` and
-      ``groups == in_channels``) or ``"linear"`` (Gemm, MatMul), as ``cost_models`` names them;
+      ``groups == in_channels``), ``"linear"`` (Gemm, MatMul) or ``"recurrent"`` (LSTM, GRU,
+      RNN: ``weight`` is W, ``bias`` B, ``params`` counts W, R, B and P), as ``cost_models``
+      names them;
     * ``cost_kernel`` / ``cost_spatial``: per sample, two ints each: the kernel, and the output
       spatial size (ConvTranspose: the *input*'s; linear: ``(1, positions)``, the positions
       being the product of the output dims between batch and channels, 1 for rank 2);
@@ -69,8 +71,9 @@ class WeightLayer:
 
     @property
     def is_conv(self) -> bool:
-        """A convolution (Conv, grouped or depthwise, or ConvTranspose), not a linear layer."""
-        return self.cost_kind != "linear"
+        """A convolution (Conv, grouped or depthwise, or ConvTranspose), not a linear or
+        recurrent layer."""
+        return self.cost_kind in ("conv", "depthwise")
 
 
 @dataclass
@@ -91,11 +94,12 @@ def describe_weight_layer(name: str, node: onnx.NodeProto, graph: ModelGraph) ->
     if facts is None:
         return None
     w = graph.constant(node.input[1])
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    b = facts.bias_input
+    bias = node.input[b] if b is not None and len(node.input) > b and node.input[b] else None
     bias_value = graph.constant(bias) if bias else None
-    params = int(w.size) + (int(bias_value.size) if bias_value is not None else 0)
+    params = int(w.size) + (int(bias_value.size) if bias_value is not None else 0) + int(facts.extra_params)
     return WeightLayer(
-        name=name, op_type=node.op_type, input=node.input[0], output=node.output[0],
+        name=name, op_type=node.op_type, input=node.input[0], output=facts.output or node.output[0],
         weight=node.input[1], bias=bias, weight_shape=list(w.shape), in_channels=facts.in_channels,
         out_channels=facts.out_channels, kernel=list(facts.kernel), groups=facts.groups,
         macs=int(facts.macs), params=params, weight_out_axis=facts.weight_out_axis,

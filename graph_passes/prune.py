@@ -149,6 +149,7 @@ def zero_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, removal: Re
     graph = ModelGraph.build(work)
     inits = {t.name: t for t in work.graph.initializer}
     for layer in analysis.layers:
+        _zero_feedback(work, graph, analysis, layer, removed)
         layout = analysis.layouts.get(layer.input)
         if layout is None:
             continue
@@ -164,6 +165,21 @@ def zero_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, removal: Re
         work.graph.initializer.append(numpy_helper.from_array(w, new_name))
         node.input[1] = new_name
     return work
+
+
+def _zero_feedback(work: onnx.ModelProto, graph: ModelGraph, analysis: ChannelAnalysis, layer,
+                   removed: np.ndarray) -> None:
+    """Oracle edits for output channels a layer reads back itself (a recurrent layer's R)."""
+    layout = analysis.layouts.get(layer.output)
+    positions = np.flatnonzero(removed[layout.atoms]) if layout is not None else np.zeros(0, np.int64)
+    node = graph.nodes[layer.name]
+    rule = weight_rule(node, graph.opset)
+    if positions.size == 0 or rule is None:
+        return
+    for index, value in rule.zero_feedback(node, graph.constant, positions).items():
+        new_name = f"{node.input[index]}__zeroed_{layer.name}"
+        work.graph.initializer.append(numpy_helper.from_array(value, new_name))
+        node.input[index] = new_name
 
 
 def check_pruning(

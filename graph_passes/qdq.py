@@ -258,9 +258,37 @@ def insert_qdq(
 
 
 def _quantize_layer(node: onnx.NodeProto, quant: WeightQuant, ctx: _Context) -> LayerBytes:
-    w_name = node.input[1] if len(node.input) > 1 else ""
-    w = _float_initializer(ctx.model, w_name, node)
     axis = weight_axis(node)
+    rule = weight_rule(node)
+    inputs = rule.quantized_inputs(node) if rule is not None else (1,)
+    if len(inputs) > 1 or rule.channel_rows(node, [0]) != [0]:
+        # several weights per channel (a recurrent layer's W and R, one row per gate): one
+        # scale per channel over all of them (the fake-quantized model's), repeated per row
+        weights = [_float_initializer(ctx.model, node.input[i], node) for i in inputs]
+        scales = quant.scales
+        if scales is None:
+            absmax = rule.channel_absmax(node, weights)
+            qmax = np.left_shift(1, np.asarray(quant.bits, dtype=np.int64) - 1) - 1
+            scales = tuple(float(s) if np.isfinite(s) and s > 0 else 1.0 for s in (absmax / qmax).astype(np.float32))
+        unit_bits = quant.bits
+        quant = WeightQuant(tuple(rule.channel_rows(node, quant.bits)), tuple(rule.channel_rows(node, scales)))
+        accts = [_quantize_tensor(node, i, quant, axis, ctx) for i in inputs]
+        acct = accts[0]
+        acct.bits = {b: unit_bits.count(b) for b in sorted(set(unit_bits), reverse=True)}
+        for other in accts[1:]:
+            acct.weight_bytes += other.weight_bytes
+            acct.scale_bytes += other.scale_bytes
+            acct.zero_point_bytes += other.zero_point_bytes
+            acct.index_bytes += other.index_bytes
+            acct.predicted_bytes += other.predicted_bytes
+            acct.fp32_bytes += other.fp32_bytes
+        return acct
+    return _quantize_tensor(node, 1, quant, axis, ctx)
+
+
+def _quantize_tensor(node: onnx.NodeProto, index: int, quant: WeightQuant, axis: int, ctx: _Context) -> LayerBytes:
+    w_name = node.input[index] if len(node.input) > index else ""
+    w = _float_initializer(ctx.model, w_name, node)
     if len(quant.bits) != w.shape[axis]:
         raise PlanError(f"layer {node.name!r}: {len(quant.bits)} bit-widths for "
                         f"{w.shape[axis]} output channels (weight {w_name!r} axis {axis})")
@@ -284,7 +312,7 @@ def _quantize_layer(node: onnx.NodeProto, quant: WeightQuant, ctx: _Context) -> 
         idx_name = ctx.init(f"{w_name}_order", inverse)
         acct.index_bytes += inverse.nbytes
         out = ctx.node("Gather", [cat, idx_name], f"{w_name}_dq", axis=axis)
-    node.input[1] = out
+    node.input[index] = out
     ctx.replaced.add(w_name)
     logger.debug("layer %s: bits %s, %d bytes", node.name, acct.bits, acct.total)
     return acct

@@ -137,6 +137,32 @@ def apply_sparsity(pruned: onnx.ModelProto, original: onnx.ModelProto, analysis:
     return zeros
 
 
+def joint_scales(model: onnx.ModelProto, plan: CompressionPlan, weights: dict[str, WeightQuant]
+                 ) -> dict[str, WeightQuant]:
+    """Scales of the layers whose rule quantizes several weights per output channel (a recurrent
+    layer's W and R, one scale per hidden unit over both, as the fake-quantized model has it),
+    from the unpruned ``model``'s weights: the fake-quantized values re-quantize to themselves,
+    raw weights quantize as the engine would."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from graph_passes.op_rules import weight_rule
+
+    out = {}
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        quant, rule = weights.get(node.name), weight_rule(node)
+        if quant is None or rule is None or len(rule.quantized_inputs(node)) < 2:
+            continue
+        arrays = [numpy_helper.to_array(inits[node.input[i]]) for i in rule.quantized_inputs(node)]
+        bits = np.asarray(plan.layers[node.name].bits, dtype=np.int64)
+        absmax = rule.channel_absmax(node, arrays)[bits > 0]
+        scale = (absmax / (np.left_shift(1, bits[bits > 0] - 1) - 1)).astype(np.float32)
+        scale = np.where(np.isfinite(scale) & (scale > 0), scale, np.float32(1.0))
+        out[node.name] = WeightQuant(quant.bits, tuple(float(v) for v in scale))
+    return out
+
+
 def export_plan(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: CompressionPlan) -> ExportResult:
     """``model``: the normalised model (with fine-tuned weights written back) that ``analysis``
     describes. Returns the compressed, not yet validated, model."""
@@ -148,6 +174,7 @@ def export_plan(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: Compres
             pruned.CopyFrom(model)
         apply_sparsity(pruned, model, analysis, plan)
     weights, activations = quantization_of(plan, analysis, pruned)
+    weights.update(joint_scales(model, plan, weights))
     layer_channels, layer_bits = {}, {}
     for layer in analysis.layers:
         lp = plan.layers.get(layer.name)

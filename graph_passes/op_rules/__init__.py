@@ -1,6 +1,6 @@
 """Per-op channel rules. Importing this package registers every rule."""
 
-from . import elementwise, shape_ops, spatial, weights  # noqa: F401  (registration)
+from . import elementwise, recurrent, shape_ops, spatial, weights  # noqa: F401  (registration)
 from . import attention  # noqa: F401,E402  (extends weights' MatMul: imported after it)
 from .context import PropagationContext, PruneContext
 from .registry import OpRule, find_rule, register, registered_ops

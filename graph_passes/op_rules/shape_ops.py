@@ -46,7 +46,7 @@ def _merge_layout(layout: Layout, in_shape: list[int], out_shape: list[int]) -> 
             break
         j += 1  # size-1 axes inserted before the channel axis
     if acc != lead or j >= len(out_shape):
-        return None
+        return _merge_outer(layout, in_shape, out_shape)
     for m in range(1, len(in_shape) - c + 1):
         merged = int(np.prod(in_shape[c : c + m]))
         if merged == out_shape[j] and int(np.prod(in_shape[c + m :])) == int(np.prod(out_shape[j + 1 :])):
@@ -139,6 +139,20 @@ def _split_layout(name, node, layout: Layout, in_shape, out_shape, ctx: Propagat
     for k in range(a):
         ctx.atoms.tie_all(blocks[k])
     return Layout(j, blocks[:, 0].copy())
+
+
+def _merge_outer(layout: Layout, in_shape: list[int], out_shape: list[int]) -> Layout | None:
+    """Layout after a reshape that merges the *last* (channel) axis with axes before it, e.g. a
+    bidirectional recurrent output ``[seq, batch, D, H] -> [seq, batch, D*H]``: the channel
+    atoms repeat once per merged outer position. None for any other reshape."""
+    c = layout.axis
+    if c != len(in_shape) - 1 or not out_shape:
+        return None
+    for k in range(c - 1, -1, -1):
+        if (list(in_shape[:k]) == list(out_shape[:-1])
+                and int(np.prod(in_shape[k:])) == out_shape[-1]):
+            return Layout(len(out_shape) - 1, np.tile(layout.atoms, int(np.prod(in_shape[k:c]))))
+    return None
 
 
 @register("Flatten", "Reshape", "Squeeze", "Unsqueeze")

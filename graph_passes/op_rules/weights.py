@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..graph import ModelGraph
 
 #: The layer kinds cost models know (``cost_models.spec.LAYER_KINDS``).
-COST_KINDS = ("conv", "depthwise", "linear")
+COST_KINDS = ("conv", "depthwise", "linear", "recurrent")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,12 @@ class WeightFacts:
     cost_kind: str
     cost_kernel: tuple[int, int]
     cost_spatial: tuple[int, int]
+    #: the input holding a bias the engine gates per output channel (None: none; LSTM/GRU/RNN
+    #: gate B themselves), the output that carries the layer's channels (None: output 0) and
+    #: the values of the constant inputs besides input 1 and the bias (R, B, P)
+    bias_input: int | None = 2
+    output: str | None = None
+    extra_params: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,32 @@ class WeightOpRule(OpRule):
         index[self.weight_in_axis(node)] = np.asarray(positions, dtype=np.int64)
         w[tuple(index)] = 0
         return w
+
+    # --- weights besides input 1 (recurrent layers: W and R share one scale per unit) -----
+    def quantized_inputs(self, node: onnx.NodeProto) -> tuple[int, ...]:
+        """Inputs holding weights that are quantized per output channel (default: W only)."""
+        return (1,)
+
+    def channel_rows(self, node: onnx.NodeProto, values: Sequence) -> list:
+        """Per-output-channel values (bit-widths, scales) -> one per slice of the weights'
+        output-channel axis (default: the same; a recurrent layer repeats them per gate)."""
+        return list(values)
+
+    def channel_absmax(self, node: onnx.NodeProto, weights: Sequence[np.ndarray]) -> np.ndarray:
+        """max|w| per output channel over the :meth:`quantized_inputs` values ``weights``."""
+        axis = self.weight_out_axis(node)
+        w = np.asarray(weights[0], dtype=np.float32)
+        return np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
+
+    def zero_feedback(self, node: onnx.NodeProto, const, positions: np.ndarray) -> dict[int, np.ndarray]:
+        """The pruning oracle's extra edits for output channels at ``positions`` that the op
+        reads back itself (a recurrent layer's R columns): {input index: new value}."""
+        return {}
+
+    def default_inputs(self, node: onnx.NodeProto, values: dict[int, np.ndarray]) -> tuple[int, ...]:
+        """Optional inputs whose constant value (``values``: input index -> value) equals what
+        the op assumes when they are absent, so they can be dropped (default: none)."""
+        return ()
 
     #: whether a BatchNormalization after the op can be folded into its weight and bias
     folds_batchnorm: bool = False

@@ -13,7 +13,7 @@ from plugin.bridge import registry
 
 logger = logging.getLogger(__name__)
 
-_OP_MODULES = ("ops_layers", "ops_norm", "ops_reduce", "ops_shape", "ops_pool", "ops_resize")
+_OP_MODULES = ("ops_layers", "ops_norm", "ops_reduce", "ops_shape", "ops_pool", "ops_resize", "ops_recurrent")
 _state = {"registered": False}
 
 

@@ -48,7 +48,9 @@ def write_back(model: onnx.ModelProto, bridged: BridgedModel) -> onnx.ModelProto
                 f"{value.shape} != {onnx_shape}"
             )
         dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), init.name))
+        # reshape: np.ascontiguousarray turns a 0-d array (a scalar Gather index) into shape (1,)
+        value = np.ascontiguousarray(value.astype(dtype)).reshape(onnx_shape)
+        init.CopyFrom(numpy_helper.from_array(value, init.name))
         written += 1
     logger.info("wrote %d initializers back", written)
     return out
