@@ -737,6 +737,12 @@ def summary_table(report: dict) -> str:
     if "file" in report:
         rows.append(("file", f"{report['file']['fp32_weight_bytes']:,} B fp32 weights",
                      f"{report['file']['bytes']:,} B"))
+    openvino = (report.get("runtimes") or {}).get("openvino") or {}
+    if openvino.get("status") == "ok" and openvino.get("top1_agreement_with_onnxruntime") is not None:
+        rows.append(("OpenVINO: top-1 agreement w/ onnxruntime", "-",
+                     f"{100 * openvino['top1_agreement_with_onnxruntime']:.2f}%"))
+    elif openvino.get("status") == "unsupported":
+        rows.append(("OpenVINO", "-", "cannot run it (report: runtimes)"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':<{width}}  {'before':>22}  {'after':>22}"]
     lines += [f"{name:<{width}}  {x:>22}  {y:>22}" for name, x, y in rows]
