@@ -42,10 +42,21 @@ def _prunable_share(analysis) -> float:
 
 
 def _random_data(model, samples: int):
-    from graph_passes.feeds import feeds_for
+    """``samples`` random inputs stacked along dim 0; refused (one line) when the inputs do not
+    share a batch of 1 in dim 0 (a recurrent state [layers, batch, hidden], a time-first input):
+    prunequant's data holds N samples along dim 0 of every input."""
     import numpy as np
 
-    parts = [feeds_for(model, seed=i) for i in range(samples)]
+    from graph_passes.errors import DataError
+    from graph_passes.feeds import feeds_for
+
+    first = feeds_for(model, seed=0)
+    odd = {k: v.shape for k, v in first.items() if not v.ndim or v.shape[0] != 1}
+    if odd:
+        shapes = ", ".join(f"{k}={'x'.join(map(str, s)) or 'scalar'}" for k, s in odd.items())
+        raise DataError(f"inputs without a batch of 1 in dim 0 ({shapes}): data holds N samples along dim 0 "
+                        "of every input, which this model's inputs cannot take")
+    parts = [first] + [feeds_for(model, seed=i) for i in range(1, samples)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

@@ -100,6 +100,7 @@ def load_model(
     _require_sane_sizes(model.graph.input, src.label, "input")
     inferred = _infer_shapes(model, src.label, declared)
     _require_sane_sizes([*inferred.graph.value_info, *inferred.graph.output], src.label, "tensor")
+    _drop_shapeless_value_info(inferred, model)
     annotate_input_ranges(inferred)  # integer inputs: the values random checks may feed
     logger.info("loaded %s: %d nodes, opsets %s", src.label, len(inferred.graph.node),
                 _opsets(inferred))
@@ -122,6 +123,33 @@ def _drop_own_metadata(model: onnx.ModelProto, label: str) -> None:
     model.metadata_props.extend(kept)
     logger.info("%s: ignoring its metadata %s (prunequant's own keys are recomputed)", label,
                 ", ".join(sorted(own)))
+
+
+def _shapeless(value: onnx.ValueInfoProto) -> bool:
+    return value.type.WhichOneof("value") == "tensor_type" and not value.type.tensor_type.HasField("shape")
+
+
+def _drop_shapeless_value_info(model: onnx.ModelProto, declared: onnx.ModelProto) -> None:
+    """Partial inference can type a tensor without a shape (an If whose branches disagree in
+    rank); the checker refuses such an entry later ("Field 'shape' of 'type' is required but
+    missing") and it carries nothing. Shapeless value_info is dropped (subgraphs too), and a
+    graph output left shapeless gets its declaration from the model as it was given back."""
+    before = {o.name: o for o in declared.graph.output}
+    for i, out in enumerate(model.graph.output):
+        if _shapeless(out) and out.name in before and not _shapeless(before[out.name]):
+            model.graph.output[i].CopyFrom(before[out.name])
+
+    def clean(graph: onnx.GraphProto) -> None:
+        kept = [v for v in graph.value_info if not _shapeless(v)]
+        if len(kept) < len(graph.value_info):
+            del graph.value_info[:]
+            graph.value_info.extend(kept)
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    clean(sub)
+
+    clean(model.graph)
 
 
 def _tensor_elements(tensor: onnx.TensorProto) -> int:
@@ -589,7 +617,11 @@ def _drop_symbolic_shapes(model: onnx.ModelProto) -> None:
     graph.value_info.extend(kept)
     for out in graph.output:
         if out.type.HasField("tensor_type") and not _has_static_shape(out):
-            out.type.tensor_type.ClearField("shape")
+            # unknown dims, rank kept: a cleared shape that inference cannot fill back (an If
+            # whose branches disagree) fails the checker ("Field 'shape' ... is required")
+            for dim in out.type.tensor_type.shape.dim:
+                if not dim.HasField("dim_value"):
+                    dim.Clear()
 
 
 def _has_static_shape(value: onnx.ValueInfoProto) -> bool:

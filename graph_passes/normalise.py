@@ -30,7 +30,7 @@ from .passes import Pass, PassResult
 
 logger = logging.getLogger(__name__)
 
-MAX_ROUNDS = 4
+MAX_ROUNDS = 8  # an inlined If exposes Shapes that fold only after another inference: nested Ifs need more
 # Initializers up to this many elements take part in shape inference with their values.
 _SKELETON_MAX_ELEMENTS = 4096
 # Domains onnxruntime's CPU build implements; an op elsewhere needs a custom-op library.
@@ -182,8 +182,17 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         logger.warning("shape inference failed, value_info left empty: %s", exc)
         fresh = []
     del model.graph.value_info[:]
-    model.graph.value_info.extend(fresh)
+    model.graph.value_info.extend(v for v in fresh if has_shape(v))
     return model
+
+
+def has_shape(value: onnx.ValueInfoProto) -> bool:
+    """Whether a value_info carries a shape (of any rank). Inference leaves some tensors with an
+    element type but no shape (an If's outputs whose branches disagree in rank); the onnx checker
+    refuses such an entry ("Field 'shape' of 'type' is required but missing"), and it says
+    nothing a consumer needs, so it is dropped."""
+    kind = value.type.WhichOneof("value")
+    return kind != "tensor_type" or value.type.tensor_type.HasField("shape")
 
 
 def _shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:

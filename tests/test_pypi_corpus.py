@@ -262,3 +262,25 @@ def test_normalisation_tolerance_is_the_originals_own_noise_floor():
     with pytest.raises(VerificationError, match="noise"):
         _verify(reference, broken, 1e-4, 0, model)
     assert floor >= 0.0
+
+
+# ------------------------------------------------------------------ stale shapes after loading
+
+
+def test_symbolic_output_of_an_if_keeps_a_checkable_shape():
+    """silero-vad: outputs declared with symbolic dims behind an If whose branches disagree in
+    rank came back from loading with no shape at all, and the checker refused the model later
+    ("Field 'shape' of 'type' is required but missing")."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[n, 4] x, bool c) => (float[n, 4] y) {
+        y = If (c) <
+            then_branch = t () => (float[n, 4] a) { a = Relu (x) },
+            else_branch = e () => (float[1, n, 4] b) { k = Constant <value = int64[1] {0}> ()  b = Unsqueeze (x, k) }
+        >
+    }
+    """
+    model = onnx.parser.parse_model(text)
+    loaded = load_model(model, batch=1)
+    onnx.checker.check_model(loaded, full_check=True)
+    assert loaded.graph.output[0].type.tensor_type.HasField("shape")
