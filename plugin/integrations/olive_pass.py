@@ -147,7 +147,7 @@ def _input_shapes(shapes: Any) -> dict[str, list[int]]:
 
 def _olive_wording(message: str) -> str:
     """prunequant's messages name CLI flags; in a workflow they are pass settings
-    (``--strategy-option x`` -> ``strategy_options x``, ``--weight-bits`` -> ``weight_bits``)."""
+    (``--strategy-option x`` -> ``strategy_options.x``, ``--weight-bits`` -> ``weight_bits``)."""
     message = re.sub(r" \(--[a-z][a-z-]*\)", "", message)  # "epochs (--epochs) must" -> "epochs must"
     message = message.replace("--strategy-option ", "strategy_options.")
     message = re.sub(r"-S ([A-Za-z_]\w*)=", r"strategy_options.\1=", message)
