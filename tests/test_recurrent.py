@@ -267,21 +267,23 @@ def test_parameters_macs_and_cost_kind_of_the_sample() -> None:
 # ----------------------------------------------------------------------------- engine and export
 
 
-def _engine_and_export(bits_of, kept_of):
+def _engine_and_export(bits_of, kept_of, source=None, x=None):
     from graph_passes.batch import restore_dynamic_batch
     from plugin.engine.fakequant import FakeQuantModel
     from plugin.export import export_plan
     from plugin.space import Precisions, SearchSpace
 
-    prepared = prepare_model(str(SAMPLE / "model.onnx"))
+    prepared = prepare_model(source or str(SAMPLE / "model.onnx"))
     space = SearchSpace(prepared.analysis, Precisions((0, 2, 4, 8), (8,)))
     engine = FakeQuantModel.build(prepared.model, space=space)
     kept = {g: kept_of(space.group_size(g)) for g in space.prunable_groups}
     plan = space.plan(kept=kept, layer_bits={n: bits_of(len(info.columns)) for n, info in space.layers.items()},
                       site_bits=8)
-    with np.load(SAMPLE / "train.npz") as data:
-        x = data["input"][:64]
-    engine.calibrate(_dataset(x))
+    if x is None:
+        with np.load(SAMPLE / "train.npz") as data:
+            x = data["input"][:64]
+    name = prepared.model.graph.input[0].name
+    engine.calibrate(_dataset(x, name))
     engine.freeze(plan)
     plan = engine.frozen_plan()
     weighted = write_back(prepared.model, engine.materialised_bridge())
@@ -289,14 +291,14 @@ def _engine_and_export(bits_of, kept_of):
     model, restored = restore_dynamic_batch(exported.model)
     with torch.no_grad():
         fake = engine(torch.from_numpy(x)).numpy()
-    onnx_out = make_session(model).run(None, {"input": x})[0]
+    onnx_out = make_session(model).run(None, {name: x})[0]
     return model, restored, fake, onnx_out
 
 
-def _dataset(x: np.ndarray):
+def _dataset(x: np.ndarray, name: str):
     from plugin.data import Dataset
 
-    return Dataset({"input": x}, None, "test")
+    return Dataset({name: x}, None, "test")
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2, "mixed"])
@@ -314,6 +316,17 @@ def test_fake_quant_equals_the_exported_model_with_units_removed(bits) -> None:
         assert node.input[1] not in float_inits and node.input[2] not in float_inits
     scale = max(float(np.abs(fake).max()), 1e-6)
     assert float(np.abs(fake - onnx_out).max()) / scale < 1e-4
+
+
+@pytest.mark.parametrize("op", ["GRU", "RNN"])
+def test_bidirectional_fake_quant_equals_the_export(op: str) -> None:
+    """Both directions' rows of a unit share its scale; the Reshape to D*H loses both copies."""
+    x = np.random.default_rng(0).standard_normal((2, 6, 5)).astype(np.float32)
+    model, _, fake, onnx_out = _engine_and_export(lambda c: [(8, 4)[i % 2] for i in range(c)],
+                                                  lambda n: list(range(1, n)), _torch_model(op, True, True), x)
+    sizes = [next(a.i for a in n.attribute if a.name == "hidden_size") for n in model.graph.node if n.op_type == op]
+    assert sizes == [7, 5]
+    assert float(np.abs(fake - onnx_out).max()) / max(float(np.abs(fake).max()), 1e-6) < 1e-4
 
 
 # ----------------------------------------------------------------------------- end to end
