@@ -332,3 +332,94 @@ def test_vit_b_16_heads(exporter):
     rng = np.random.default_rng(0)
     removal = {g.id: sorted(rng.choice(12, 5, replace=False).tolist()) for g in heads[::3]}
     check_heads_oracle(prepared.model, analysis, removal)
+
+
+def _attention_op_text(four_d: bool, extra: str = "", mask: str = "") -> str:
+    """x [1,5,32] -> Q (4 heads of 8), K and V (2 heads of 8) -> ONNX Attention (opset 23) -> out proj."""
+    if four_d:
+        body = """
+      sq = Constant <value=int64[4] {1,5,4,8}> ()
+      skv = Constant <value=int64[4] {1,5,2,8}> ()
+      sy = Constant <value=int64[3] {1,5,32}> ()
+      q4 = Reshape(q, sq)
+      k4 = Reshape(k, skv)
+      v4 = Reshape(v, skv)
+      qh = Transpose <perm=[0,2,1,3]> (q4)
+      kh = Transpose <perm=[0,2,1,3]> (k4)
+      vh = Transpose <perm=[0,2,1,3]> (v4)
+      yh = Attention <is_causal=1> (qh, kh, vh)
+      yt = Transpose <perm=[0,2,1,3]> (yh)
+      y = Reshape(yt, sy)"""
+    else:
+        body = f"\n      y{extra} = Attention <q_num_heads=4, kv_num_heads=2, is_causal=1> (q, k, v{mask})"
+    return f"""
+    <ir_version: 10, opset_import: ["" : 23]>
+    g (float[1,5,32] x) => (float[1,5,32] out) {{
+      q = MatMul(x, wq)
+      k = MatMul(x, wk)
+      v = MatMul(x, wv)
+      {body}
+      out = MatMul(y, wo)
+    }}
+    """
+
+
+ATTN_WEIGHTS = dict(wq=[32, 32], wk=[32, 16], wv=[32, 16], wo=[32, 32])
+
+
+@pytest.mark.parametrize("four_d", [False, True], ids=["3d", "4d"])
+def test_onnx_attention_op_heads(four_d):
+    model, analysis = prepare(build(_attention_op_text(four_d), **ATTN_WEIGHTS))
+    (group,) = analysis.prunable_groups  # one channel per K/V head, with its two query heads
+    assert group.size == 2
+    rows = {m.node: m.positions.size for m in group.members_of("producer")}
+    assert sorted(rows.values()) == [16, 16, 32]
+    pruned = check_heads_oracle(model, analysis, {group.id: [0]})
+    attention = next(n for n in pruned.graph.node if n.op_type == "Attention")
+    attrs = {a.name: a.i for a in attention.attribute}
+    if not four_d:
+        assert attrs["q_num_heads"] == 2 and attrs["kv_num_heads"] == 1
+
+
+@pytest.mark.parametrize("extra, mask, reason", [
+    (", present_k, present_v", "", "KV cache"),
+    ("", ", head_mask", "mask is per head"),
+])
+def test_onnx_attention_op_blocks(extra, mask, reason):
+    text = _attention_op_text(False, extra, mask)
+    if mask:
+        text = text.replace("(float[1,5,32] x)", "(float[1,5,32] x, float[1,4,5,5] head_mask)")
+    _, analysis = prepare(build(text, **ATTN_WEIGHTS))
+    heads = [g for g in analysis.groups if any(m.node == "q" or m.tensor == "q" for m in g.members_of("producer"))]
+    assert heads and not heads[0].prunable
+    assert any(reason in why for why in heads[0].reasons)
+
+
+class SdpaBlock(torch.nn.Module):
+    """F.scaled_dot_product_attention: the dynamo exporter at opset 23 writes an ONNX Attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = (p(x).view(b, s, 4, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, s, d))
+
+
+@pytest.mark.slow  # a dynamo export: ~10 s
+def test_torch_sdpa_at_opset_23_exports_an_attention_op(tmp_path):
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(SdpaBlock().eval(), (torch.randn(1, 6, 32),), str(tmp_path / "m.onnx"),
+                          input_names=["x"], dynamo=True, opset_version=23)
+    prepared = prepare_model(tmp_path / "m.onnx")
+    assert any(n.op_type == "Attention" for n in prepared.model.graph.node)
+    (group,) = head_groups(prepared.analysis, 4)
+    assert len(group.producers) == 3
+    check_heads_oracle(prepared.model, prepared.analysis, {group.id: [0, 2]})

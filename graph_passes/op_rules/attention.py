@@ -12,13 +12,17 @@ input columns). Grouped-query attention arrives with each K/V head repeated for 
 Anything else is a wall with its reason: channels on a matrix axis (M, K or N: the head
 dimension itself, or a MatMul that mixes heads), one operand with heads and the other without a
 known layout, or heads broadcast from size 1.
+
+The fused ``Attention`` op (opset 23) gets the same coupling from its head-count attributes.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..layouts import Layout
 from .context import PropagationContext, PruneContext
-from .registry import register
+from .registry import OpRule, register
 from .weights import MatMulRule
 
 
@@ -64,3 +68,89 @@ class AttentionMatMulRule(MatMulRule):
         if ctx.graph.constant(node.input[1]) is not None or ctx.graph.constant(node.input[0]) is not None:
             super().prune(name, node, ctx)
         # two activations: no constants to edit; the operands' producers shrink the heads
+
+
+@register("Attention", versions=(23, None))
+class AttentionOpRule(OpRule):
+    """The fused ONNX ``Attention`` op (opset 23): Q, K, V as [B, S, heads * Dh] (3-D, with
+    ``q_num_heads`` / ``kv_num_heads``) or [B, heads, S, Dh] (4-D).
+
+    Each head's Dh positions of Q, K and V are one unit; query head h reads K/V head
+    h // (q_num_heads / kv_num_heads), so they are tied; Y carries V's heads in query-head order.
+    Pruning rewrites ``q_num_heads`` / ``kv_num_heads``. A KV cache (past/present), the
+    qk_matmul output, a per-head mask or a mask with channels block.
+    """
+
+    def _heads(self, node, ctx, rank: int, q_shape, k_shape) -> tuple[int, int] | None:
+        hq, hkv = ctx.attr(node, "q_num_heads"), ctx.attr(node, "kv_num_heads")
+        if rank == 4:
+            return int(q_shape[1]), int(k_shape[1])
+        if hq is None or hkv is None:
+            return None
+        return int(hq), int(hkv)
+
+    def propagate(self, name, node, ctx: PropagationContext) -> None:
+        q, k, v = (node.input[i] if len(node.input) > i else "" for i in range(3))
+        layouts = [ctx.layout(t) for t in (q, k, v)]
+        if all(lay is None for lay in layouts):
+            return
+        if any(t for t in node.input[4:]) or any(t for t in node.output[1:]):
+            ctx.opaque(name, node, "KV cache, sequence lengths or the qk_matmul output are not followed")
+            return
+        shapes = [ctx.shape(t) for t in (q, k, v)]
+        out_shape = ctx.shape(node.output[0])
+        if any(s is None for s in shapes) or out_shape is None or len({len(s) for s in shapes}) != 1:
+            ctx.opaque(name, node, "shapes unknown or of different ranks")
+            return
+        rank = len(shapes[0])
+        heads = self._heads(node, ctx, rank, shapes[0], shapes[1]) if rank in (3, 4) else None
+        if heads is None or heads[1] < 1 or heads[0] % heads[1]:
+            ctx.opaque(name, node, "head counts unknown or query heads not a multiple of K/V heads")
+            return
+        hq, hkv = heads
+        axis = 2 if rank == 3 else 1
+        if any(lay is None or lay.axis != axis for lay in layouts):
+            ctx.opaque(name, node, f"Q, K and V must all carry their heads on axis {axis}")
+            return
+        mask = node.input[3] if len(node.input) > 3 else ""
+        if mask:
+            m_shape = ctx.shape(mask)
+            if ctx.layout(mask) is not None or m_shape is None or (len(m_shape) >= 3 and m_shape[-3] > 1):
+                ctx.opaque(name, node, "the attention mask is per head, unknown, or carries channels")
+                return
+        lq, lk, lv = layouts
+        group = hq // hkv
+        if rank == 3:
+            if lq.size % hq or lk.size % hkv or lv.size % hkv or lq.size // hq != lk.size // hkv:
+                ctx.opaque(name, node, "Q/K/V widths do not split into the head counts")
+                return
+            qb, kb, vb = lq.atoms.reshape(hq, -1), lk.atoms.reshape(hkv, -1), lv.atoms.reshape(hkv, -1)
+            for blocks in (qb, kb, vb):
+                for row in blocks:
+                    ctx.atoms.tie_all(row)
+            kv_of = np.arange(hq) // group
+            ctx.atoms.tie(qb[:, 0], kb[kv_of, 0])
+            ctx.atoms.tie(kb[:, 0], vb[:, 0])
+            ctx.set_layout(node.output[0], Layout(2, vb[kv_of].reshape(-1)))
+            return
+        if lq.size != hq or lk.size != hkv or lv.size != hkv:
+            ctx.opaque(name, node, "head axes do not match the head counts")
+            return
+        ctx.atoms.tie(lq.atoms, lk.atoms[np.arange(hq) // group])
+        ctx.atoms.tie(lk.atoms, lv.atoms)
+        ctx.set_layout(node.output[0], Layout(1, lq.atoms))
+
+    def prune(self, name, node, ctx: PruneContext) -> None:
+        keep_q, keep_k = ctx.keep_mask(node.input[0]), ctx.keep_mask(node.input[1])
+        if keep_q is None and keep_k is None:
+            return
+        rank = len(ctx.graph.shape(node.input[0]))
+        hq, hkv = ctx.attr(node, "q_num_heads"), ctx.attr(node, "kv_num_heads")
+        for attr, heads, tensor, keep in (("q_num_heads", hq, node.input[0], keep_q),
+                                           ("kv_num_heads", hkv, node.input[1], keep_k)):
+            if heads is None:
+                continue  # 4-D inputs: the head counts come from the shapes
+            size = ctx.layout(tensor).size
+            kept = size if keep is None else int(keep.sum())
+            per_head = 1 if rank == 4 else size // int(heads)
+            ctx.set_attr(node, attr, kept // per_head)
