@@ -423,3 +423,19 @@ def test_torch_sdpa_at_opset_23_exports_an_attention_op(tmp_path):
     (group,) = head_groups(prepared.analysis, 4)
     assert len(group.producers) == 3
     check_heads_oracle(prepared.model, prepared.analysis, {group.id: [0, 2]})
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_bridge_flatten_at_any_axis(axis):
+    """Flatten at axis == rank ([1, 8] -> [8, 1], BERT's mask) broke onnx2torch's converter."""
+    from plugin.bridge import check_parity, convert
+
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,8] x) => (float y) {{
+      f = Flatten <axis={axis}> (x)
+      y = Relu(f)
+    }}
+    """
+    model = onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text))
+    assert check_parity(model, convert(model)) <= 1e-6
