@@ -15,9 +15,10 @@ rows in W and R (every gate, every direction):
 
 :class:`RecurrentBinding` maps them back to the ONNX ``[D, G*H, I]`` / ``[D, G*H, H]`` /
 ``[D, 2G*H]`` / ``[D, 3H]`` layouts for write-back. When the module's weight is parametrized
-(the fake-quantized model), a unit whose effective W and R rows are all zero (a pruned unit)
-also has its bias and initial states zeroed, so its output is exactly zero: the same as
-removing the unit from the ONNX graph. The plain bridge (parity, the teacher) is never gated.
+(the fake-quantized model), a pruned unit (0 bits in the frozen plan) also has its bias and
+initial states zeroed, so its output is exactly zero: the same as removing the unit from the
+ONNX graph; in a search they are scaled by the unit's kept probability ``1 - theta_0``. The
+plain bridge (parity, the teacher) is never gated.
 
 Activations: Sigmoid, Tanh, Relu, Softsign, Softplus (the parameter-free ones); any other,
 ``activation_alpha`` / ``activation_beta`` and LSTM ``input_forget=1`` are refused in one line
@@ -116,9 +117,21 @@ class RecurrentLayer(nn.Module):
         return _ACTIVATIONS[self.activation_names[direction * per_dir + index]](x)
 
     def _alive(self, weight: Tensor) -> Tensor | None:
-        """Per unit 1.0 / 0.0 in the fake-quantized model (pruned units: all-zero rows)."""
+        """Per unit, how much of it is kept, in the fake-quantized model (None in the plain
+        bridge): 1 / 0 from a frozen plan's bits, ``1 - theta_0`` in a search (the engine's
+        bias gate does the same for a Conv's bias); without a quantizer, whether the unit's
+        rows are non-zero."""
         if not parametrize.is_parametrized(self, "weight"):
             return None
+        quantizer = self.parametrizations["weight"][0]
+        frozen = getattr(quantizer, "frozen_bits", None)
+        if frozen is not None and frozen.numel() == self.hidden:
+            return (frozen != 0).to(weight.dtype)
+        precisions = tuple(getattr(quantizer, "precisions", ()))
+        if 0 in precisions and hasattr(quantizer, "theta"):
+            theta = quantizer.theta()
+            if theta.shape[-1] == self.hidden:
+                return (1 - theta[precisions.index(0)]).to(weight.dtype)
         return (weight.detach().reshape(self.hidden, -1) != 0).any(dim=1).to(weight.dtype)
 
     def _input(self, key: str, values: dict[str, Tensor]) -> Tensor | None:
