@@ -261,7 +261,7 @@ def _quantize_layer(node: onnx.NodeProto, quant: WeightQuant, ctx: _Context) -> 
     axis = weight_axis(node)
     rule = weight_rule(node)
     inputs = rule.quantized_inputs(node) if rule is not None else (1,)
-    if len(inputs) > 1 or rule.channel_rows(node, [0]) != [0]:
+    if rule is not None and (len(inputs) > 1 or rule.channel_rows(node, [0]) != [0]):
         # several weights per channel (a recurrent layer's W and R, one row per gate): one
         # scale per channel over all of them (the fake-quantized model's), repeated per row
         weights = [_float_initializer(ctx.model, node.input[i], node) for i in inputs]
