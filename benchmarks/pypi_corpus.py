@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "pypi-corpus-cpu")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the --only rows of an existing result (each row records its commit)")
     args = parser.parse_args()
     if args.child:
         _child(args.child)
@@ -200,11 +202,16 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             row = {"key": key, "bug": f"timed out after {args.timeout} s"}
         row["seconds"] = round(time.perf_counter() - start, 1)
+        row["commit"] = commit()
         rows.append(row)
         brief = {k: row.get(k) for k in ("analyse", "analyse_error", "weight_layers", "prunable_share", "bridge",
                                          "bridge_error", "compress", "compress_error", "size_ratio", "bug", "seconds")
                  if row.get(k) is not None}
         print(f"{key}: {json.dumps(brief, default=str)}", flush=True)  # noqa: T201
+    if args.merge and args.out.with_suffix(".json").is_file():
+        fresh = {r["key"]: r for r in rows}
+        previous = json.loads(args.out.with_suffix(".json").read_text())["rows"]
+        rows = [fresh.pop(r["key"], r) for r in previous] + list(fresh.values())
     result = {"command": "benchmarks/pypi_corpus.py" + (f" --only {' '.join(args.only)}" if args.only else ""),
               "commit": commit(), "versions": versions(), "samples": SAMPLES, "target": TARGET,
               "compress_settings": "epochs=1 finetune_epochs=1 batch_size=8 max_steps_per_epoch=2, random inputs",

@@ -284,3 +284,25 @@ def test_symbolic_output_of_an_if_keeps_a_checkable_shape():
     loaded = load_model(model, batch=1)
     onnx.checker.check_model(loaded, full_check=True)
     assert loaded.graph.output[0].type.tensor_type.HasField("shape")
+
+
+@pytest.mark.slow
+def test_compress_with_a_pinned_input_value(tmp_path):
+    """`compress --input-value sr=16000` on a model whose only weights sit behind an If on sr:
+    the If folds, the weights are compressed, the written model takes x alone."""
+    from plugin.cli import main as cli_main
+
+    text = _BRANCH.replace("float[1, 16] x", "float[N, 16] x").replace("=> (float[1, 8] y)", "=> (float[N, 8] y)")
+    text = text.replace("(float[1, 8] a)", "(float[N, 8] a)").replace("(float[1, 8] b)", "(float[N, 8] b)")
+    model = build(text, w=[16, 8], w2=[16, 8])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    result = CliRunner().invoke(cli_main, ["compress", str(path), "--data", str(tmp_path / "d.npz"), "-o", str(out),
+                                           "--input-value", "sr=16000", "--epochs", "1", "--finetune-epochs", "1",
+                                           "--no-progress"])
+    assert result.exit_code == 0, result.output
+    written = onnx.load(out)
+    assert [i.name for i in written.graph.input] == ["x"]
+    assert not any(n.op_type == "If" for n in written.graph.node)

@@ -178,6 +178,9 @@ def _study_flags(strategy: str, options: tuple[str, ...], **flags: Any) -> tuple
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads [default: 1 for models under 50M MACs, else all].")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDxD", help=_SHAPE_HELP)
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
+              help="Make a model input a constant (e.g. --input-value sr=16000): an If on it is folded, and "
+                   "the compressed model no longer takes that input.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
 @click.option("--mlflow-uri", "mlflow_uri", default=None, metavar="URI",
@@ -194,7 +197,8 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
                      threads: int | None,
                      input_shapes: tuple[str, ...], as_json: bool, no_progress: bool, trials: int | None = None,
                      study: str | None = None, storage: str | None = None, resume: bool = False,
-                     mlflow_uri: str | None = None, mlflow_experiment: str | None = None) -> None:
+                     mlflow_uri: str | None = None, mlflow_experiment: str | None = None,
+                     input_values: tuple[str, ...] = ()) -> None:
     """Compress MODEL: a search strategy chooses which channels to remove and the bit-width of
     every remaining weight channel and activation; then quantization-aware fine-tuning, then
     export to a QDQ ONNX model that is validated (checker, onnxruntime, agreement with the
@@ -246,7 +250,14 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
         lam=lam, epochs=epochs, finetune_epochs=finetune_epochs, batch_size=batch_size, device=device,
         seed=seed, progress=not no_progress, threads=threads, **settings,
     )
-    result = api.compress(model, data, labels=labels, output=output, config=config)
+    source = model
+    if input_values:  # pinned inputs: compress the model in which they are constants
+        from graph_passes.feeds import pin_input_values
+        from graph_passes.loading import load_model
+
+        api.check_output_not_input(output, model=model, data=data, labels=labels)
+        source = pin_input_values(load_model(model, config.input_shapes or None, batch=1), input_values)
+    result = api.compress(source, data, labels=labels, output=output, config=config)
     run_id = None
     if mlflow_uri is not None:  # the model passed the gate and was written: log it with its plan and report
         from plugin.integrations.mlflow_log import log_run
