@@ -863,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
                      address=args.address, num_cpus=None if args.address else args.jobs,
                      cpus_per_job=float(args.threads), resume=args.resume, progress=not args.no_progress)
     start = time.perf_counter()
+    made_at = commit()  # the jobs record it too; taken before the run (others may commit meanwhile)
     results = [run_experiment(task_name, network, width, fp32_epochs, n, mode, cfg, costs,
                               args.out / "partial" / f"{task_name}_{network}.json", overrides, methods, run, args.out)
                for task_name, network, width, fp32_epochs, n, overrides in experiments]
@@ -874,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": list(run.seeds), "strategies": list(strategies), "targets": list(run.targets),
             "strategy_options": run.strategy_options, "torch_threads": args.threads, "jobs": args.jobs,
             "device": args.device, "ray_address": args.address, "seconds": time.perf_counter() - start,
-            "command": command_line(), "commit": commit(), "versions": versions("ray"),
+            "command": command_line(), "commit": made_at, "versions": versions("ray"),
             "cpu_count": os.cpu_count(),
             "activations": f"act_bits={tuple(run.act_bits)} for every compress job"}
     paths = write_outputs(results, meta, args.out)
