@@ -33,12 +33,12 @@ SEQ = 8
 # --------------------------------------------------------------------------- model builders
 
 
-def _export(module, example: tuple, path: Path, names: list[str], exporter: str) -> Path:
+def _export(module, example: tuple, path: Path, names: list[str], exporter: str, opset: int = 18) -> Path:
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kwargs = dict(dynamo=False, opset_version=17) if exporter == "legacy" else dict(dynamo=True, opset_version=18)
+        kwargs = dict(dynamo=False, opset_version=17) if exporter == "legacy" else dict(dynamo=True, opset_version=opset)
         torch.onnx.export(module, example, str(path), input_names=names, **kwargs)
     if exporter == "dynamo":  # the dynamo exporter may write the weights beside: one file
         model = onnx.load(str(path))
@@ -46,7 +46,8 @@ def _export(module, example: tuple, path: Path, names: list[str], exporter: str)
     return path
 
 
-def bert_encoder(path: Path, attn: str = "eager", exporter: str = "legacy", layers: int = 2) -> Path:
+def bert_encoder(path: Path, attn: str = "eager", exporter: str = "legacy", layers: int = 2,
+                 opset: int = 18) -> Path:
     """BERT layers, hidden 64, 4 heads of 16, MLP 4x: a block of 9 weight-layer widths."""
     from transformers import BertConfig, BertModel
 
@@ -65,7 +66,7 @@ def bert_encoder(path: Path, attn: str = "eager", exporter: str = "legacy", laye
 
     ids = torch.randint(0, 100, (1, SEQ))
     mask = torch.ones(1, SEQ, dtype=torch.int64)
-    return _export(Wrapped(), (ids, mask), path, ["input_ids", "attention_mask"], exporter)
+    return _export(Wrapped(), (ids, mask), path, ["input_ids", "attention_mask"], exporter, opset)
 
 
 def torch_encoder_layer(path: Path, exporter: str = "legacy") -> Path:
@@ -306,9 +307,12 @@ def test_channel_shuffle_split_is_still_blocked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attn, exporter", [("sdpa", "legacy"), ("eager", "dynamo")])
-def test_bert_variants(tmp_path, attn, exporter):
-    prepared = prepare_model(bert_encoder(tmp_path / "bert.onnx", attn, exporter))
+@pytest.mark.parametrize("attn, exporter, opset", [("sdpa", "legacy", 17), ("eager", "dynamo", 18),
+                                                   ("sdpa", "dynamo", 23)])  # 23: an ONNX Attention op
+def test_bert_variants(tmp_path, attn, exporter, opset):
+    prepared = prepare_model(bert_encoder(tmp_path / "bert.onnx", attn, exporter, opset=opset))
+    if opset >= 23:
+        assert any(n.op_type == "Attention" for n in prepared.model.graph.node)
     heads = head_groups(prepared.analysis, 4)
     assert len(heads) == 2
     assert prepared.analysis.prunable_share == pytest.approx(7 / 9)
@@ -379,6 +383,15 @@ def test_onnx_attention_op_heads(four_d):
     attrs = {a.name: a.i for a in attention.attribute}
     if not four_d:
         assert attrs["q_num_heads"] == 2 and attrs["kv_num_heads"] == 1
+
+
+def test_onnx_attention_op_mask_broadcast_over_heads():
+    """A [1, 1, S, S] mask (here a float graph input, itself blocked) leaves the heads prunable."""
+    text = _attention_op_text(False, "", ", mask").replace(
+        "(float[1,5,32] x)", "(float[1,5,32] x, float[1,1,5,5] mask)")
+    model, analysis = prepare(build(text, **ATTN_WEIGHTS))
+    (group,) = analysis.prunable_groups
+    check_heads_oracle(model, analysis, {group.id: [1]})
 
 
 @pytest.mark.parametrize("extra, mask, reason", [

@@ -115,9 +115,11 @@ class AttentionOpRule(OpRule):
         mask = node.input[3] if len(node.input) > 3 else ""
         if mask:
             m_shape = ctx.shape(mask)
-            if ctx.layout(mask) is not None or m_shape is None or (len(m_shape) >= 3 and m_shape[-3] > 1):
-                ctx.opaque(name, node, "the attention mask is per head, unknown, or carries channels")
+            if m_shape is None or (len(m_shape) >= 3 and m_shape[-3] > 1):
+                ctx.opaque(name, node, "the attention mask is per head, or its shape is unknown")
                 return
+            # broadcast over the heads: whatever channels it carries are spread into every head
+            ctx.block(mask, f"Attention '{name}': the mask is broadcast over the heads")
         lq, lk, lv = layouts
         group = hq // hkv
         if rank == 3:
