@@ -25,10 +25,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ConfigError, DataError
+from .ort_utils import RANGE_KEY, make_session, random_feeds, ranges_from_metadata
 
 logger = logging.getLogger(__name__)
 
-RANGE_KEY = "prunequant.input_range"
 # ops through which an integer keeps its value (possibly reshaped or re-typed)
 _VALUE_KEEPING = {"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose",
                   "Expand", "Slice", "Concat", "Tile"}
@@ -98,16 +98,6 @@ def annotate_input_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
         model.metadata_props.add(key=RANGE_KEY, value=json.dumps({k: list(v) for k, v in ranges.items()}))
         logger.info("integer inputs drawn from the ranges the graph allows: %s", ranges)
     return ranges
-
-
-def ranges_from_metadata(metadata: Mapping[str, str]) -> dict[str, tuple[int, int]]:
-    text = metadata.get(RANGE_KEY)
-    if not text:
-        return {}
-    try:
-        return {k: (int(v[0]), int(v[1])) for k, v in json.loads(text).items()}
-    except (ValueError, TypeError, KeyError, IndexError):
-        return {}
 
 
 def parse_input_values(texts: Mapping[str, str] | list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -184,7 +174,6 @@ def _constant_for(inp: onnx.ValueInfoProto, text: str) -> onnx.TensorProto:
 
 def feeds_for(model: onnx.ModelProto, seed: int = 0, batch: int | None = None) -> dict[str, np.ndarray]:
     """Random feeds for ``model`` (integer inputs within the graph's ranges)."""
-    from .ort_utils import make_session, random_feeds
 
     return random_feeds(make_session(model), seed=seed, batch=batch)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -90,9 +91,21 @@ def random_feeds(
     return feeds
 
 
-def _integer_ranges(session: ort.InferenceSession) -> dict[str, tuple[int, int]]:
-    from .feeds import ranges_from_metadata
+# Where graph_passes.feeds records the integer ranges a graph allows (model metadata).
+RANGE_KEY = "prunequant.input_range"
 
+
+def ranges_from_metadata(metadata: Mapping[str, str]) -> dict[str, tuple[int, int]]:
+    text = metadata.get(RANGE_KEY)
+    if not text:
+        return {}
+    try:
+        return {k: (int(v[0]), int(v[1])) for k, v in json.loads(text).items()}
+    except (ValueError, TypeError, KeyError, IndexError):
+        return {}
+
+
+def _integer_ranges(session: ort.InferenceSession) -> dict[str, tuple[int, int]]:
     try:
         return ranges_from_metadata(session.get_modelmeta().custom_metadata_map)
     except Exception:  # noqa: BLE001 - metadata is a hint; a session without it draws 0..9
