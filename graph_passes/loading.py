@@ -620,7 +620,7 @@ def _drop_symbolic_shapes(model: onnx.ModelProto) -> None:
             # unknown dims, rank kept: a cleared shape that inference cannot fill back (an If
             # whose branches disagree) fails the checker ("Field 'shape' ... is required")
             for dim in out.type.tensor_type.shape.dim:
-                if not dim.HasField("dim_value"):
+                if not dim.HasField("dim_value") or dim.dim_value < 0:  # paddle2onnx writes -1
                     dim.Clear()
 
 

@@ -306,3 +306,19 @@ def test_compress_with_a_pinned_input_value(tmp_path):
     written = onnx.load(out)
     assert [i.name for i in written.graph.input] == ["x"]
     assert not any(n.op_type == "If" for n in written.graph.node)
+
+
+def test_paddle_style_negative_output_dim_loads():
+    """paddle2onnx declares unknown output dims as -1 (PP-OCR cls): they become unknown dims."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 11]>
+    g (float[N, 4] x) => (float[N, 3] y) {
+        y = MatMul (x, w)
+    }
+    """
+    model = build(text, w=[4, 3])
+    model.graph.output[0].type.tensor_type.shape.dim[0].Clear()
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = -1
+    loaded = load_model(model, batch=1)
+    onnx.checker.check_model(loaded, full_check=True)
+    assert [d.dim_value for d in loaded.graph.output[0].type.tensor_type.shape.dim] == [1, 3]
