@@ -108,6 +108,18 @@ def load_report(path: str | os.PathLike) -> dict:
     return report
 
 
+def load_sweep(path: str | os.PathLike) -> dict:
+    """A sweep.json written by ``prunequant sweep``; InputFileError (one line) when it is not one."""
+    path = Path(path)
+    sweep = _read_json(path, "sweep", InputFileError)
+    if not isinstance(sweep, dict) or not str(sweep.get("format", "")).startswith("prunequant-sweep/") \
+            or not isinstance(sweep.get("records"), list):
+        raise InputFileError(f"sweep {str(path)!r} is not a prunequant sweep (no \"format\": "
+                             "\"prunequant-sweep/...\" with records); pass the sweep.json that `prunequant sweep` "
+                             "wrote")
+    return sweep
+
+
 def load_plan(path: str | os.PathLike, report: Mapping[str, Any]) -> dict:
     """The plan JSON beside a report; PlanError when malformed or for another model."""
     path = Path(path)
@@ -396,8 +408,91 @@ def _img(uri: str, title: str) -> str:
            "</figcaption></figure>"
 
 
-def render(report: Mapping[str, Any], plan: Mapping[str, Any] | None = None, title: str | None = None) -> ReportPage:
-    """The HTML page of a report (and its plan)."""
+def _runtime_rows(runtimes: Any) -> list[list[str]]:
+    """Rows of report["runtimes"]: each runtime other than the gate's, as compared with it."""
+    rows: list[list[str]] = []
+    if not isinstance(runtimes, dict):
+        return rows
+    for name, entry in runtimes.items():
+        if not isinstance(entry, dict) or entry.get("role") == "the gate":
+            continue
+        status = str(entry.get("status", "-"))
+        agreement = entry.get("top1_agreement_with_onnxruntime")
+        rows.append([name, str(entry.get("version", "-")), status, _num(entry.get("samples")),
+                     _pct(agreement) if agreement is not None else "-", _num(entry.get("max_abs_diff")),
+                     str(entry.get("reason", ""))])
+    return rows
+
+
+def _sweep_points(sweep: Mapping[str, Any], ratio: str) -> dict[str, list[tuple[float, float, str]]]:
+    """Per strategy, (cost ratio, accuracy, job id) of every finished job of a sweep."""
+    points: dict[str, list[tuple[float, float, str]]] = {}
+    for record in sweep.get("records", []):
+        if not isinstance(record, dict) or record.get("status") != "ok":
+            continue
+        x, y = record.get(ratio), record.get("accuracy")
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and math.isfinite(x) and math.isfinite(y):
+            points.setdefault(str(record.get("strategy", "?")), []).append((float(x), float(y),
+                                                                            str(record.get("job_id", ""))))
+    return points
+
+
+def sweep_figure(sweep: Mapping[str, Any]) -> str | None:
+    """Accuracy vs size and vs energy (ratios to the 8-bit model) of a sweep's jobs, per strategy,
+    with the sweep's overall Pareto front drawn through its points."""
+    panels = [("size_ratio", "size / 8-bit size", "size"), ("energy_ratio", "energy / 8-bit energy", "energy")]
+    panels = [p for p in panels if _sweep_points(sweep, p[0])]
+    if not panels:
+        return None
+    fronts = sweep.get("fronts") if isinstance(sweep.get("fronts"), dict) else {}
+    fig = _figure(5.2 * len(panels), 3.8)
+    for i, (ratio, label, front_key) in enumerate(panels, start=1):
+        ax = fig.add_subplot(1, len(panels), i)
+        points = _sweep_points(sweep, ratio)
+        by_id = {job: (x, y) for pts in points.values() for x, y, job in pts}
+        for strategy in sorted(points):
+            xs, ys, _ = zip(*points[strategy])
+            ax.scatter(xs, [100 * y for y in ys], label=strategy, s=22)
+        front = sorted(by_id[j] for j in fronts.get(front_key, []) if j in by_id)
+        if front:
+            ax.plot([x for x, _ in front], [100 * y for _, y in front], color="black", lw=1, label="Pareto front")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _sweep_section(sweep: Mapping[str, Any]) -> tuple[list[str], str | None]:
+    parts = ["<h2>Sweep</h2>"]
+    records = [r for r in sweep.get("records", []) if isinstance(r, dict)]
+    ok = [r for r in records if r.get("status") == "ok"]
+    prov = sweep.get("provenance") if isinstance(sweep.get("provenance"), dict) else {}
+    parts.append(f'<p class="note">{len(ok)} of {len(records)} jobs finished; prunequant '
+                 f'{html.escape(str(prov.get("prunequant", "-")))}, commit {html.escape(str(prov.get("commit", "-")))}, '
+                 f'model sha256 {html.escape(str(prov.get("model_sha256", "-"))[:16])}...</p>')
+    uri = sweep_figure(sweep)
+    if uri:
+        parts.append(_img(uri, "sweep: accuracy vs size and energy, per strategy, with the Pareto front"))
+    fronts = sweep.get("fronts") if isinstance(sweep.get("fronts"), dict) else {}
+    on_front = set(fronts.get("size", [])) | set(fronts.get("energy", []))
+    rows = [(r.get("job_id", "-"), r.get("strategy", "-"), r.get("target") or "-", r.get("seed", "-"),
+             _pct(r.get("accuracy")), _num(r.get("size_ratio")), _num(r.get("energy_ratio")),
+             _num(r.get("wall_s")), "yes" if r.get("job_id") in on_front else "")
+            for r in sorted(ok, key=lambda r: (str(r.get("strategy")), r.get("size_ratio") or 0))]
+    if rows:
+        parts.append(_table(["job", "strategy", "target", "seed", "accuracy", "size ratio", "energy ratio",
+                             "wall s", "on a front"], rows))
+    failed = [r for r in records if r.get("status") != "ok"]
+    if failed:
+        parts.append(_table(["failed job", "error"], [(r.get("job_id", "-"), r.get("error", "-")) for r in failed]))
+    return parts, ("sweep Pareto front" if uri else None)
+
+
+def render(report: Mapping[str, Any], plan: Mapping[str, Any] | None = None, title: str | None = None,
+           sweep: Mapping[str, Any] | None = None) -> ReportPage:
+    """The HTML page of a report (and its plan, and the sweep it belongs to)."""
     figures: list[str] = []
     parts: list[str] = []
     name = str(report.get("model", "model"))
@@ -461,6 +556,20 @@ def render(report: Mapping[str, Any], plan: Mapping[str, Any] | None = None, tit
     else:
         parts.append('<p class="note">the report holds no gate figures</p>')
 
+    runtime_rows = _runtime_rows(report.get("runtimes"))
+    if runtime_rows:
+        parts.append("<h2>Other runtimes</h2>")
+        parts.append('<p class="note">the written model in each runtime vs onnxruntime (the gate\'s runtime) on '
+                     "the same held-out inputs</p>")
+        parts.append(_table(["runtime", "version", "status", "samples", "top-1 agreement", "max abs diff",
+                             "reason"], runtime_rows))
+
+    if sweep is not None:
+        sweep_parts, sweep_fig = _sweep_section(sweep)
+        parts.extend(sweep_parts)
+        if sweep_fig:
+            figures.append(sweep_fig)
+
     body = "\n".join(parts)
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
@@ -502,21 +611,27 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def render_report_file(report_path: str | os.PathLike, output: str | os.PathLike,
-                       plan_path: str | os.PathLike | None = None, use_plan: bool = True) -> ReportPage:
-    """Read a report (and its plan), render it and write the page atomically to ``output``."""
+                       plan_path: str | os.PathLike | None = None, use_plan: bool = True,
+                       sweep_path: str | os.PathLike | None = None) -> ReportPage:
+    """Read a report (and its plan, and a sweep's sweep.json), render it and write the page
+    atomically to ``output``."""
     from graph_passes.writing import check_output_path
 
     report_file = Path(report_path)
     target = check_output_path(output)
     plan_file = Path(plan_path) if plan_path is not None else plan_beside(report_file)
-    for what, source in (("report", report_file), ("plan", plan_file)):
+    sources = [("report", report_file), ("plan", plan_file)]
+    if sweep_path is not None:
+        sources.append(("sweep", Path(sweep_path)))
+    for what, source in sources:
         if _same_file(target, source):
             raise OutputError(f"the output {str(output)!r} is the {what} given as input; choose another -o")
     report = load_report(report_file)
     plan = None
     if use_plan and (plan_path is not None or plan_file.exists()):
         plan = load_plan(plan_file, report)
-    page = render(report, plan)
+    sweep = load_sweep(sweep_path) if sweep_path is not None else None
+    page = render(report, plan, sweep=sweep)
     page.plan_path = str(plan_file) if plan is not None else None
     write_text_atomic(target, page.html)
     logger.info("wrote %s (%d figures%s)", target, len(page.figures),
@@ -524,5 +639,5 @@ def render_report_file(report_path: str | os.PathLike, output: str | os.PathLike
     return page
 
 
-__all__ = ["ReportPage", "before_after_rows", "history_series", "layer_counts", "load_plan", "load_report",
-           "pareto_points", "plan_beside", "render", "render_report_file", "write_text_atomic"]
+__all__ = ["ReportPage", "before_after_rows", "history_series", "layer_counts", "load_plan", "load_report", "load_sweep",
+           "pareto_points", "plan_beside", "render", "render_report_file", "sweep_figure", "write_text_atomic"]

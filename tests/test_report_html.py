@@ -209,6 +209,56 @@ def test_synthetic_report_renders_with_its_plan(tmp_path):
     assert len(_parse(text).images) == 2
 
 
+#: a real sweep's sweep.json (benchmarks/pareto.py through plugin.sweep, 24 jobs on digits)
+SWEEP = Path(__file__).resolve().parents[1] / "benchmarks/results/pareto-strategies-cpu/sweep/sweep.json"
+
+
+def test_sweep_pareto_plot_and_jobs_join_the_page(tmp_path):
+    report = _report_file(tmp_path / "m.report.json")
+    code, stdout, err = _run("report", report, "-o", tmp_path / "m.html", "--sweep", SWEEP)
+    assert code == 0, err
+    text = (tmp_path / "m.html").read_text()
+    page = _parse(text)
+    assert len(page.images) == 3 and all(_png_ok(src) for src in page.images)  # layers, history, sweep
+    body = "".join(page.text)
+    sweep = json.loads(SWEEP.read_text())
+    ok = [r for r in sweep["records"] if r["status"] == "ok"]
+    assert f"{len(ok)} of {len(sweep['records'])} jobs finished" in body
+    for record in ok:  # every finished job is a row, with its accuracy
+        assert record["job_id"] in body and f"{100 * record['accuracy']:.2f}%" in body
+    assert sweep["provenance"]["model_sha256"][:16] in body
+    from plugin.report_html import _sweep_points
+    points = _sweep_points(sweep, "size_ratio")
+    assert sorted(points) == sorted({r["strategy"] for r in ok})
+    assert sum(len(p) for p in points.values()) == len(ok)
+
+
+@pytest.mark.parametrize("case, needle", [("not a sweep", "not a prunequant sweep"), ("missing", "does not exist")])
+def test_a_bad_sweep_is_one_line_and_writes_nothing(tmp_path, case, needle):
+    report = _report_file(tmp_path / "m.report.json")
+    sweep = tmp_path / "sweep.json"
+    if case == "not a sweep":
+        sweep.write_text(json.dumps({"records": []}))
+    code, _, err = _run("report", report, "-o", tmp_path / "m.html", "--sweep", sweep)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "m.html").exists()
+
+
+def test_other_runtimes_are_shown_with_their_status():
+    from plugin.report_html import render
+
+    report = _synthetic([])
+    report["runtimes"] = {"onnxruntime": {"version": "1.x", "role": "the gate"},
+                          "openvino": {"status": "ok", "version": "2026.4", "samples": 512,
+                                       "top1_agreement_with_onnxruntime": 0.998, "max_abs_diff": 0.11}}
+    body = "".join(_parse(render(report).html).text)
+    assert "Other runtimes" in body and "openvino" in body and "99.80%" in body and "2026.4" in body
+    report["runtimes"]["openvino"] = {"status": "unsupported", "reason": "INT2 tensor 'w' (node 'dq')"}
+    body = "".join(_parse(render(report).html).text)
+    assert "unsupported" in body and "INT2 tensor" in body
+
+
 # ----------------------------------------------------------------------------- a real browser
 
 #: browsers that can screenshot a page headless (Debian: apt-get install chromium-headless-shell);
