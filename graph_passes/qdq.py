@@ -519,5 +519,116 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-__all__ = ["ActivationQuant", "LayerBytes", "QdqResult", "WeightQuant", "ensure_opset",
+def compact(result: QdqResult) -> QdqResult:
+    """Make ``result.model`` leaner, exactly (the same values at every onnxruntime level):
+
+    * a weight's DequantizeLinear drops its all-zero zero point (optional in ONNX: 0 of the
+      integer input's type), and the accounting's zero-point bytes go with it;
+    * a weight's no-op guard ``Reshape`` reads a shape of zeros (0: copy that dimension), one
+      tensor per rank instead of one per layer;
+    * identical initializers (same type, shape and bytes: the activations' scalar zero points,
+      equal scales, shapes) become one;
+    * every tensor and node that is not a graph input or output or a packed integer weight
+      gets a short name (base 36).
+
+    Models with subgraphs (If/Loop/Scan) or local functions keep their names (an outer name may
+    be read inside a body); the other steps still apply where no body reads the tensor."""
+    model = result.model
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    inner = set().union(*(subgraph_references(n) for n in g.node)) if g.node else set()
+    fixed = {v.name for v in g.input} | {v.name for v in g.output} | inner
+    producer = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    dropped_zp: set[str] = set()
+    for n in g.node:
+        if (n.op_type == "DequantizeLinear" and len(n.input) == 3 and n.input[0] in inits
+                and n.input[2] in inits and n.input[2] not in fixed
+                and not np.any(numpy_helper.to_array(inits[n.input[2]]).astype(np.int32))):
+            dropped_zp.add(n.input[0])
+            del n.input[2]
+    for n in g.node:
+        if n.op_type != "Reshape" or len(n.input) != 2 or n.input[1] not in inits or n.input[1] in fixed:
+            continue
+        src = producer.get(n.input[0])
+        if src is None or src.op_type != "DequantizeLinear" or src.input[0] not in inits:
+            continue
+        if uses.get(n.input[1], 0) != 1 or list(numpy_helper.to_array(inits[n.input[1]])) != list(inits[src.input[0]].dims):
+            continue
+        inits[n.input[1]].CopyFrom(numpy_helper.from_array(np.zeros(len(inits[src.input[0]].dims), np.int64),
+                                                           n.input[1]))
+    _drop_unused_initializers(model, [t.name for t in g.initializer if t.name not in fixed])
+    _dedupe_initializers(g, fixed)
+    if not inner and not model.functions:
+        # the packed integer weights keep their names (the layer's weight name and width), so a
+        # layer's weights can still be found in the file; everything else gets a short name
+        packed = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+        _short_names(g, fixed | packed)
+    if dropped_zp:  # the weights' zero points (all zeros, written by _dequantize_part) are gone
+        for layer in result.layers.values():
+            layer.zero_point_bytes = 0
+    result.model = model
+    return result
+
+
+def _dedupe_initializers(g: onnx.GraphProto, fixed: set[str]) -> None:
+    first: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    for t in g.initializer:
+        if t.name in fixed or t.data_location == TensorProto.EXTERNAL:
+            continue
+        key = (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
+        if key in first:
+            alias[t.name] = first[key]
+        else:
+            first[key] = t.name
+    if not alias:
+        return
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            if i in alias:
+                n.input[k] = alias[i]
+    keep = [t for t in g.initializer if t.name not in alias]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def _short_names(g: onnx.GraphProto, fixed: set[str]) -> None:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    counter = [0]
+
+    def fresh() -> str:
+        while True:
+            k, out = counter[0], ""
+            counter[0] += 1
+            while True:
+                out = digits[k % 36] + out
+                k //= 36
+                if not k:
+                    break
+            if out not in fixed:
+                return out
+
+    new: dict[str, str] = {}
+    for t in g.initializer:
+        if t.name not in fixed:
+            new[t.name] = fresh()
+    for n in g.node:
+        for o in n.output:
+            if o and o not in fixed and o not in new:
+                new[o] = fresh()
+    for t in g.initializer:
+        t.name = new.get(t.name, t.name)
+    for v in g.value_info:
+        v.name = new.get(v.name, v.name)
+    for n in g.node:
+        n.input[:] = [new.get(i, i) for i in n.input]
+        n.output[:] = [new.get(o, o) for o in n.output]
+        n.name = n.output[0] if n.output and n.output[0] else fresh()
+
+
+__all__ = ["ActivationQuant", "compact", "LayerBytes", "QdqResult", "WeightQuant", "ensure_opset",
            "insert_qdq", "quantize_weight", "topological_sort", "weight_axis"]

@@ -26,7 +26,7 @@ from onnx import numpy_helper
 from graph_passes.channel_groups import ChannelAnalysis
 from graph_passes.errors import PlanError
 from graph_passes.prune import prune_channels
-from graph_passes.qdq import ActivationQuant, QdqResult, WeightQuant, insert_qdq, weight_axis
+from graph_passes.qdq import ActivationQuant, QdqResult, WeightQuant, compact, insert_qdq, weight_axis
 
 from .plan import CompressionPlan
 
@@ -163,9 +163,12 @@ def joint_scales(model: onnx.ModelProto, plan: CompressionPlan, weights: dict[st
     return out
 
 
-def export_plan(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: CompressionPlan) -> ExportResult:
+def export_plan(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: CompressionPlan, *,
+                lean: bool = True) -> ExportResult:
     """``model``: the normalised model (with fine-tuned weights written back) that ``analysis``
-    describes. Returns the compressed, not yet validated, model."""
+    describes. Returns the compressed, not yet validated, model. ``lean``: the exact size
+    reductions of ``graph_passes.qdq.compact`` (shared constants, short names, no weight zero
+    points), which leave the model's values unchanged."""
     removal = removal_of(plan, analysis)
     pruned = prune_channels(model, analysis, removal) if removal else model
     if any(lp.sparsity for lp in plan.layers.values()):
@@ -187,6 +190,8 @@ def export_plan(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: Compres
         layer_channels[layer.name] = (layer.out_channels, after)
         layer_bits[layer.name] = dict(sorted(Counter(b for b in lp.bits if b > 0).items()))
     qdq = insert_qdq(pruned, weights, activations)
+    if lean:
+        qdq = compact(qdq)
     logger.info("export: %d groups pruned, %d layers quantized, %d activation sites",
                 len(removal), len(weights), len(activations))
     return ExportResult(qdq.model, qdq, removal, layer_channels, layer_bits)
