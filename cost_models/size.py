@@ -38,6 +38,8 @@ def cost(spec: LayerSpec, inputs: CostInputs) -> Scalar:
     n = weights_per_channel(spec, inputs)
     bits = channel_bits(inputs)
     dense = n * bits
+    if not spec.stores_weights:  # it reads another layer's weights: counted there, once
+        return finish(dense * 0.0)
     if not inputs.sparsity:
         return finish(dense)
     sparse = inputs.c_out_eff() * n + nonzero_per_channel(spec, inputs) * bits

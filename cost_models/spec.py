@@ -58,6 +58,10 @@ class LayerSpec:
         groups: the conv ``group`` attribute (1 for linear).
         macs: multiply-accumulates per sample with all channels kept. Derived when left out;
             when given it must agree with the shape (``c_out * c_in/groups * kh*kw * h_o*w_o``).
+        weights_of: the name of the layer whose weight tensor this one reads (a reused kernel,
+            tied weights: ``graph_passes.untie``), else None. Such a layer costs its MACs in
+            every model (bops, energy, latency: it still computes), but stores no weights: the
+            ``size`` model counts it 0 bits, the owner's spec counts the tensor once.
     """
 
     name: str
@@ -68,6 +72,12 @@ class LayerSpec:
     out_hw: tuple[int, int] = (1, 1)
     groups: int = 1
     macs: int | None = None
+    weights_of: str | None = None
+
+    @property
+    def stores_weights(self) -> bool:
+        """False for a layer reading another layer's weights (``weights_of``)."""
+        return self.weights_of is None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:

@@ -28,6 +28,7 @@ from .graph import ModelGraph, subgraph_references
 from .layers import ActivationSite, WeightLayer, activation_sites, describe_weight_layer
 from .layouts import AtomTable, Layout
 from .op_rules import PropagationContext, find_rule
+from .untie import mark_owners, weight_users
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +268,46 @@ def _block_foreign_readers(ctx: PropagationContext, layers: list[WeightLayer]) -
             ctx.block(tensor, why)
 
 
+def _couple_shared_weights(ctx: PropagationContext, layers: list[WeightLayer]) -> None:
+    """Layers reading one weight tensor (``graph_passes.untie``) get one plan: their output
+    channels are tied position by position (one group channel per row of the shared weight),
+    and so are their input channels (a column is removed for all users or none). Where that
+    cannot be exact (the weight is read by another node too, users read it along different
+    axes, or an input layout is unknown), their channels are blocked with the reason; the
+    weight is still quantized once."""
+    graph = ctx.graph
+    for weight, users in weight_users(layers).items():
+        names = {u.name for u in users}
+        listed = ", ".join(f"'{u.name}'" for u in users[:3]) + (", ..." if len(users) > 3 else "")
+        others = [n for n, node in graph.nodes.items() if n not in names and weight in node.input]
+        outs = [ctx.layouts.get(u.output) for u in users]
+        ins = [ctx.layouts.get(u.input) for u in users]
+        shapes = {(u.weight_out_axis, u.weight_in_axis, u.out_channels, u.in_channels, u.groups) for u in users}
+        why = None
+        if others:
+            why = (f"weight '{weight}' is shared by layers {listed} and also read by "
+                   f"{graph.nodes[others[0]].op_type} node '{others[0]}', whose channels cannot be tied to theirs")
+        elif len(shapes) > 1:
+            why = f"weight '{weight}' is shared by layers {listed}, which read it along different axes"
+        elif any(o is None or o.size != users[0].out_channels for o in outs):
+            why = f"weight '{weight}' is shared by layers {listed}, and an output channel layout is unknown"
+        if why is not None:
+            for u in users:
+                ctx.block(u.output, why)
+                ctx.block(u.input, why)
+            continue
+        for out in outs[1:]:
+            ctx.atoms.tie(outs[0].atoms, out.atoms)
+        if all(i is not None for i in ins) and len({i.size for i in ins}) == 1:
+            for layout in ins[1:]:
+                ctx.atoms.tie(ins[0].atoms, layout.atoms)
+        elif any(i is not None for i in ins):
+            why = (f"weight '{weight}' is shared by layers {listed}, whose input channels cannot be "
+                   "tied (an input layout is unknown or of another size)")
+            for u in users:
+                ctx.block(u.input, why)
+
+
 def analyse(model: onnx.ModelProto) -> ChannelAnalysis:
     """Analyse a normalised model with static shapes: layers, sites and channel groups."""
     graph = ModelGraph.build(model)
@@ -277,6 +318,8 @@ def analyse(model: onnx.ModelProto) -> ChannelAnalysis:
         if layer is not None:
             layers.append(layer)
     _block_foreign_readers(ctx, layers)
+    _couple_shared_weights(ctx, layers)
+    mark_owners(layers, {w: int(np.size(graph.constant(w))) for w in weight_users(layers)})
     groups, atom_group, atom_channel = _form_groups(ctx)
     _attach_members(ctx, groups, atom_group, atom_channel, layers)
     for layer in layers:

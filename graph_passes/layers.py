@@ -40,7 +40,10 @@ class WeightLayer:
     * ``cost_kernel`` / ``cost_spatial``: per sample, two ints each: the kernel, and the output
       spatial size (ConvTranspose: the *input*'s; linear: ``(1, positions)``, the positions
       being the product of the output dims between batch and channels, 1 for rank 2);
-    * ``macs`` counts one forward pass at the model's static shapes (the batch included).
+    * ``macs`` counts one forward pass at the model's static shapes (the batch included);
+    * ``weight_owner``: for a layer reading the same weight initializer as an earlier layer (a
+      reused kernel, tied weights; ``graph_passes.untie``), that layer's name, else None. Such a
+      *follower* costs MACs but stores no weight: its ``params`` leave the shared weight out.
     """
 
     name: str
@@ -64,6 +67,7 @@ class WeightLayer:
     output_groups: list[str] = field(default_factory=list)
     input_groups: list[str] = field(default_factory=list)
     prunable_out_channels: int = 0
+    weight_owner: str | None = None
 
     @property
     def is_depthwise(self) -> bool:

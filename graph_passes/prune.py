@@ -22,6 +22,7 @@ from .errors import PruningError
 from .graph import ModelGraph, subgraph_references
 from .normalise import infer_shapes
 from .op_rules import PruneContext, find_rule, weight_rule
+from .untie import merge_shared_copies
 from .validate import check_model
 from .ort_utils import compare_outputs, make_session, random_feeds
 
@@ -139,7 +140,9 @@ def prune_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, removal: R
             rule.prune(name, node, ctx)
     n_removed = int(removed.sum())
     logger.info("removed %d channel atoms from %d groups", n_removed, len(removal))
-    return _finish(work, ctx.initializer_protos())
+    pruned = _finish(work, ctx.initializer_protos())
+    merge_shared_copies(pruned, analysis.layers)  # a shared weight is sliced once per user: one tensor again
+    return pruned
 
 
 def zero_channels(model: onnx.ModelProto, analysis: ChannelAnalysis, removal: Removal) -> onnx.ModelProto:

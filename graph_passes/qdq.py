@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -203,6 +204,9 @@ class _Context:
     new_inits: list[TensorProto] = field(default_factory=list)
     new_nodes: list[onnx.NodeProto] = field(default_factory=list)
     replaced: set[str] = field(default_factory=set)  # float weights now read through DQ
+    # a weight read by several layers (graph_passes.untie), quantized alike: its dequantized
+    # tensor (and whether it is the mixed-width Gather), written once for every reader
+    dequantized: dict[tuple, tuple[str, bool]] = field(default_factory=dict)
 
     def name(self, base: str) -> str:
         return unique_name(base, self.taken)
@@ -292,6 +296,14 @@ def _quantize_tensor(node: onnx.NodeProto, index: int, quant: WeightQuant, axis:
     if len(quant.bits) != w.shape[axis]:
         raise PlanError(f"layer {node.name!r}: {len(quant.bits)} bit-widths for "
                         f"{w.shape[axis]} output channels (weight {w_name!r} axis {axis})")
+    key = (w_name, axis, tuple(quant.bits), quant.scales)
+    if key in ctx.dequantized:  # another reader of this weight: the same integers, stored once
+        tensor, mixed = ctx.dequantized[key]
+        plain = mixed or (not ctx.guard and node.input[0] in ctx.quantized_inputs)
+        node.input[index] = tensor if plain else _guard(tensor, list(w.shape), ctx, None)
+        counts = Counter(quant.bits)
+        logger.debug("layer %s reads the weight %s quantized for another layer", node.name, w_name)
+        return LayerBytes(node.name, dict(sorted(counts.items(), reverse=True)), 0, 0, 0, 0, 0.0, 0)
     q, scale = quantize_weight(w, quant.bits, axis, quant.scales)
     bits = np.asarray(quant.bits)
     per_channel = w.size // w.shape[axis]
@@ -306,12 +318,14 @@ def _quantize_tensor(node: onnx.NodeProto, index: int, quant: WeightQuant, axis:
     if len(parts) == 1:
         plain = not ctx.guard and node.input[0] in ctx.quantized_inputs
         out = parts[0] if plain else _guard(parts[0], list(w.shape), ctx, acct)
+        ctx.dequantized[key] = (parts[0], False)
     else:
         cat = ctx.node("Concat", parts, f"{w_name}_concat", axis=axis)
         inverse = np.argsort(np.concatenate(order)).astype(np.int32)
         idx_name = ctx.init(f"{w_name}_order", inverse)
         acct.index_bytes += inverse.nbytes
         out = ctx.node("Gather", [cat, idx_name], f"{w_name}_dq", axis=axis)
+        ctx.dequantized[key] = (out, True)
     node.input[index] = out
     ctx.replaced.add(w_name)
     logger.debug("layer %s: bits %s, %d bytes", node.name, acct.bits, acct.total)

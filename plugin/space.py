@@ -225,7 +225,8 @@ def _components(units: dict[str, Unit], outputs: dict[str, list[ChannelRef]]) ->
 def _layer_spec(analysis: ChannelAnalysis, layer: WeightLayer) -> LayerSpec:
     """Per-sample LayerSpec from the op rule's facts (WeightLayer.macs counts the static batch)."""
     spec = LayerSpec(layer.name, layer.cost_kind, layer.in_channels, layer.out_channels, tuple(layer.cost_kernel),
-                     tuple(layer.cost_spatial), layer.groups if layer.cost_kind != "linear" else 1)
+                     tuple(layer.cost_spatial), layer.groups if layer.cost_kind != "linear" else 1,
+                     weights_of=layer.weight_owner)
     out_shape = analysis.graph.shape(layer.output) or []
     batch = out_shape[0] if out_shape else 1
     if batch and spec.macs * batch != layer.macs:
@@ -252,6 +253,18 @@ def _layer_info(analysis: ChannelAnalysis, layer: WeightLayer, outputs: list[Cha
             else:
                 index.setdefault(unit.alpha_index, []).append(unit.offset + ref[1])
     return LayerInfo(layer, spec, units[outputs[0][0]].alpha_index, columns, input_units, index, fixed)
+
+
+def _share_owner_bits(layers: Mapping[str, LayerInfo], layer_bits: dict[str, Sequence[int]]) -> None:
+    """A layer reading another's weight tensor (``WeightLayer.weight_owner``) takes the owner's
+    per-channel bits: one quantized tensor serves both (their channels are tied, so the kept
+    ones agree). In place."""
+    for name, info in layers.items():
+        owner = info.layer.weight_owner
+        if owner is not None and owner in layer_bits and name in layer_bits:
+            if tuple(layer_bits[name]) != tuple(layer_bits[owner]):
+                logger.debug("layer %s shares %s's weight: takes its bits", name, owner)
+            layer_bits[name] = tuple(layer_bits[owner])
 
 
 def build_channel_map(analysis: ChannelAnalysis, weight_precisions: Sequence[int]) -> ChannelMap:
@@ -376,6 +389,11 @@ class SearchSpace:
         clips = {**self.clips, **(clips or {})}
         column_kept: list[dict[int, bool]] = [{} for _ in self.map.alphas]
         layers = {}
+        layer_bits = dict(layer_bits)
+        _share_owner_bits(self.layers, layer_bits)
+        if scales is not None:
+            scales = {**scales, **{n: scales[i.layer.weight_owner] for n, i in self.layers.items()
+                                   if i.layer.weight_owner and i.layer.weight_owner in scales}}
         for name, info in self.layers.items():
             bits = tuple(int(b) for b in layer_bits[name])
             if len(bits) != len(info.columns):
@@ -427,6 +445,7 @@ class SearchSpace:
                                     f"({self.precisions.describe()})")
             column_keep = keep[info.alpha_index]
             per_layer[name] = tuple(b if column_keep[col] else PRUNED for b, col in zip(bits, info.columns))
+        _share_owner_bits(self.layers, per_layer)
         if isinstance(site_bits, Mapping):
             sites = {t: int(site_bits.get(t, widest_a)) for t in self.sites}
         else:
@@ -450,6 +469,8 @@ class SearchSpace:
         groups 1 or a linear layer (not a recurrent one) whose input positions are known (so the engine, the export and
         the cost models count the same kept inputs)."""
         info = self.layers[name]
+        if any(i.layer.weight == info.layer.weight for n, i in self.layers.items() if n != name):
+            return False  # a shared weight: one sparsity mask would serve every user
         if info.spec.kind == "depthwise":
             return True
         return info.spec.kind in ("conv", "linear") and info.spec.groups == 1 and info.input_units is not None

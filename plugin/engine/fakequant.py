@@ -65,6 +65,21 @@ class _BiasGate(nn.Module):
         return bias * (1 - q.theta()[q.precisions.index(0)]).to(bias.dtype).reshape(bias.shape)
 
 
+class _SharedWeight(nn.Module):
+    """Weight parametrization of a layer reading another layer's weight tensor (a reused
+    kernel, tied weights): the owner's sparsity mask and quantizer, the same objects (kept in a
+    list: not registered twice), so the tensor is quantized once, by one quantizer."""
+
+    def __init__(self, mask: nn.Module | None, quantizer: nn.Module) -> None:
+        super().__init__()
+        self._steps = [step for step in (mask, quantizer) if step is not None]
+
+    def forward(self, weight: Tensor) -> Tensor:
+        for step in self._steps:
+            weight = step(weight)
+        return weight
+
+
 class SparsityMask(nn.Module):
     """Weight parametrization applied before the quantizer: in every output channel, among its
     weights at kept input positions (``input_keep``, None: all), the ``floor(sparsity * n)`` of
@@ -213,7 +228,38 @@ class FakeQuantModel(nn.Module):
         owner, _, attr = qualified.rpartition(".")
         return owner, attr
 
+    def _wrap_follower(self, info: LayerInfo, first: WrappedLayer) -> WrappedLayer:
+        """A layer reading the weight tensor of an already wrapped layer: its own torch module,
+        whose parameter is the owner's (the bridge shares it), parametrized by the owner's
+        quantizer."""
+        layer = info.layer
+        owner = self.bridged.node_map.get(layer.name)
+        raw = self._raw(first, first.weight_attr)
+        module = self.net.get_submodule(owner) if owner is not None else None
+        attr = next((a for a, p in module.named_parameters(recurse=False) if p is raw), None) \
+            if module is not None else None
+        if attr is None:
+            raise PlanError(f"layer {layer.name!r}: shares weight {layer.weight!r} with {first.info.name!r}, but the "
+                            "bridged module does not share the tensor; this layer cannot be searched")
+        parametrize.register_parametrization(module, attr, _SharedWeight(first.sparsity_mask, first.quantizer))
+        bias_attr = None
+        if layer.bias is not None and layer.bias in self.bridged.param_map:
+            bias_owner, bias_attr = self._param_owner(layer.bias, layer.name)
+            if bias_owner != owner:
+                raise PlanError(f"layer {layer.name!r}: weight and bias live in different modules")
+            parametrize.register_parametrization(module, bias_attr, _BiasGate(first.quantizer))
+        return WrappedLayer(info, first.quantizer, owner, attr, bias_attr, sparsity_mask=None)
+
     def _wrap_layer(self, info: LayerInfo) -> WrappedLayer:
+        layer = info.layer
+        by_weight = self.__dict__.setdefault("_wrapped_by_weight", {})
+        if layer.weight_owner is not None and layer.weight in by_weight:
+            return self._wrap_follower(info, by_weight[layer.weight])
+        entry = self._wrap_own_layer(info)
+        by_weight[layer.weight] = entry
+        return entry
+
+    def _wrap_own_layer(self, info: LayerInfo) -> WrappedLayer:
         layer = info.layer
         owner, attr = self._param_owner(layer.weight, layer.name)
         module = self.net.get_submodule(owner)
@@ -320,6 +366,8 @@ class FakeQuantModel(nn.Module):
             layer_plan = plan.layers.get(entry.info.name)
             if layer_plan is None:
                 raise PlanError(f"plan has no entry for layer {entry.info.name!r}; it is for another model")
+            if entry.info.layer.weight_owner is not None and entry.sparsity_mask is None:
+                continue  # reads its owner's weight: frozen once, with the owner's bits
             if entry.quantizer.frozen_bits is None:
                 self._on_freeze(entry)
             entry.quantizer.freeze(list(layer_plan.bits))
