@@ -33,9 +33,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-# ops whose weight slot stays shared: one weight per output channel, one axis for it
-_SHAREABLE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# layers whose weight stays shared: one weight tensor, one output-channel axis (not recurrent)
 _SHAREABLE_KINDS = frozenset({"conv", "depthwise", "linear"})
+
+
+def _shareable(node: onnx.NodeProto) -> bool:
+    """A weight op quantizing only its input 1, one row per output channel (asked of its rule:
+    Conv, ConvTranspose, Gemm, MatMul; not a recurrent layer)."""
+    rule = weight_rule(node)
+    return rule is not None and tuple(rule.quantized_inputs(node)) == (1,) and rule.channel_rows(node, [0]) == [0]
 
 
 def untie_weight_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -56,8 +62,7 @@ def untie_weight_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
     kept_shared: set[str] = set()
     layouts: dict[str, set[str]] = defaultdict(set)
     for node in work.graph.node:
-        if len(node.input) > 1 and node.input[1] in shared and node.op_type in _SHAREABLE_OPS \
-                and weight_rule(node) is not None:
+        if len(node.input) > 1 and node.input[1] in shared and _shareable(node):
             layouts[node.input[1]].add(_weight_layout(node))
     for index, node in enumerate(work.graph.node):
         if weight_rule(node) is None:
@@ -66,7 +71,7 @@ def untie_weight_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
             if len(node.input) <= slot or node.input[slot] not in shared:
                 continue
             name = node.input[slot]
-            if slot == 1 and node.op_type in _SHAREABLE_OPS and len(layouts[name]) == 1:
+            if slot == 1 and _shareable(node) and len(layouts.get(name, ())) == 1:
                 kept_shared.add(name)  # one tensor, coupled users (channel_groups)
                 continue
             if name not in seen:  # the first weight layer keeps the original
@@ -89,23 +94,22 @@ def untie_weight_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
     return work, copies
 
 
-def _weight_layout(node: onnx.NodeProto) -> str:
-    """How a layer reads its weight: users that read it alike can share one tensor (the bridge
-    binds one torch parameter per initializer and layout). A weight read transposed by some
-    users (Gemm transB=1 next to a MatMul) is copied per layer instead."""
-    if node.op_type == "Gemm":
-        trans = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return "linear-out0" if trans else "linear-out1"
-    return "linear-out1" if node.op_type == "MatMul" else node.op_type
+def _weight_layout(node: onnx.NodeProto) -> tuple[str, tuple[int, int]]:
+    """How a layer reads its weight (its rule, and the rule's output/input axes): users that
+    read it alike can share one tensor (the bridge binds one torch parameter per initializer and
+    layout). A weight read transposed by some users (a Gemm with transB=1 next to a MatMul) is
+    copied per layer instead."""
+    rule = weight_rule(node)
+    return type(rule).__name__, tuple(rule.weight_axes(node))
 
 
 def weight_users(layers: Sequence[WeightLayer]) -> dict[str, list[WeightLayer]]:
-    """Weight initializer -> the Conv/ConvTranspose/Gemm/MatMul layers reading it as their
-    weight, for weights read by two or more. Other readers (an embedding's Gather, a recurrent
+    """Weight initializer -> the conv and linear layers (Conv, ConvTranspose, Gemm, MatMul)
+    reading it as their weight, for weights read by two or more. Other readers (an embedding's Gather, a recurrent
     layer) are not users: ``channel_groups`` blocks the users' channels for them."""
     users: dict[str, list[WeightLayer]] = defaultdict(list)
     for layer in layers:
-        if layer.op_type in _SHAREABLE_OPS and layer.cost_kind in _SHAREABLE_KINDS:
+        if layer.cost_kind in _SHAREABLE_KINDS:
             users[layer.weight].append(layer)
     return {w: found for w, found in users.items() if len(found) > 1}
 
