@@ -11,6 +11,9 @@ linearly and ``C_out_eff`` enters through the 0-bit rows of theta, which contrib
 
 Fine-grained sparsity (``inputs.sparsity``) is **not** counted: BOPs here are the dense bit
 operations of the layer's kept channels (no zero skipping), as on MPIC and NE16.
+
+An activation x activation MatMul (``act_matmul``) is ``MACs * b_A * b_B`` (operand B's width in
+``w_theta``, a pruned head's columns 0-bit); an embedding look-up has no MACs: 0.
 """
 
 from __future__ import annotations

@@ -42,6 +42,12 @@ Per layer and sample::
 Scaling to 2 and 4 bits uses only the two rules above (multiplier ~ ``w * a``, 32-bit
 accumulator fixed, memory ~ bits); they are modelling assumptions, not measurements at those
 widths. Depthwise layers: ``n = kh*kw``.
+
+An activation x activation MatMul (``act_matmul``): the MACs as above with operand B's width in
+the weight role (pruned heads skipped); memory: operand B read once at its width (``k * sum_c
+b_c``, what ``size`` would count if B were stored) plus operand A (``c_in * h_o*w_o * a``: H heads
+of m x k, pruned heads included). An embedding look-up: 0 (no MACs; the rows read per inference
+are not modelled).
 """
 
 from __future__ import annotations
@@ -84,12 +90,16 @@ def compute_pj(spec: LayerSpec, inputs: CostInputs) -> Scalar:
 def memory_pj(spec: LayerSpec, inputs: CostInputs) -> Scalar:
     """SRAM energy of one layer: its stored weight bits and its input activations, read once."""
     activation_bits = inputs.c_in_eff * spec.positions * expected_bits(inputs.a_precisions, inputs.a_theta)
+    if spec.kind == "act_matmul":  # operand B is read once, as a weight would be
+        return (spec.fan_in * channel_bits(inputs) + activation_bits) * SRAM_64BIT_PJ / 64.0
     return (size_cost(spec, inputs) + activation_bits) * SRAM_64BIT_PJ / 64.0
 
 
 def cost(spec: LayerSpec, inputs: CostInputs) -> Scalar:
     """Expected energy of one layer, per sample, in microjoules."""
     check_inputs(spec, inputs, NAME)
+    if not spec.computes:
+        return finish(0.0)
     return finish((compute_pj(spec, inputs) + memory_pj(spec, inputs)) * PJ_TO_UJ)
 
 

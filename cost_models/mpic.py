@@ -10,6 +10,10 @@ other precision in the precision sets is an error, even with zero probability.
 
 Fine-grained sparsity (``inputs.sparsity``) is **not** counted: MPIC's SIMD dot products do not
 skip zero weights, so a sparse layer costs what the dense one does (so does ``mpic_energy``).
+
+An activation x activation MatMul (``act_matmul``) runs on the same SIMD dot products with
+operand B in the weight role (the LUT at ``[b_A][b_B]``); an embedding look-up costs 0 cycles
+(no MACs; the row copies are not modelled).
 """
 
 from __future__ import annotations

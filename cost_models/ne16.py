@@ -32,6 +32,11 @@ and the remainder has no gradient, so a channel's marginal cost is ``iteration(3
 
 Fine-grained sparsity (``inputs.sparsity``) is **not** counted: NE16's bit-serial engine streams
 every weight of a block, zero or not.
+
+An activation x activation MatMul (``act_matmul``) is costed as 1x1 passes with operand B streamed
+as the weights at B's width (8-bit activations assumed for A, as everywhere), each head on its
+own: ``n_in = ceil(k / 16)`` from the per-head ``c_in_eff / groups``. An embedding look-up does
+not run on NE16: 0 cycles.
 """
 
 from __future__ import annotations
@@ -97,11 +102,14 @@ def cost(spec: LayerSpec, inputs: CostInputs) -> Scalar:
     """Expected NE16 cycles of one layer, per sample (8-bit activations assumed)."""
     check_inputs(spec, inputs, NAME)
     _check_precisions(spec, inputs)
+    if not spec.computes:
+        return finish(0.0)
     depthwise = spec.kind == "depthwise"
     n_3x3 = (spec.kernel[0] // 3) * (spec.kernel[1] // 3)
     n_1x1 = spec.kernel_area - 9 * n_3x3
     n_spatial = math.ceil(spec.out_hw[0] / OUTPUT_TILE) * math.ceil(spec.out_hw[1] / OUTPUT_TILE)
-    n_in = ceil_ste(inputs.c_in_eff / INPUT_CHANNELS_PER_LOAD)
+    per_head = spec.groups if spec.kind == "act_matmul" else 1
+    n_in = ceil_ste(inputs.c_in_eff / per_head / INPUT_CHANNELS_PER_LOAD)
     passes = [(count, one_by_one) for count, one_by_one in
               ((n_3x3, False), (n_1x1, not depthwise)) if count]
     total: Scalar = 0.0

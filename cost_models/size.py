@@ -20,6 +20,9 @@ once the density is below ``1 - 1/b`` (2-bit weights: under 50% nonzero). This i
 *model* predicts for a sparse-capable store; the exported ONNX file stores the zeros densely (the
 report keeps file bytes and this figure apart). Zeros that quantization itself produces are not
 counted (the model sees shapes, not weights).
+
+An activation x activation MatMul (kind ``act_matmul``) stores no weights: 0 bits. An embedding
+table (kind ``embedding``) is ``c_in`` values per row at its row's width (``c_out`` rows).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ UNIT = "bit"
 def cost(spec: LayerSpec, inputs: CostInputs) -> Scalar:
     """Expected weight bits of one layer under ``inputs.w_theta``."""
     check_inputs(spec, inputs, NAME)
+    if spec.kind == "act_matmul":  # both operands are computed: nothing stored
+        return finish(0.0)
     n = weights_per_channel(spec, inputs)
     bits = channel_bits(inputs)
     dense = n * bits

@@ -19,7 +19,7 @@ from graph_passes.errors import CostModelError
 from ._math import Scalar, channel_mass, is_tensor, probabilities, weighted_sum
 
 
-LAYER_KINDS = ("conv", "depthwise", "linear", "recurrent")
+LAYER_KINDS = ("conv", "depthwise", "linear", "recurrent", "act_matmul", "embedding")
 
 
 def _pair(value: Any, what: str, layer: str) -> tuple[int, int]:
@@ -48,7 +48,14 @@ class LayerSpec:
             ``"recurrent"`` (LSTM/GRU/RNN: an output channel is a hidden unit, which reads the
             ``c_in`` inputs and the ``c_out`` hidden units of the previous step through each of
             its ``kh*kw`` = directions x gates rows, at ``h_o*w_o`` = sequence-length steps;
-            the recurrent fan-in counts all ``c_out`` units, pruned ones included).
+            the recurrent fan-in counts all ``c_out`` units, pruned ones included),
+            ``"act_matmul"`` (an activation x activation MatMul, Q K^T or attention x V: no stored
+            weights; operand B plays the weight, its bit-width in ``w_theta`` and operand A's in
+            ``a_theta``; ``groups`` = H heads, ``c_in = H * k``, ``c_out = H * n`` (head-major
+            columns: a pruned head's columns are 0-bit), ``h_o*w_o`` = m times the other batched
+            dims, so ``macs = H * m * k * n`` = B*H*S*S*Dh per sample for attention) or
+            ``"embedding"`` (a table of ``c_out`` rows of ``c_in`` values read by a Gather: stored
+            weights, one bit-width per row, no MACs).
         c_in, c_out: input and output channel counts.
         kernel: ``(kh, kw)``; ``(1, 1)`` for linear layers; a 1-d conv's ``(k,)`` is stored as
             ``(1, k)``.
@@ -93,7 +100,7 @@ class LayerSpec:
         object.__setattr__(self, "kernel", _pair(self.kernel, "kernel", self.name))
         object.__setattr__(self, "out_hw", _pair(self.out_hw, "out_hw", self.name))
         self._check_grouping()
-        derived = self.c_out * self.fan_in * self.kernel_area * self.positions
+        derived = 0 if self.kind == "embedding" else self.c_out * self.fan_in * self.kernel_area * self.positions
         if self.macs is None:
             object.__setattr__(self, "macs", derived)
         elif int(self.macs) != derived:
@@ -116,11 +123,20 @@ class LayerSpec:
             )
         if self.kind == "recurrent" and self.groups != 1:
             raise CostModelError(f"layer {self.name!r}: a recurrent layer has groups 1, got {self.groups}")
+        if self.kind in ("act_matmul", "embedding") and self.kernel != (1, 1):
+            raise CostModelError(f"layer {self.name!r}: an {self.kind} layer has kernel (1, 1), got {self.kernel}")
+        if self.kind == "embedding" and (self.groups != 1 or self.out_hw != (1, 1)):
+            raise CostModelError(f"layer {self.name!r}: an embedding has groups 1 and out_hw (1, 1)")
         if self.kind == "linear" and (self.kernel != (1, 1) or self.groups != 1):
             raise CostModelError(
                 f"layer {self.name!r}: a linear layer has kernel (1, 1) and groups 1, "
                 f"got kernel={self.kernel}, groups={self.groups}"
             )
+
+    @property
+    def computes(self) -> bool:
+        """False for an embedding look-up (no MACs)."""
+        return self.kind != "embedding"
 
     @property
     def kernel_area(self) -> int:
@@ -151,7 +167,10 @@ class LayerSpec:
         return 1.0 if self.kind == "depthwise" else c_in_eff / self.groups
 
     def macs_per_out_channel(self, c_in_eff: Scalar) -> Scalar:
-        """Expected MACs of one kept output channel: ``fan_in_eff * kh*kw * h_o*w_o``."""
+        """Expected MACs of one kept output channel: ``fan_in_eff * kh*kw * h_o*w_o`` (0 for an
+        embedding)."""
+        if not self.computes:
+            return 0.0
         return self.fan_in_eff(c_in_eff) * (self.kernel_area * self.positions)
 
 

@@ -2,18 +2,23 @@
 
 What a weight layer is (channel axes, C_in / C_out, MACs, the kind and shape cost models see)
 comes from its op's rule (:class:`graph_passes.op_rules.WeightOpRule`); nothing here switches on
-weight op types.
+weight op types. So do activation x activation products (Q K^T, attention x V: both operands are
+activation sites) and embedding tables (:meth:`OpRule.activation_product`,
+:meth:`OpRule.embedding_table`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from .graph import DEFAULT_DOMAINS, ModelGraph
-from .op_rules import weight_rule
+from .op_rules import find_rule, weight_rule
+
+logger = logging.getLogger(__name__)
 
 # Producers whose output is never negative: an activation quantizer after them can be unsigned.
 _NON_NEGATIVE_OPS = {"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Abs", "Exp", "Softplus"}
@@ -81,8 +86,36 @@ class WeightLayer:
 
 
 @dataclass
+class ActivationProduct:
+    """An activation x activation MatMul (Q K^T, attention x V), from its op rule's
+    :class:`~graph_passes.op_rules.ProductFacts`: operands ``a`` [.., m, k] and ``b`` [.., k, n],
+    ``batch`` the batched dims after the first. Both operands are activation sites."""
+
+    name: str
+    a: str
+    b: str
+    output: str
+    batch: tuple[int, ...]
+    m: int
+    k: int
+    n: int
+    macs: int  # per sample
+
+
+@dataclass
+class EmbeddingTable:
+    """A Gather of rows of a constant float table (an embedding), quantized per row."""
+
+    name: str
+    table: str
+    rows: int
+    dim: int
+
+
+@dataclass
 class ActivationSite:
-    """A tensor read by one or more weight layers: where activation quantizers go."""
+    """A tensor read by one or more weight layers or activation products: where activation
+    quantizers go (``consumers``: their node names)."""
 
     tensor: str
     consumers: list[str]
@@ -133,15 +166,57 @@ def is_non_negative(tensor: str, graph: ModelGraph, depth: int = 0) -> bool:
     return False
 
 
+def _rule(node: onnx.NodeProto, graph: ModelGraph):
+    return find_rule(node.domain, node.op_type, graph.opset) if node.domain in DEFAULT_DOMAINS else None
+
+
+def activation_products(graph: ModelGraph) -> list[ActivationProduct]:
+    """The activation x activation products of the graph, in node order (asked of the op rules)."""
+    out = []
+    for name, node in graph.nodes.items():
+        rule = _rule(node, graph)
+        facts = rule.activation_product(node, graph) if rule is not None else None
+        if facts is None:
+            continue
+        a, b = (node.input[i] for i in facts.operands)
+        out.append(ActivationProduct(name, a, b, node.output[0], facts.batch, facts.m, facts.k, facts.n,
+                                     facts.macs))
+    return out
+
+
+def embedding_tables(graph: ModelGraph) -> list[EmbeddingTable]:
+    """The embedding look-ups of the graph (asked of the op rules). A table read by any other
+    node as well (a tied output projection, a second look-up) is left as it is."""
+    out = []
+    for name, node in graph.nodes.items():
+        rule = _rule(node, graph)
+        facts = rule.embedding_table(node, graph) if rule is not None else None
+        if facts is None:
+            continue
+        readers = graph.consumers.get(facts.table, [])
+        if readers != [name] or facts.table in graph.graph_outputs:
+            logger.debug("embedding %s: table %s is shared (%s); not quantized", name, facts.table, readers)
+            continue
+        out.append(EmbeddingTable(name, facts.table, facts.rows, facts.dim))
+    return out
+
+
 def activation_sites(layers: list[WeightLayer], graph: ModelGraph) -> list[ActivationSite]:
+    """The weight layers' inputs, then both operands of every activation product."""
     sites: dict[str, ActivationSite] = {}
-    for layer in layers:
-        site = sites.get(layer.input)
+
+    def add(tensor: str, consumer: str) -> None:
+        site = sites.get(tensor)
         if site is None:
-            site = ActivationSite(
-                tensor=layer.input, consumers=[], shape=graph.shape(layer.input),
-                non_negative=is_non_negative(layer.input, graph),
-            )
-            sites[layer.input] = site
-        site.consumers.append(layer.name)
+            site = ActivationSite(tensor=tensor, consumers=[], shape=graph.shape(tensor),
+                                  non_negative=is_non_negative(tensor, graph))
+            sites[tensor] = site
+        if consumer not in site.consumers:
+            site.consumers.append(consumer)
+
+    for layer in layers:
+        add(layer.input, layer.name)
+    for product in activation_products(graph):
+        add(product.a, product.name)
+        add(product.b, product.name)
     return list(sites.values())

@@ -227,15 +227,21 @@ def insert_qdq(
     model: onnx.ModelProto,
     weights: Mapping[str, WeightQuant],
     activations: Mapping[str, ActivationQuant],
+    embeddings: Mapping[str, int] | None = None,
 ) -> QdqResult:
     """Quantize the named layers' weights and the named activation tensors (see module doc).
 
-    ``weights`` is keyed by node name, ``activations`` by tensor name. The input model is not
-    modified. Raises PlanError for an unknown node or tensor or a bit-width/shape mismatch,
+    ``weights`` is keyed by node name, ``activations`` by tensor name. ``embeddings``: Gather
+    node name -> bits: the table (input 0) is stored as INT-b with one scale per row and read
+    through ``DequantizeLinear(axis=0) -> Gather`` (:func:`_quantize_embedding`); its bytes are an
+    entry of ``QdqResult.layers`` under the Gather's name. The input model is not modified.
+    Raises PlanError for an unknown node or tensor or a bit-width/shape mismatch,
     UnsupportedModelError for a layer whose weight is not a float32 initializer, and
     VerificationError when the opset upgrade the bit-widths need changes the model's results.
     """
+    embeddings = dict(embeddings or {})
     all_bits = {b for q in weights.values() for b in q.bits} | {a.bits for a in activations.values()}
+    all_bits |= set(embeddings.values())
     needed = max((MIN_OPSET[b] for b in all_bits), default=MIN_OPSET[8])
     work, upgraded_from = ensure_opset(model, needed)
     ctx = _Context(work, _all_names(work), guard=any(b < 8 for b in all_bits),
@@ -251,6 +257,10 @@ def insert_qdq(
     for tensor, quant in activations.items():
         _quantize_activation(tensor, quant, ctx)
         result.activations[tensor] = quant.bits
+    for name, bits in embeddings.items():
+        if name not in nodes:
+            raise PlanError(f"embedding {name!r} is not a node of the model (names: {_preview(nodes)})")
+        result.layers[name] = _quantize_embedding(nodes[name], bits, ctx)
     _drop_unused_initializers(work, ctx.replaced)
     work.graph.initializer.extend(ctx.new_inits)
     work.graph.node.extend(ctx.new_nodes)
@@ -343,6 +353,37 @@ def _dequantize_part(w_name: str, b: int, q: np.ndarray, scale: np.ndarray, axis
     acct.scale_bytes += scale.size * 4
     acct.zero_point_bytes += _packed_bytes(scale.size, b)
     return ctx.node("DequantizeLinear", [q_name, s_name, z_name], f"{w_name}_dq{b}", axis=axis)
+
+
+def _quantize_embedding(node: onnx.NodeProto, bits: int, ctx: _Context) -> LayerBytes:
+    """An embedding table (Gather input 0) as INT-b, one symmetric scale per row (the weights'
+    formula with the rows as channels), dequantized whole on axis 0 before the Gather.
+
+    Chosen over ``Gather(int table) -> dequantize the gathered rows``: standard
+    DequantizeLinear cannot take a per-gathered-row scale (a Gather of the scales and a Mul would
+    be needed, no longer a QDQ pattern), both store the same bytes, and onnxruntime runs
+    ``DQ -> Gather`` at every optimisation level (DQ is not constant-folded: the table is
+    dequantized on every run, as a mixed layer's weights are). Below 8 bits the DQ output goes
+    through the no-op Reshape guard, like a weight."""
+    if bits not in WEIGHT_BITS:
+        raise PlanError(f"embedding {node.name!r}: bit-width must be in {WEIGHT_BITS}, got {bits}")
+    table = _float_initializer(ctx.model, node.input[0], node)
+    if table.ndim != 2:
+        raise UnsupportedModelError(f"embedding {node.name!r}: table {node.input[0]!r} is not 2-D")
+    acct = _quantize_tensor_axis0(node, 0, table, bits, ctx)
+    return acct
+
+
+def _quantize_tensor_axis0(node: onnx.NodeProto, index: int, w: np.ndarray, bits: int, ctx: _Context) -> LayerBytes:
+    w_name = node.input[index]
+    q, scale = quantize_weight(w, [bits] * w.shape[0], 0)
+    acct = LayerBytes(node.name, {}, 0, 0, 0, 0, w.size * bits / 8, w.size * 4)
+    out = _dequantize_part(w_name, bits, q, scale, 0, ctx, acct)
+    if ctx.guard:
+        out = _guard(out, list(w.shape), ctx, acct)
+    node.input[index] = out
+    ctx.replaced.add(w_name)
+    return acct
 
 
 def _guard(tensor: str, shape: list[int], ctx: _Context, acct: LayerBytes | None) -> str:

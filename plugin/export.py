@@ -2,8 +2,9 @@
 
 The ONNX graph is the source of truth: the output is the input graph (normalised), with the
 pruned channels physically removed (``graph_passes.prune``), weights stored as packed
-per-channel INT8/INT4/INT2 with DequantizeLinear, and Q/DQ on every activation site that the
-plan quantizes (``graph_passes.qdq``). Nothing is re-exported from torch.
+per-channel INT8/INT4/INT2 with DequantizeLinear, embedding tables as INT8 with one scale per
+row, and Q/DQ on every activation site that the plan quantizes (``graph_passes.qdq``; the
+operands of activation x activation MatMuls are sites too). Nothing is re-exported from torch.
 
 Fine-grained sparsity (:class:`plugin.plan.LayerPlan`): after the channels are removed, in every
 remaining output channel of a sparse layer the ``floor(sparsity * n)`` weights of smallest |w|
@@ -89,6 +90,17 @@ def quantization_of(plan: CompressionPlan, analysis: ChannelAnalysis, pruned: on
                                               _activation_scale(ap.bits, ap.signed, ap.clip),
                                               consumers=consumers[tensor])
     return weights, activations
+
+
+def embedding_quantization(analysis: ChannelAnalysis, pruned: onnx.ModelProto) -> dict[str, int]:
+    """Gather node -> bits for every embedding table of the model (``graph_passes.layers.
+    embedding_tables``): all at ``plugin.space.EMBEDDING_BITS``, which the plan does not hold
+    (not searched); the fake-quant engine quantizes them the same way."""
+    from graph_passes.layers import embedding_tables
+    from plugin.space import EMBEDDING_BITS
+
+    names = {n.name for n in pruned.graph.node}
+    return {t.name: EMBEDDING_BITS for t in embedding_tables(analysis.graph) if t.name in names}
 
 
 def sparsify_weight(w: np.ndarray, sparsity: float, axis: int) -> np.ndarray:
@@ -189,7 +201,7 @@ def export_plan(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: Compres
                             f"which has {layer.out_channels} output channels")
         layer_channels[layer.name] = (layer.out_channels, after)
         layer_bits[layer.name] = dict(sorted(Counter(b for b in lp.bits if b > 0).items()))
-    qdq = insert_qdq(pruned, weights, activations)
+    qdq = insert_qdq(pruned, weights, activations, embedding_quantization(analysis, pruned))
     if lean:
         qdq = compact(qdq)
     logger.info("export: %d groups pruned, %d layers quantized, %d activation sites",

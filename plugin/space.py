@@ -22,7 +22,7 @@ from plugin.plan import ActivationPlan, CompressionPlan, GroupPlan, LayerPlan
 
 if TYPE_CHECKING:  # onnx and the analysis load only when a space is built (flag checks stay fast)
     from graph_passes.channel_groups import ChannelAnalysis
-    from graph_passes.layers import WeightLayer
+    from graph_passes.layers import ActivationProduct, EmbeddingTable, WeightLayer
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +286,50 @@ def build_channel_map(analysis: ChannelAnalysis, weight_precisions: Sequence[int
     return ChannelMap(units, alphas, layers, site_units)
 
 
+# ----------------------------------------------------------------------------- products, embeddings
+
+#: the bit-width of every embedding table (one scale per row): the plan has no slot for them, so
+#: the search does not choose it; the export and the engine use it, the ``size`` model counts it
+EMBEDDING_BITS = BASELINE_BITS
+
+
+@dataclass
+class ProductInfo:
+    """An activation x activation MatMul costed as an ``act_matmul`` LayerSpec: ``heads`` the
+    channel references of its output's head axis (None: no head layout, one 'head'), each head
+    owning ``spec.c_out // spec.groups`` output columns."""
+
+    product: ActivationProduct
+    spec: LayerSpec
+    heads: list[ChannelRef | None] | None
+
+    @property
+    def name(self) -> str:
+        return self.product.name
+
+
+def _product_info(analysis: ChannelAnalysis, product: ActivationProduct,
+                  refs: dict[int, ChannelRef]) -> ProductInfo:
+    layout = analysis.layouts.get(product.output)
+    rank = len(product.batch) + 3
+    heads = None
+    h = 1
+    if layout is not None and 1 <= layout.axis < rank - 2 and product.batch[layout.axis - 1] == layout.size:
+        h = layout.size
+        heads = _tensor_refs(analysis, product.output, refs)
+    other = int(np.prod(product.batch)) // h
+    spec = LayerSpec(product.name, "act_matmul", h * product.k, h * product.n, (1, 1), (1, product.m * other), h)
+    return ProductInfo(product, spec, heads)
+
+
+def _embedding_spec(table: EmbeddingTable) -> LayerSpec:
+    return LayerSpec(table.name, "embedding", table.dim, table.rows)
+
+
+def _head_kept(ref: ChannelRef | None, kept: Mapping[str, set[int]]) -> bool:
+    return ref is None or ref[0] not in kept or ref[1] in kept[ref[0]]
+
+
 # ----------------------------------------------------------------------------- weight scales
 
 
@@ -329,6 +373,17 @@ class SearchSpace:
         self.clips: dict[str, float] = {tensor: DEFAULT_CLIP for tensor in self.sites}
         self._groups = {g.id: g for g in analysis.groups}
         self._baseline: CompressionPlan | None = None
+        self._init_products()
+
+    def _init_products(self) -> None:
+        """Activation x activation MatMuls (their operands are sites) and embedding tables."""
+        from graph_passes.layers import activation_products, embedding_tables
+
+        refs = _atom_refs(self.analysis)
+        self.products: dict[str, ProductInfo] = {
+            p.name: _product_info(self.analysis, p, refs) for p in activation_products(self.analysis.graph)
+            if p.a in self.sites and p.b in self.sites}
+        self.embeddings: dict[str, EmbeddingTable] = {e.name: e for e in embedding_tables(self.analysis.graph)}
 
     # ------------------------------------------------------------------ facts
 
@@ -536,9 +591,40 @@ class SearchSpace:
                                                           sparsity=layer_plan.sparsity)))
         return pairs
 
+    def extra_pairs(self, plan: CompressionPlan) -> list[tuple[LayerSpec, CostInputs]]:
+        """(spec, discrete cost inputs) of what is not a weight layer: each activation x
+        activation MatMul (``act_matmul``: operand B's bits per column, 0 for a pruned head's
+        columns, operand A's as the activation) and each embedding table (``embedding``, every
+        row at :data:`EMBEDDING_BITS`)."""
+        kept = {gid: set(g.kept) for gid, g in plan.groups.items()}
+        pairs = []
+        for info in self.products.values():
+            a_plan, b_plan = plan.activations.get(info.product.a), plan.activations.get(info.product.b)
+            if a_plan is None or b_plan is None:
+                raise PlanError(f"plan has no entry for the operands of {info.name!r}; was it made for another model?")
+            per_head = info.spec.c_out // info.spec.groups
+            heads = info.heads or [None] * info.spec.groups
+            bits = [b_plan.bits if _head_kept(ref, kept) else PRUNED for ref in heads for _ in range(per_head)]
+            pairs.append((info.spec, CostInputs.from_bits(bits, a_plan.bits, float(info.spec.c_in),
+                                                          w_precisions=(PRUNED, *ACTIVATION_BITS),
+                                                          a_precisions=ACTIVATION_BITS)))
+        for table in self.embeddings.values():
+            pairs.append((_embedding_spec(table), CostInputs.from_bits(
+                [EMBEDDING_BITS] * table.rows, BASELINE_BITS, float(table.dim),
+                w_precisions=(EMBEDDING_BITS,), a_precisions=(BASELINE_BITS,))))
+        return pairs
+
+    def embedding_cost(self, name: str = "size") -> float:
+        """The (fixed) cost of the embedding tables under cost model ``name``."""
+        model = get_cost_model(name)
+        return float(sum(float(model(_embedding_spec(t), CostInputs.from_bits(
+            [EMBEDDING_BITS] * t.rows, BASELINE_BITS, float(t.dim), w_precisions=(EMBEDDING_BITS,),
+            a_precisions=(BASELINE_BITS,)))) for t in self.embeddings.values()))
+
     def cost_of_plan(self, plan: CompressionPlan, name: str = "size") -> float:
-        """The cost of a discrete plan (a number in the cost model's unit)."""
-        return float(get_cost_model(name).total(self.plan_pairs(plan)))
+        """The cost of a discrete plan (a number in the cost model's unit): the weight layers'
+        (:meth:`plan_pairs`) plus the activation products' and embeddings' (:meth:`extra_pairs`)."""
+        return float(get_cost_model(name).total(self.plan_pairs(plan) + self.extra_pairs(plan)))
 
     def costs(self, plan: CompressionPlan, names: Sequence[str] | None = None) -> dict[str, float]:
         """``plan``'s cost under ``names`` (default: every registered model; one that cannot
@@ -571,5 +657,5 @@ class SearchSpace:
         return f"{name} {ratio}, {pruned}/{total} group channels pruned"
 
 
-__all__ = ["DEFAULT_ACTIVATION_PRECISIONS", "DEFAULT_WEIGHT_PRECISIONS", "ChannelMap", "LayerInfo", "Precisions",
-           "SearchSpace", "Unit", "build_channel_map", "weight_scales"]
+__all__ = ["DEFAULT_ACTIVATION_PRECISIONS", "DEFAULT_WEIGHT_PRECISIONS", "EMBEDDING_BITS", "ChannelMap", "LayerInfo",
+           "Precisions", "ProductInfo", "SearchSpace", "Unit", "build_channel_map", "weight_scales"]

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..layouts import Layout
 from .context import PropagationContext, PruneContext
-from .registry import OpRule, register
+from .registry import OpRule, ProductFacts, register
 from .weights import MatMulRule
 
 
@@ -63,6 +63,23 @@ class AttentionMatMulRule(MatMulRule):
             return
         ctx.atoms.tie(la.atoms, lb.atoms)
         ctx.set_layout(node.output[0], Layout(la.axis, la.atoms))
+
+    def activation_product(self, node, graph) -> ProductFacts | None:
+        """Both operands activations, static shapes of one rank >= 3 with the same batch dims (no
+        broadcasting): ``[.., m, k] x [.., k, n]``. A weight MatMul is a weight layer instead."""
+        a, b = node.input[0], node.input[1]
+        if graph.constant(a) is not None or graph.constant(b) is not None:
+            return None
+        a_shape, b_shape, out_shape = graph.shape(a), graph.shape(b), graph.shape(node.output[0])
+        if not a_shape or not b_shape or not out_shape or any(
+                d is None or int(d) < 1 for d in (*a_shape, *b_shape, *out_shape)):
+            return None
+        if not (len(a_shape) == len(b_shape) == len(out_shape) >= 3):
+            return None
+        if list(a_shape[:-2]) != list(b_shape[:-2]) or a_shape[-1] != b_shape[-2]:
+            return None
+        return ProductFacts((0, 1), tuple(int(d) for d in a_shape[1:-2]), int(a_shape[-2]),
+                            int(a_shape[-1]), int(b_shape[-1]))
 
     def prune(self, name, node, ctx: PruneContext) -> None:
         if ctx.graph.constant(node.input[1]) is not None or ctx.graph.constant(node.input[0]) is not None:

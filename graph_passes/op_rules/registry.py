@@ -10,19 +10,61 @@ no other place in the code base that switches on op types.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import onnx
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..graph import ModelGraph
     from .context import PropagationContext, PruneContext
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ProductFacts:
+    """An activation x activation product (Q K^T, attention x V): the inputs that are its two
+    operands (each gets an activation quantization site) and its shape per sample: ``batch``
+    the batched dims after the first (heads, ...), each an ``[m, k] x [k, n]`` product."""
+
+    operands: tuple[int, int]
+    batch: tuple[int, ...]
+    m: int
+    k: int
+    n: int
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates per sample: ``prod(batch) * m * k * n``."""
+        return math.prod(self.batch) * self.m * self.k * self.n
+
+
+@dataclass(frozen=True)
+class EmbeddingFacts:
+    """A look-up of rows of a constant float table (an embedding): ``table`` the initializer,
+    ``rows`` x ``dim`` its shape; quantized per row (one scale per row)."""
+
+    table: str
+    rows: int
+    dim: int
+
+
 class OpRule:
-    """Base rule: subclasses override :meth:`propagate`, and :meth:`prune` when they own constants."""
+    """Base rule: subclasses override :meth:`propagate`, and :meth:`prune` when they own constants.
+
+    Quantization facets (default: none): :meth:`activation_product` for an op that multiplies two
+    run-time activations, :meth:`embedding_table` for an op that looks rows up in a constant table.
+    """
+
+    def activation_product(self, node: onnx.NodeProto, graph: "ModelGraph") -> ProductFacts | None:
+        """The node's facts when it multiplies two activations (shapes static), else None."""
+        return None
+
+    def embedding_table(self, node: onnx.NodeProto, graph: "ModelGraph") -> EmbeddingFacts | None:
+        """The node's facts when it gathers whole rows of a constant float table, else None."""
+        return None
 
     def propagate(self, name: str, node: onnx.NodeProto, ctx: "PropagationContext") -> None:
         raise NotImplementedError

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..layouts import Layout
 from .context import PropagationContext, PruneContext
-from .registry import OpRule, register
+from .registry import EmbeddingFacts, OpRule, register
 
 
 def _norm_axis(axis: int, rank: int) -> int:
@@ -345,6 +345,17 @@ class SliceRule(OpRule):
 
 @register("Gather")
 class GatherRule(OpRule):
+    def embedding_table(self, node, graph) -> EmbeddingFacts | None:
+        """Gather along axis 0 of a constant 2-D float32 table by run-time indices: an embedding."""
+        table = graph.constant(node.input[0])
+        if table is None or table.ndim != 2 or table.dtype != np.float32 or table.size == 0:
+            return None
+        if len(node.input) < 2 or graph.constant(node.input[1]) is not None:
+            return None
+        if _norm_axis(int(graph.attr(node, "axis", 0)), 2) != 0:
+            return None
+        return EmbeddingFacts(node.input[0], int(table.shape[0]), int(table.shape[1]))
+
     def propagate(self, name, node, ctx: PropagationContext) -> None:
         layout, shape = ctx.layout(node.input[0]), ctx.shape(node.input[0])
         idx_shape = ctx.shape(node.input[1])

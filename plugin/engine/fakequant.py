@@ -7,9 +7,12 @@ Weights: every weight layer's weight gets a quantizer parametrization (one bit-w
 channel, 0 = pruned: zero), preceded by a fine-grained sparsity mask (:class:`SparsityMask`,
 identity while the plan's layer is dense) that zeroes the smallest-|w| weights of each kept
 channel by the plan's rule (:class:`plugin.plan.LayerPlan`). Biases are gated by the kept mask, so a pruned channel outputs
-exactly zero. Activations: one quantizer per activation site (a tensor read by weight layers),
-applied by forward pre-hooks on the consumer modules; all consumers of a site share it. Only the
-weight layers' inputs are quantized: the exporter puts the site's Q/DQ on those edges. Once a
+exactly zero. Activations: one quantizer per activation site (a tensor read by weight layers, or
+an operand of an activation x activation MatMul: Q K^T, attention x V), applied by forward
+pre-hooks on the consumer modules (the MatMul's module: on the operand's argument); all consumers
+of a site share it. Only those inputs are quantized: the exporter puts the site's Q/DQ on those
+edges. Embedding tables (a Gather of a constant table's rows) are fake-quantized per row at
+``plugin.space.EMBEDDING_BITS`` (8, not searched), as the export stores them. Once a
 plan is frozen, a site also zeroes the positions of pruned channels, which is exactly what
 structural pruning computes (the channel-group oracle).
 
@@ -180,8 +183,10 @@ class FakeQuantModel(nn.Module):
         self._layers = {info.name: self._wrap_layer(info) for info in self.map.layers}
         self.sites = nn.ModuleDict()
         self._site_key: dict[str, str] = {}
-        self._hooks: list[tuple[str, SiteQuantizer, Any]] = []
+        self._hooks: list[tuple[str, SiteQuantizer, Any, int]] = []  # owner, site, handle, argument
         self._wrap_sites()
+        self._embeddings = {name: self._wrap_embedding(name, table.table, table.rows)
+                            for name, table in space.embeddings.items()}
         self.calibrated = self.config.init_clip is not None
         self._after_wrapping()
         logger.info("%s: %d layers, %d activation sites", type(self).__name__, len(self._layers), len(self.sites))
@@ -291,13 +296,34 @@ class FakeQuantModel(nn.Module):
             for consumer in site.consumers:
                 if consumer in self._layers:
                     self._hook(self._layers[consumer].owner, self.sites[key])
+                elif consumer in self.space.products:  # an activation x activation MatMul operand
+                    product = self.space.products[consumer].product
+                    owner = self.bridged.node_map.get(consumer)
+                    if owner is None:
+                        raise PlanError(f"activation MatMul {consumer!r} has no module after bridging")
+                    for index, operand in enumerate((product.a, product.b)):
+                        if operand == site.tensor:
+                            self._hook(owner, self.sites[key], index)
 
-    def _hook(self, owner: str, site: SiteQuantizer) -> None:
+    def _hook(self, owner: str, site: SiteQuantizer, index: int = 0) -> None:
         def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            return (site(args[0]), *args[1:])
+            return (*args[:index], site(args[index]), *args[index + 1:])
 
         handle = self.net.get_submodule(owner).register_forward_pre_hook(pre_hook)
-        self._hooks.append((owner, site, handle))
+        self._hooks.append((owner, site, handle, index))
+
+    def _wrap_embedding(self, name: str, table: str, rows: int) -> FrozenWeightQuantizer:
+        """Per-row fake quantization of an embedding table at ``EMBEDDING_BITS`` (not searched),
+        the export's numbers (``graph_passes.qdq``): a parametrization of the table's tensor."""
+        from plugin.space import EMBEDDING_BITS
+
+        qualified = self.bridged.param_map.get(table)
+        if qualified is None:
+            raise PlanError(f"embedding {name!r}: table {table!r} has no torch tensor after bridging")
+        owner, _, attr = qualified.rpartition(".")
+        quantizer = FrozenWeightQuantizer(rows, ch_axis=0, bits=EMBEDDING_BITS)
+        parametrize.register_parametrization(self.net.get_submodule(owner), attr, quantizer)
+        return quantizer
 
     def _raw(self, entry: WrappedLayer, attr: str) -> Tensor:
         return self.net.get_submodule(entry.owner).parametrizations[attr].original
@@ -317,9 +343,9 @@ class FakeQuantModel(nn.Module):
         def observe(key: str, x: Tensor) -> None:
             found[key] = max(found.get(key, 0.0), _quantile(x))
 
-        for owner, site, _ in self._hooks:
+        for owner, site, _, index in self._hooks:
             handles.append(teacher.get_submodule(owner).register_forward_pre_hook(
-                lambda _m, args, key=site.tensor: observe(key, args[0])))
+                lambda _m, args, key=site.tensor, i=index: observe(key, args[i])))
         try:
             for inputs, _labels in batches:
                 teacher(*inputs)

@@ -219,8 +219,29 @@ class Supernet(FakeQuantModel):
             inputs = CostInputs(entry.quantizer.precisions, entry.quantizer.theta(), site.precisions,
                                 site.theta(), self._c_in_eff(entry.info, keep))
             pairs.append((entry.info.spec, inputs))
-        total = model.total(pairs)
+        pairs.extend(self._product_pairs(keep))
+        total = model.total(pairs) + self.space.embedding_cost(model.name)
         return total if isinstance(total, Tensor) else torch.tensor(float(total))
+
+    def _product_pairs(self, keep: list[Tensor]) -> list[tuple[Any, CostInputs]]:
+        """Activation x activation MatMuls under theta: operand B's site mixture per output column,
+        scaled by its head's keep probability (0 bits: ``1 - keep``), operand A's as the activation."""
+        pairs = []
+        for name, info in self.space.products.items():
+            a = self.sites[self._site_key[info.product.a]].quantizer
+            b = self.sites[self._site_key[info.product.b]].quantizer
+            theta_b = b.theta()
+            per_head = info.spec.c_out // info.spec.groups
+            head_keep = []
+            for ref in info.heads or [None] * info.spec.groups:
+                unit = self.map.units.get(ref[0]) if ref is not None else None
+                head_keep.append(keep[unit.alpha_index][unit.offset + ref[1]] if unit is not None
+                                 else torch.ones((), device=theta_b.device))
+            columns = torch.stack(head_keep).to(theta_b.dtype).repeat_interleave(per_head)
+            w_theta = torch.cat([(1 - columns)[None], columns[None] * theta_b[:, None]], dim=0)
+            pairs.append((info.spec, CostInputs((0, *b.precisions), w_theta, a.precisions, a.theta(),
+                                                float(info.spec.c_in))))
+        return pairs
 
     def _column_bits_argmax(self, prune_threshold: float = 0.5) -> list[Tensor]:
         """Per alpha, the discrete bit-width per column; a prunable group keeps >= 1 channel.
