@@ -361,7 +361,7 @@ class SearchableWeightQuantizer(_SearchableBase):
             return quantize_weight_per_channel(w, self.frozen_bits, self.ch_axis)
         return self._mixture(w)
 
-    def _mixture(self, w: Tensor) -> QuantOutput:
+    def _mixture(self, w: Tensor, y_only: bool = False) -> QuantOutput:
         """``sum_j theta_j * Q_{b_j}(W)``, all non-zero widths in one batched fake-quantization
         (the 0-bit term is zero): one absmax and one rounding pass instead of one per width.
 
@@ -385,6 +385,8 @@ class SearchableWeightQuantizer(_SearchableBase):
         y = weighted[-1]
         for k in range(len(kept) - 2, -1, -1):
             y = y + weighted[k]
+        if y_only:  # forward(): the scale, zero point and expected width below are not used
+            return QuantOutput(y, None, None, None)  # type: ignore[arg-type]
         best = theta.detach().argmax(dim=0)
         scales = torch.ones(len(self.precisions), self.c_out, dtype=w.dtype, device=w.device)
         scales[kept] = scale.detach()
@@ -393,6 +395,8 @@ class SearchableWeightQuantizer(_SearchableBase):
         return QuantOutput(y, scale_best, zero_point, self.expected_bit_width())
 
     def forward(self, w: Tensor) -> Tensor:
+        if self.frozen_bits is None and w.shape[self.ch_axis] == self.c_out:
+            return self._mixture(w, y_only=True).y  # the same y as quant(w).y, less work per step
         return self.quant(w).y
 
 
@@ -458,6 +462,15 @@ def symmetric_clip_quantize(x: Tensor, clip: Tensor, bits: int) -> QuantOutput:
     y = _SymmetricClipSTE.apply(x, clip.to(x.dtype), qmax)
     scale = (clip / qmax).detach()
     return QuantOutput(y, scale, _zero_point(x), torch.tensor(bits, device=x.device))
+
+
+def _activation_y(x: Tensor, clip: Tensor, bits: int, signed: bool) -> Tensor:
+    """``_activation_quantize(x, clip, bits, signed).y``, computed alike, without the rest."""
+    if signed:
+        qmax = 2 ** (_check_bits(bits, minimum=2, what="symmetric clip quantizer") - 1) - 1
+        return _SymmetricClipSTE.apply(x, _positive_clip(clip).to(x.dtype), qmax)
+    n_levels = 2 ** _check_bits(bits, minimum=1, what="PACT") - 1
+    return _PactSTE.apply(x, _positive_clip(clip).to(x.dtype), n_levels)
 
 
 def _activation_quantize(x: Tensor, clip: Tensor, bits: int, signed: bool) -> QuantOutput:
@@ -562,7 +575,12 @@ class SearchableActivationQuantizer(_SearchableBase, _ClipHolder):
         return QuantOutput(y, best.scale, best.zero_point, self.expected_bit_width())
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.quant(x).y
+        if self.frozen_bits is not None:
+            return self.quant(x).y
+        # quant(x).y without the per-width QuantOutput bookkeeping (scale, zero point and bits
+        # tensors, the argmax, the expected width): the same operations on y, in the same order
+        theta = self.theta().to(x.dtype)
+        return sum(theta[j] * _activation_y(x, self.clip, b, self.signed) for j, b in enumerate(self.precisions))
 
 
 # ----------------------------------------------------------------------------- frozen (plan) quantizers
