@@ -121,6 +121,8 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
         runner.weight_opt.step()
         runner.alpha_opt.step()
 
+    if args.ab_forward:
+        return _ab_forward(name, search_step, batches, args)
     rows: dict[str, list] = {"fp32": [], "search": []}
     cpu: dict[str, list] = {"fp32": [], "search": []}
     peaks: dict[str, int] = {}
@@ -144,6 +146,26 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
             "maxrss_kib_after": rss, "autograd_saved_kib": {k: v / 1024 for k, v in saved.items()}, "task_loss": config.task_loss}
 
 
+def _ab_forward(name: str, search_step, batches, args) -> dict:
+    """The search step with the quantizers' forward as ``quant(x).y`` (before commit a6da0b2) and
+    as it is now, interleaved in one process: CPU ms per step, median of ``--repeats``."""
+    from plugin.engine import quantizers as q
+
+    new = {cls: cls.forward for cls in (q.SearchableWeightQuantizer, q.SearchableActivationQuantizer)}
+    runs: dict[str, list[float]] = {"quant_y": [], "forward": []}
+    try:
+        for _ in range(args.repeats):
+            for kind in runs:
+                for cls, fwd in new.items():
+                    cls.forward = (lambda self, t: self.quant(t).y) if kind == "quant_y" else fwd
+                runs[kind].append(1000 * _timed(search_step, batches, args.warmup, args.steps)[1])
+    finally:
+        for cls, fwd in new.items():
+            cls.forward = fwd
+    old, now = statistics.median(runs["quant_y"]), statistics.median(runs["forward"])
+    return {"model": name, "quant_y_cpu_ms": old, "forward_cpu_ms": now, "less": 1 - now / old, "runs_ms": runs}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -152,11 +174,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ab-forward", action="store_true",
+                    help="only the search step, old quantizer forward (quant(x).y) vs the current one, interleaved")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     rows = [measure(*m, args) for m in _models()]
     load_after = os.getloadavg()
+    if args.ab_forward:
+        text = "\n".join([f"search step CPU ms, quantizer forward as quant(x).y vs now, median of {args.repeats} x "
+                          f"{args.steps} steps; load average before {'/'.join(f'{v:.2f}' for v in load_before)}, "
+                          f"after {'/'.join(f'{v:.2f}' for v in load_after)}", ""]
+                         + [f"- {r['model']}: {r['quant_y_cpu_ms']:.1f} -> {r['forward_cpu_ms']:.1f} ms "
+                            f"({100 * r['less']:.1f}% less)" for r in rows])
+        print(text)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            record = {"command": provenance.command_line(), "commit": provenance.commit(),
+                      "versions": provenance.versions(), "load_average_before": load_before,
+                      "load_average_after": load_after, "rows": rows}
+            (args.out / "ab-forward.json").write_text(json.dumps(record, indent=2))
+            (args.out / "ab-forward.md").write_text(text + f"\n\ncommit {record['commit']}\n")
+        return 0
     lines = [f"step speed ({args.label or 'run'}): batch 64, CPU, {args.threads} thread(s), median of "
              f"{args.repeats} x {args.steps} steps; load average (1/5/15 min) before "
              f"{'/'.join(f'{v:.2f}' for v in load_before)}, after {'/'.join(f'{v:.2f}' for v in load_after)}", "",
