@@ -189,7 +189,6 @@ def test_fake_quant_quantizes_a_shared_weight_once(tmp_path: Path) -> None:
     assert len(ids) == len(set(ids)) and ids.count(id(raw)) == 1
 
 
-@pytest.mark.slow
 def test_compress_writes_the_shared_weight_once_and_smaller(tmp_path: Path) -> None:
     from plugin.api import CompressConfig, compress
 
@@ -209,3 +208,38 @@ def test_compress_writes_the_shared_weight_once_and_smaller(tmp_path: Path) -> N
     assert out.stat().st_size < source.stat().st_size
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert np.isfinite(sess.run(None, {"x": data["x"][:2]})[0]).all()
+
+
+def test_a_weight_read_transposed_by_another_layer_is_copied() -> None:
+    """Gemm transB=1 reads w as [out, in], MatMul as [in, out]: two layouts, one copy each."""
+    from graph_passes.untie import untie_weight_initializers
+
+    model = build(header() + """
+    agraph (float[2, 16] x) => (float[2, 16] y) {
+        h = Gemm <transB = 1> (x, w)
+        r = Relu (h)
+        y = MatMul (r, w)
+    }""", w=[16, 16])
+    untied, copies = untie_weight_initializers(model)
+    assert copies == 1 and untied.graph.node[2].input[1] != "w"
+    prepared = prepare_model(model)
+    assert all(layer.weight_owner is None for layer in prepared.analysis.layers)
+    assert oracle(prepared.model, prepared.analysis) >= 1
+
+
+def test_the_corpus_model_with_a_reused_cqt_kernel_counts_it_once() -> None:
+    """basic-pitch (tf2onnx): the constant-Q transform's conv kernels, each reused for the 9
+    octaves. Before: 185,292 parameters counted (5.1x the 36,037 stored values)."""
+    from . import pypi_corpus
+
+    entry = pypi_corpus.BY_KEY["basic-pitch"]
+    path = pypi_corpus.model_path(entry)
+    if not path.exists():
+        pytest.skip(f"basic-pitch is not in the corpus cache ({path}); python -m tests.pypi_corpus fetches it")
+    prepared = prepare_model(str(path), input_shapes=list(entry.input_shapes))
+    layers = prepared.analysis.layers
+    stored = sum(int(np.prod(t.dims)) for t in prepared.original.graph.initializer)
+    assert sum(1 for layer in layers if layer.weight_owner) == 23
+    assert sum(layer.params for layer in layers) <= stored * 1.01
+    elements = sum(int(np.prod(t.dims)) for t in prepared.model.graph.initializer)
+    assert elements <= stored * 1.05  # normalised: no longer 5x the input
