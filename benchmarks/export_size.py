@@ -4,7 +4,8 @@ For each model (the digits sample, and ResNet-8 trained on digits from ``bench_n
 plan compressed to a low budget (``--target``, default ``size=10%``) is searched once and saved
 under ``--plans`` (reused when it exists, so the same plans can be exported by two commits),
 then applied with ``plugin.api.apply_plan`` (the export and the gate, on the task's test split).
-The file is split into
+A third row, ``digits-sample-mixed``, exports a made-up plan with all three widths in every
+layer (the mixed-width path). The file is split into
 
 * packed weights: the integer payload of the DequantizeLinear weight initializers,
 * scales / zero points / indices: the payload of every Q/DQ scale and zero point, and of the
@@ -129,7 +130,22 @@ def models(work: Path) -> list[tuple[str, Path, Path, Path]]:
     np.savez(train, input=task.x_train, labels=task.y_train)
     np.savez(test, input=task.x_test, labels=task.y_test)
     out.append(("digits-resnet8", path, train, test))
+    out.append(("digits-sample-mixed", out[0][1], out[0][2], out[0][3]))
     return out
+
+
+def mixed_plan(model: Path, path: Path) -> None:
+    """A plan with every width in every layer (channel c at (8, 4, 2)[c % 3], activations 8 bits,
+    nothing pruned): the mixed-width export path (one DequantizeLinear per width, Concat, Gather)."""
+    from graph_passes.digest import model_digest
+    from graph_passes.prepare import prepare_model
+    from plugin.space import Precisions, SearchSpace
+
+    prepared = prepare_model(str(model))
+    space = SearchSpace(prepared.analysis, Precisions((8, 4, 2, 0), (8, 4, 2)),
+                        model_sha256=model_digest(prepared.original))
+    bits = {name: [(8, 4, 2)[c % 3] for c in range(len(info.columns))] for name, info in space.layers.items()}
+    space.plan(layer_bits=bits, site_bits=8).save(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, train, test in models(Path(tmp)):
             plan = args.plans / f"{name}.plan.json"
-            if not plan.exists():
+            if name.endswith("-mixed") and not plan.exists():
+                mixed_plan(model, plan)
+            elif not plan.exists():
                 cfg = CompressConfig(target=args.target, epochs=args.epochs, finetune_epochs=0, progress=False,
                                      seed=0, compare_runtimes=False)
                 res = compress(str(model), str(train), config=cfg)
