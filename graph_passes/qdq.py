@@ -583,8 +583,8 @@ def compact(result: QdqResult) -> QdqResult:
       tensor per rank instead of one per layer;
     * identical initializers (same type, shape and bytes: the activations' scalar zero points,
       equal scales, shapes) become one;
-    * every tensor and node that is not a graph input or output or a packed integer weight
-      gets a short name (base 36).
+    * every tensor and node that is not a graph input or output, a packed integer weight or a
+      (shared) zero point gets a short name (base 36).
 
     Models with subgraphs (If/Loop/Scan) or local functions keep their names (an outer name may
     be read inside a body); the other steps still apply where no body reads the tensor."""
@@ -620,8 +620,12 @@ def compact(result: QdqResult) -> QdqResult:
     if not inner and not model.functions:
         # the packed integer weights keep their names (the layer's weight name and width), so a
         # layer's weights can still be found in the file; everything else gets a short name
+        # the zero points too (after sharing, one per type): a message about a type a runtime
+        # cannot read (plugin.runtimes) then still names the first activation of that type
         packed = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
-        _short_names(g, fixed | packed)
+        zero_points = {n.input[2] for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                       and len(n.input) > 2 and n.input[2] in inits}
+        _short_names(g, fixed | packed | zero_points)
     if dropped_zp:  # the weights' zero points (all zeros, written by _dequantize_part) are gone
         for layer in result.layers.values():
             layer.zero_point_bytes = 0
