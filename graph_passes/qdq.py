@@ -584,7 +584,7 @@ def compact(result: QdqResult) -> QdqResult:
     * identical initializers (same type, shape and bytes: the activations' scalar zero points,
       equal scales, shapes) become one;
     * every tensor and node that is not a graph input or output, a packed integer weight or a
-      (shared) zero point gets a short name (base 36).
+      graph input's quantizer's scale or zero point gets a short name (base 36).
 
     Models with subgraphs (If/Loop/Scan) or local functions keep their names (an outer name may
     be read inside a body); the other steps still apply where no body reads the tensor."""
@@ -620,12 +620,13 @@ def compact(result: QdqResult) -> QdqResult:
     if not inner and not model.functions:
         # the packed integer weights keep their names (the layer's weight name and width), so a
         # layer's weights can still be found in the file; everything else gets a short name
-        # the zero points too (after sharing, one per type): a message about a type a runtime
-        # cannot read (plugin.runtimes) then still names the first activation of that type
+        # so do a graph input's quantizer's scale and zero point (named after the input; a
+        # message about a type a runtime cannot read, plugin.runtimes, then names the input)
         packed = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
-        zero_points = {n.input[2] for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                       and len(n.input) > 2 and n.input[2] in inits}
-        _short_names(g, fixed | packed | zero_points)
+        graph_inputs = {v.name for v in g.input}
+        input_params = {i for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in graph_inputs
+                        for i in n.input[1:] if i in inits}
+        _short_names(g, fixed | packed | input_params)
     if dropped_zp:  # the weights' zero points (all zeros, written by _dequantize_part) are gone
         for layer in result.layers.values():
             layer.zero_point_bytes = 0

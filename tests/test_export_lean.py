@@ -54,10 +54,11 @@ def test_compact_is_exact_at_every_level_and_smaller(wbits, abits) -> None:
     # the activations' scalar zero points: one tensor per type
     zps = {n.input[2] for n in g.node if n.op_type == "QuantizeLinear"}
     assert len(zps) <= len({inits[z].data_type for z in zps})
-    # graph inputs/outputs keep their names; the rest is short, packed weights and zero points keep theirs
+    # graph inputs/outputs keep their names; the rest is short, packed weights and the input's scale/zero point keep theirs
     assert [v.name for v in g.input] == ["x"] and {o.name for o in g.output} == {o.name for o in model.graph.output}
     packed = {n.input[0] for n in weight_dq}
-    assert all(len(t.name) <= 3 for t in g.initializer if t.name not in packed | zps)
+    inputs = {i for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == "x" for i in n.input[1:]}
+    assert all(len(t.name) <= 3 for t in g.initializer if t.name not in packed | inputs)
     assert all(t.name.startswith("W") for t in g.initializer if t.name in packed)
 
 
