@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnx2torch
 from onnx2torch.onnx_graph import OnnxGraph, ValueType
+import torch
 from torch import fx, nn
 
 from graph_passes.errors import ConversionError, PrunequantError
@@ -123,11 +124,19 @@ def _buffer_map(gm: fx.GraphModule, named: onnx.ModelProto) -> dict[str, list[st
     return found
 
 
+def _tensor_at(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    """The parameter or buffer at a qualified name (shared parameters included)."""
+    try:
+        return gm.get_parameter(name)
+    except AttributeError:
+        return gm.get_buffer(name)
+
+
 def _share_tensor(gm: fx.GraphModule, target: str, source: str) -> None:
     """Make the tensor at ``target`` the same object as the one at ``source`` (tied weights)."""
     owner_name, _, attr = target.rpartition(".")
     owner = gm.get_submodule(owner_name)
-    tensor = gm.get_parameter(source) if source in dict(gm.named_parameters()) else gm.get_buffer(source)
+    tensor = _tensor_at(gm, source)
     if isinstance(tensor, nn.Parameter):
         setattr(owner, attr, tensor)
     else:
@@ -152,6 +161,20 @@ def _collect_maps(gm: fx.GraphModule, named: onnx.ModelProto, node_map: dict[str
             else:
                 _share_tensor(gm, qualified, param_map[binding.initializer])
     for init, buffers in _buffer_map(gm, named).items():
+        if init in param_map:
+            # The initializer is a trained parameter of one node and a plain constant of others
+            # (exporters merge equal tensors: a LayerNorm's zero bias read by bias Adds too).
+            # write_back stores the trained value once, so every reader must see that value
+            # during training as well: the constants become the parameter itself.
+            binding = layouts[init]
+            param = _tensor_at(gm, param_map[init])
+            for duplicate in buffers:
+                if binding.transpose or tuple(gm.get_buffer(duplicate).shape) != tuple(param.shape):
+                    raise ConversionError(
+                        f"initializer {init!r} is both a layer's parameter ({param_map[init]}) and, in "
+                        "another layout, a constant of other nodes; untie it before bridging")
+                _share_tensor(gm, duplicate, param_map[init])
+            continue
         for duplicate in buffers[1:]:
             _share_tensor(gm, duplicate, buffers[0])
         param_map.setdefault(init, buffers[0])
