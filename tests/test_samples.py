@@ -128,3 +128,66 @@ def test_meta_consistent(sample: str) -> None:
     assert n_init == meta["n_params"] + n_bn_stats
     for key in ("seed", "versions", "opset"):
         assert key in meta
+
+
+# --------------------------------------------------------------------------- transformer sample
+
+TRANSFORMER = SAMPLES_DIR / "transformer"
+
+
+def _transformer_heads():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("transformer_heads", TRANSFORMER / "heads.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.head_counts
+
+
+def test_transformer_sample_loads_and_matches_meta() -> None:
+    meta = _meta("transformer")
+    for fname in ("model.onnx", "train.npz", "test.npz"):
+        assert (TRANSFORMER / fname).stat().st_size < 300 * 1024, fname
+    model = onnx.load(str(TRANSFORMER / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert {"LayerNormalization", "Softmax", "Erf"} <= {n.op_type for n in model.graph.node}
+    assert meta["model_sha256"] == hashlib.sha256((TRANSFORMER / "model.onnx").read_bytes()).hexdigest()
+    with np.load(TRANSFORMER / "test.npz") as z:
+        x, y = z["input"], z["labels"]
+    assert x.shape[1:] == (8, 8) and x.shape[0] == meta["n_test"]
+    sess = _session(TRANSFORMER / "model.onnx")
+    (logits,) = sess.run(["logits"], {"input": x})
+    assert float((logits.argmax(1) == y).mean()) == pytest.approx(meta["test_accuracy"], abs=1e-6)
+    (one,) = sess.run(["logits"], {"input": x[:1]})  # the batch axis is dynamic
+    np.testing.assert_allclose(one, logits[:1], rtol=1e-5, atol=1e-5)
+    assert [b["heads"] for b in _transformer_heads()(model)] == [4, 4]
+
+
+def test_transformer_sample_heads_prunable() -> None:
+    from graph_passes.prepare import prepare_model
+
+    analysis = prepare_model(str(TRANSFORMER / "model.onnx")).analysis
+    heads = [g for g in analysis.groups if g.prunable and g.size == 4]
+    mlp = [g for g in analysis.groups if g.prunable and g.size == 64]
+    assert len(heads) == 2 and len(mlp) == 2, [(g.id, g.size, g.prunable) for g in analysis.groups]
+    for group in heads:  # one head = the Q, K and V rows of a block
+        assert sorted(p.split("/")[-2] for p in group.producers) == ["k", "q", "v"], group.producers
+
+
+@pytest.mark.slow
+def test_transformer_sample_compress_prunes_heads(tmp_path: Path) -> None:
+    """A short joint search to a size budget passes the gate and removes at least one head."""
+    from plugin.api import CompressConfig, compress
+
+    config = CompressConfig(target="size=30%", act_bits=(4, 8), epochs=6, finetune_epochs=2, seed=0,
+                            progress=False)
+    result = compress(str(TRANSFORMER / "model.onnx"), str(TRANSFORMER / "train.npz"),
+                      output=str(tmp_path / "t.onnx"), config=config)
+    assert (tmp_path / "t.onnx").is_file()  # written only after the gate passed
+    blocks = _transformer_heads()(result.model)
+    assert len(blocks) == 2 and all(b["heads"] is not None for b in blocks), blocks
+    assert sum(4 - b["heads"] for b in blocks) >= 1, blocks
+    with np.load(TRANSFORMER / "test.npz") as z:
+        x, y = z["input"], z["labels"]
+    sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert float((sess.run(None, {"input": x})[0].argmax(1) == y).mean()) >= 0.85
