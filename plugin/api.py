@@ -713,7 +713,6 @@ def _weight_zeros(model: onnx.ModelProto) -> dict:
     return {"weight_integers": total, "zero_weight_integers": zeros}
 
 
-
 def summary_table(report: dict) -> str:
     """Before/after table for the CLI."""
     b, a, q = report["cost_before_8bit"], report["cost_after"], report["quality"]
