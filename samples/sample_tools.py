@@ -55,9 +55,18 @@ def train(model: nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, *, epochs: int, 
     model.eval()
 
 
-def export(model: nn.Module, path: Path, sample_shape: tuple[int, ...], opset: int) -> None:
-    """Legacy exporter, input "input", output "logits", dynamic batch, BatchNorm kept."""
+def export(model: nn.Module, path: Path, sample_shape: tuple[int, ...], opset: int,
+           keep_batchnorm: bool = True) -> None:
+    """Legacy exporter, input "input", output "logits", dynamic batch, BatchNorm kept (with
+    ``keep_batchnorm=False``: the exporter's default eval-mode export, for models without it)."""
     dummy = torch.zeros(2, *sample_shape, dtype=torch.float32)
+    if not keep_batchnorm:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        return
     # TrainingMode.PRESERVE on an eval() model exports inference-mode
     # BatchNormalization nodes instead of letting the exporter's eval peephole fuse
     # them into the convolutions: prunequant folds BatchNorm itself.

@@ -25,7 +25,6 @@ import json
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +48,7 @@ MAX_REL_ERR = 1e-4
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from sample_tools import seed_everything, train  # noqa: E402
+from sample_tools import export, seed_everything, train  # noqa: E402
 
 
 class SequenceNet(nn.Module):
@@ -80,15 +79,6 @@ def make_data(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]
     return x.astype(np.float32), labels.astype(np.int64)
 
 
-def export(model: nn.Module, path: Path) -> None:
-    dummy = torch.zeros(2, SEQ_LEN, FEATURES)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE, help="output folder")
@@ -103,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     train(model, x_tr, y_tr, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, weight_decay=0.0, seed=SEED)
     train_s = time.perf_counter() - t0
     path = out / "model.onnx"
-    export(model, path)
+    export(model, path, (SEQ_LEN, FEATURES), OPSET, keep_batchnorm=False)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     with torch.no_grad():
         torch_te = model(torch.from_numpy(x_te)).numpy()

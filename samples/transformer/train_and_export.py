@@ -29,7 +29,6 @@ import json
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +58,7 @@ MAX_REL_ERR = 1e-4
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from sample_tools import seed_everything, train  # noqa: E402
+from sample_tools import export, seed_everything, train  # noqa: E402
 
 
 class Block(nn.Module):
@@ -130,15 +129,6 @@ def load_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x_tr, x_te, y_tr, y_te
 
 
-def export(model: nn.Module, path: Path) -> None:
-    dummy = torch.zeros(2, TOKENS, FEATURES)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE, help="output folder")
@@ -152,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
           seed=SEED, augment=shift_rows)
     train_s = time.perf_counter() - t0
     path = out / "model.onnx"
-    export(model, path)
+    export(model, path, (TOKENS, FEATURES), OPSET, keep_batchnorm=False)
     onnx_model = onnx.load(str(path))
     onnx.checker.check_model(onnx_model, full_check=True)
     with torch.no_grad():
