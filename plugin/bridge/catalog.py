@@ -13,7 +13,8 @@ from plugin.bridge import registry
 
 logger = logging.getLogger(__name__)
 
-_OP_MODULES = ("ops_layers", "ops_norm", "ops_reduce", "ops_shape", "ops_pool", "ops_resize", "ops_recurrent")
+_OP_MODULES = ("ops_layers", "ops_norm", "ops_reduce", "ops_shape", "ops_pool", "ops_resize", "ops_recurrent",
+               "ops_misc")
 _state = {"registered": False}
 
 
