@@ -15,6 +15,7 @@ from plugin.space import DEFAULT_ACTIVATION_PRECISIONS, DEFAULT_WEIGHT_PRECISION
 
 TASK_LOSSES = ("distill_kl", "distill_mse", "cross_entropy")
 DISCRETISATIONS = ("keep_first", "argmax")
+LOGIT_STEPS = ("sgd", "sgd_per_cost", "adam")
 
 
 class SearchConfigError(ConfigError):
@@ -37,6 +38,13 @@ class SearchConfig:
     channel's 0-bit logit at ``prune_init * (1 - |W_c| / mean |W|)`` (weak channels likelier to
     be pruned) instead of 0 for all; off by default: on the digits sample (10 + 5 epochs) it
     pruned more at lambda 60 (0.20 vs 0.26 of W8, same 97.6%) and lost accuracy at 80 and 110.
+
+    ``logit_steps`` chooses how the logits step: ``sgd`` (SGD + momentum, the paper's),
+    ``sgd_per_cost`` (the same, each weight logit column's gradient multiplied by
+    ``ref / C_c``, ``C_c`` the cost the column stands for at the start (its widest width, inputs
+    at their kept expectation; ``ref`` the geometric mean over columns): a column standing for many weights, e.g. an attention head or a group
+    spanning several layers, then moves no faster than a one-layer channel of equal benefit per
+    unit cost), or ``adam`` (Adam at ``alpha_lr``: per-parameter normalised steps).
     """
 
     weight_precisions: tuple[int, ...] = DEFAULT_WEIGHT_PRECISIONS
@@ -57,6 +65,7 @@ class SearchConfig:
     temperature_decay: float = 0.045
     task_loss: str = "distill_kl"
     discretisation: str = "keep_first"
+    logit_steps: str = "sgd"
     prune_init: float = 0.0
     init_clip: float | None = None
     device: str = "cpu"
@@ -73,6 +82,9 @@ class SearchConfig:
         if self.discretisation not in DISCRETISATIONS:
             raise SearchConfigError(f"discretisation {self.discretisation!r} is unknown; use one of "
                                     f"{', '.join(DISCRETISATIONS)}")
+        if self.logit_steps not in LOGIT_STEPS:
+            raise SearchConfigError(f"logit_steps {self.logit_steps!r} is unknown; use one of "
+                                    f"{', '.join(LOGIT_STEPS)}")
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise SearchConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")

@@ -12,7 +12,8 @@ to quantization error. Used by the gradient and sequential strategies.
 
 :class:`SearchRunner` trains it: loss = task loss + lambda * cost, the cost divided by the
 all-8-bit cost (``normalise_cost``) so lambda is unit-free. Weights (and clips, without decay)
-train with Adam, the logits with SGD + momentum; the temperature decays once per epoch. The module
+train with Adam, the logits with SGD + momentum (``logit_steps``: optionally each column's step
+divided by the cost it stands for, or Adam); the temperature decays once per epoch. The module
 is kept in eval mode throughout: the ONNX graph has inference semantics (BatchNorm with stored
 statistics, no dropout); gradients flow all the same.
 """
@@ -223,6 +224,62 @@ class Supernet(FakeQuantModel):
         total = model.total(pairs) + self.space.embedding_cost(model.name)
         return total if isinstance(total, Tensor) else torch.tensor(float(total))
 
+    def column_costs(self, name: str | None = None) -> list[Tensor]:
+        """Per alpha, the cost each column stands for, shape ``[n_channels]``: ``d cost / d theta``
+        of the column's widest width at the current keep probabilities (``C_in_eff``) and site
+        mixtures, in the cost model's unit. The cost is linear in a column's own theta, so this
+        is what keeping the column at its widest width costs, given the rest.
+
+        For the size model that is the bits of every weight the column's output channels hold,
+        summed over the layers of its group (a head: its Q, K and V rows), the inputs counted at
+        their expected kept number. Input-side savings (a consumer's columns) are not counted:
+        the search's ``C_in_eff`` is detached, so the column's cost gradient does not see them
+        either. At the start of a search these are the initial cost gradients (up to the
+        softmax's factor, the same for columns of the same precision set).
+        """
+        model = get_cost_model(name or self.config.cost_model)
+        keep = self._keep_probabilities()
+        probes = []
+        for alpha in self.alphas:
+            probe = torch.zeros(len(alpha.precisions), alpha.n_channels)
+            probe[alpha.precisions.index(max(alpha.precisions))] = 1.0
+            probes.append(probe.requires_grad_(True))
+        pairs = []
+        for entry in self._layers.values():
+            info = entry.info
+            site = self.sites[self._site_key[info.layer.input]].quantizer
+            w_theta = probes[info.alpha_index].to(keep[0].device)[:, torch.as_tensor(info.columns)]
+            c_in = self._c_in_eff(info, keep)
+            pairs.append((info.spec, CostInputs(entry.quantizer.precisions, w_theta, site.precisions,
+                                                site.theta().detach(), c_in)))
+        total = model.total(pairs)
+        if not isinstance(total, Tensor) or not total.requires_grad:
+            return [torch.zeros(a.n_channels) for a in self.alphas]
+        grads = torch.autograd.grad(total, probes, allow_unused=True)
+        out = []
+        for alpha, grad in zip(self.alphas, grads):
+            widest = alpha.precisions.index(max(alpha.precisions))
+            out.append(torch.zeros(alpha.n_channels) if grad is None else grad[widest].detach().abs().cpu())
+        return out
+
+    def logit_step_scales(self, name: str | None = None) -> dict[int, Tensor]:
+        """``id(alpha parameter) -> [1, n_columns]`` multipliers of the logit gradients for
+        ``logit_steps="sgd_per_cost"``: ``ref / C_c`` per column (:meth:`column_costs`), ``ref``
+        the geometric mean of the positive finite ``C_c`` over every weight column; a column of
+        no cost keeps 1. Activation sites' logits are not scaled."""
+        costs = self.column_costs(name)
+        flat = torch.cat(costs) if costs else torch.zeros(0)
+        valid = flat[torch.isfinite(flat) & (flat > 0)]
+        if valid.numel() == 0:
+            return {}
+        ref = torch.exp(torch.log(valid).mean())
+        out = {}
+        for alpha, cost in zip(self.alphas, costs):
+            ok = torch.isfinite(cost) & (cost > 0)
+            scale = torch.where(ok, ref / torch.where(ok, cost, torch.ones_like(cost)), torch.ones_like(cost))
+            out[id(alpha.alpha)] = scale[None, :].to(alpha.alpha.dtype)
+        return out
+
     def _product_pairs(self, keep: list[Tensor]) -> list[tuple[Any, CostInputs]]:
         """Activation x activation MatMuls under theta: operand B's site mixture per output column,
         scaled by its head's keep probability (0 bits: ``1 - keep``), operand A's as the activation."""
@@ -422,12 +479,37 @@ class SearchRunner:
             self.searchable.calibrate(self.data, cfg.batch_size, max_batches=4)
         self.weight_opt = torch.optim.Adam(net_param_groups(self.searchable, cfg.weight_decay),
                                            lr=cfg.lr)
-        self.alpha_opt = torch.optim.SGD(self.searchable.nas_parameters(), lr=cfg.alpha_lr,
-                                         momentum=cfg.alpha_momentum)
+        self.alpha_opt = self._logit_optimizer()
         self.temperature = cfg.temperature
         self.searchable.set_temperature(self.temperature)
         before = self.searchable.cost_before(cfg.cost_model)
         self.cost_scale = 1.0 / before if cfg.normalise_cost and before > 0 else 1.0
+
+    def _logit_optimizer(self) -> torch.optim.Optimizer:
+        """The logits' optimiser (``config.logit_steps``); ``sgd_per_cost`` scales each weight
+        logit column's gradient before every step (a step pre-hook, so any loop calling
+        ``alpha_opt.step()`` gets it)."""
+        cfg, params = self.config, self.searchable.nas_parameters()
+        if cfg.logit_steps == "adam":
+            return torch.optim.Adam(params, lr=cfg.alpha_lr)
+        opt = torch.optim.SGD(params, lr=cfg.alpha_lr, momentum=cfg.alpha_momentum)
+        if cfg.logit_steps == "sgd_per_cost":
+            scales = {key: value.to(self.device)
+                      for key, value in self.searchable.logit_step_scales(cfg.cost_model).items()}
+            self.logit_scales = scales
+
+            def scale_gradients(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        scale = scales.get(id(p))
+                        if scale is not None and p.grad is not None:
+                            p.grad.mul_(scale)
+
+            opt.register_step_pre_hook(scale_gradients)
+            costs = torch.cat(self.searchable.column_costs(cfg.cost_model))
+            logger.info("logit steps per cost: column costs %.3g..%.3g (%s)", float(costs.min()),
+                        float(costs.max()), cfg.cost_model)
+        return opt
 
     def _batches(self, epoch: int, max_steps: int | None = None) -> Iterator[Batch]:
         cfg = self.config

@@ -1,0 +1,142 @@
+"""``SearchConfig.logit_steps``: how the architecture logits step (plugin/engine/supernet.py).
+
+On a tiny model with a wide group (two convs tied by a residual Add plus a depthwise conv: 108
+weights per channel) and a narrow one (a 1x1 conv: 8 weights per channel; inputs from the wide
+group counted at their initial keep probability), one step on the cost
+alone moves a wide column ~14x as far as a narrow one under plain SGD, the same distance under
+``sgd_per_cost``, and ``alpha_lr`` under Adam.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+import torch
+from onnx import numpy_helper
+
+from graph_passes.channel_groups import analyse
+from graph_passes.normalise import normalise
+from plugin.bridge import convert
+from plugin.engine.config import SearchConfig, SearchConfigError
+from plugin.engine.supernet import SearchRunner, Supernet, run_search
+from plugin.space import Precisions, SearchSpace
+
+MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+steps (float[1,3,6,6] x) => (float[1,5] y) {
+    c1 = Conv <pads=[1, 1, 1, 1]> (x, w1, b1)
+    r1 = Relu (c1)
+    c2 = Conv <pads=[1, 1, 1, 1]> (r1, w2, b2)
+    s = Add (c1, c2)
+    rs = Relu (s)
+    dw = Conv <pads=[1, 1, 1, 1], group=8> (rs, wd, bd)
+    rd = Relu (dw)
+    c3 = Conv (rd, w3, b3)
+    r3 = Relu (c3)
+    p = GlobalAveragePool (r3)
+    f = Flatten (p)
+    y = Gemm <transB=1> (f, wg, bg)
+}
+"""
+SHAPES = {"w1": (8, 3, 3, 3), "b1": (8,), "w2": (8, 8, 3, 3), "b2": (8,), "wd": (8, 1, 3, 3), "bd": (8,),
+          "w3": (6, 8, 1, 1), "b3": (6,), "wg": (5, 6), "bg": (5,)}
+# weights per channel of the c1 + c2 + dw group and of c3, their inputs from the group counted
+# at the initial keep probability 1 - theta_0 (softmax of (0, 2, 4, 8) / 8)
+KEEP = 1 - 1 / sum(np.exp(b / 8) for b in (0, 2, 4, 8))
+WIDE = 3 * 9 + 8 * 9 * KEEP + 9
+NARROW = 8 * KEEP
+
+
+@pytest.fixture(scope="module")
+def model() -> onnx.ModelProto:
+    proto = onnx.parser.parse_model(MODEL)
+    rng = np.random.default_rng(0)
+    for name, shape in SHAPES.items():
+        proto.graph.initializer.append(numpy_helper.from_array((rng.standard_normal(shape) * 0.5).astype(np.float32),
+                                                               name))
+    return normalise(proto, verify=False).model
+
+
+def _net(model: onnx.ModelProto, **config: object) -> Supernet:
+    cfg = SearchConfig(init_clip=4.0, progress=False, seed=0, **config)  # type: ignore[arg-type]
+    space = SearchSpace(analyse(model), Precisions(cfg.weight_precisions, cfg.site_precisions))
+    return Supernet(model, space, convert(model), cfg)
+
+
+def _data() -> list[tuple[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 6, 6, generator=g),) for _ in range(4)]
+
+
+def _alpha_of(net: Supernet, weight: str):
+    entry = next(e for e in net._layers.values() if e.info.layer.weight == weight)
+    return entry.quantizer.alpha, entry.info.columns
+
+
+def _cost_step(net: Supernet, runner: SearchRunner) -> dict[str, torch.Tensor]:
+    """The change of every column's 8-bit logit after one logit step on the normalised cost."""
+    before = {w: _alpha_of(net, w)[0].alpha.detach().clone() for w in ("w1", "w3")}
+    runner.alpha_opt.zero_grad(set_to_none=True)
+    (1000.0 * net.cost() * runner.cost_scale).backward()
+    runner.alpha_opt.step()
+    out = {}
+    for w, old in before.items():
+        alpha, columns = _alpha_of(net, w)
+        eight = alpha.precisions.index(8)
+        out[w] = (alpha.alpha.detach() - old)[eight, sorted(set(columns))]
+    return out
+
+
+def test_column_costs_are_the_weight_bits_each_column_stands_for(model: onnx.ModelProto) -> None:
+    net = _net(model)
+    costs = net.column_costs("size")
+    wide_alpha, wide_cols = _alpha_of(net, "w1")
+    narrow_alpha, narrow_cols = _alpha_of(net, "w3")
+    index = {id(a.alpha): i for i, a in enumerate(net.alphas)}
+    assert torch.allclose(costs[index[id(wide_alpha.alpha)]][wide_cols], torch.full((8,), 8.0 * WIDE))
+    assert torch.allclose(costs[index[id(narrow_alpha.alpha)]][narrow_cols], torch.full((6,), 8.0 * NARROW))
+    scales = net.logit_step_scales("size")
+    wide = scales[id(wide_alpha.alpha)][0, wide_cols]
+    narrow = scales[id(narrow_alpha.alpha)][0, narrow_cols]
+    assert torch.allclose(narrow / wide[0], torch.full((6,), WIDE / NARROW))
+    assert torch.allclose(wide, wide[0].expand(8))
+
+
+def test_plain_sgd_moves_a_wide_column_further(model: onnx.ModelProto) -> None:
+    net = _net(model, logit_steps="sgd")
+    step = _cost_step(net, SearchRunner(net, _data(), net.config))
+    assert bool((step["w1"] < 0).all()) and bool((step["w3"] < 0).all())  # cost pushes 8 bits down
+    ratio = step["w1"].abs().mean() / step["w3"].abs().mean()
+    assert float(ratio) == pytest.approx(WIDE / NARROW, rel=1e-4)
+
+
+def test_sgd_per_cost_moves_wide_and_narrow_columns_alike(model: onnx.ModelProto) -> None:
+    net = _net(model, logit_steps="sgd_per_cost")
+    step = _cost_step(net, SearchRunner(net, _data(), net.config))
+    assert bool((step["w1"] < 0).all())
+    assert torch.allclose(step["w1"], torch.full_like(step["w1"], float(step["w3"][0])), rtol=1e-4)
+    assert torch.allclose(step["w3"], step["w3"][0].expand_as(step["w3"]), rtol=1e-4)
+
+
+def test_adam_steps_every_logit_by_the_learning_rate(model: onnx.ModelProto) -> None:
+    net = _net(model, logit_steps="adam", alpha_lr=0.01)
+    runner = SearchRunner(net, _data(), net.config)
+    assert isinstance(runner.alpha_opt, torch.optim.Adam)
+    step = _cost_step(net, runner)
+    for value in step.values():
+        assert torch.allclose(value, torch.full_like(value, -0.01), rtol=1e-3)
+
+
+def test_search_runs_with_each_logit_step(model: onnx.ModelProto) -> None:
+    for steps in ("sgd_per_cost", "adam"):
+        net = _net(model, logit_steps=steps, epochs=2, lam=50.0)
+        plan = run_search(net, _data(), net.config)
+        assert plan.cost_after["size"] <= plan.cost_before["size"]
+        assert all(torch.isfinite(a.alpha).all() for a in net.alphas)
+
+
+def test_unknown_logit_steps_is_a_config_error() -> None:
+    with pytest.raises(SearchConfigError, match="logit_steps"):
+        SearchConfig(logit_steps="rmsprop")
