@@ -194,8 +194,12 @@ class TransposeRule(OpRule):
         shape = ctx.shape(node.input[0])
         if layout is None:
             return
-        perm = ctx.attr(node, "perm") or list(reversed(range(len(shape))))
-        ctx.passthrough(node.input[0], node.output[0], axis=list(perm).index(layout.axis))
+        perm = ctx.attr(node, "perm")
+        if perm is None and shape is None:
+            ctx.opaque(name, node, "no perm and the input's rank is unknown")
+            return
+        perm = list(perm) if perm is not None else list(reversed(range(len(shape))))
+        ctx.passthrough(node.input[0], node.output[0], axis=perm.index(layout.axis))
 
 
 @register("Concat")
@@ -219,6 +223,9 @@ class ConcatRule(OpRule):
             segments = []
             for t, lay in zip(inputs, layouts):
                 if lay is None:  # a constant or opaque segment: its channels are new, blocked atoms
+                    if ctx.shape(t) is None:
+                        ctx.opaque(name, node, f"shape of segment '{t}' unknown")
+                        return
                     lay = Layout(axis, ctx.atoms.new(name, ctx.shape(t)[axis], False))
                     ctx.atoms.block(lay.atoms, f"Concat '{name}': segment '{t}' is not prunable")
                 segments.append(lay.atoms)

@@ -1,10 +1,15 @@
 """Ops that work within each channel (pooling, padding, resizing, reductions over other axes),
-ops that mix channels without weights (walls, each with its reason), and control flow."""
+ops that move pixels between space and channels (DepthToSpace / SpaceToDepth), ops that mix
+channels without weights (walls, each with its reason), and control flow.
+
+Axes (Pad's pads and axes, a Reduce's axes) are read against the tracked channel axis, wherever a
+Transpose put it (a tf2onnx graph keeps NHWC between its convs)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..layouts import Layout
 from .context import PropagationContext, PruneContext
 from .registry import OpRule, register
 from .shape_ops import _axes_of, _norm_axis
@@ -14,7 +19,8 @@ from .shape_ops import _axes_of, _norm_axis
           "GlobalLpPool", "MaxRoiPool")
 class PoolRule(OpRule):
     """NC... pooling: channels on axis 1 pass through. MaxPool's index output encodes the
-    channel offset, so using it is a wall."""
+    channel offset, so using it is a wall. ``auto_pad`` (SAME_UPPER / SAME_LOWER) needs no edit
+    when channels go: its pads depend on the spatial sizes alone (so do a Conv's)."""
 
     def propagate(self, name, node, ctx: PropagationContext) -> None:
         layout = ctx.layout(node.input[0])
@@ -130,14 +136,49 @@ class AxisNormRule(OpRule):
                 return
 
 
+@register("DepthToSpace", "SpaceToDepth")
+class SpaceDepthRule(OpRule):
+    """Blocks of ``bs x bs`` pixels move between space and channels (NCHW, channels on axis 1).
+
+    DepthToSpace builds output channel ``c`` from ``bs * bs`` input channels: ``b * C' + c``
+    (mode DCR, the default and TensorFlow's) or ``c * bs * bs + b`` (CRD), ``b`` the position in
+    the block. Those input channels are tied into one unit, carried on by one representative
+    atom: a unit goes as a whole, so every block keeps the same channels in the same order and
+    the op needs no edit. SpaceToDepth puts input channel ``c`` at ``b * C + c`` for every ``b``:
+    its atoms repeat once per block position.
+    """
+
+    def propagate(self, name, node, ctx: PropagationContext) -> None:
+        layout, shape = ctx.layout(node.input[0]), ctx.shape(node.input[0])
+        if layout is None:
+            return
+        moves = "moves channels into space" if node.op_type == "DepthToSpace" else "moves space into channels"
+        if shape is None or len(shape) != 4 or layout.axis != 1:
+            ctx.opaque(name, node, f"{moves}, and its input's channels are not on axis 1 of a 4-D tensor")
+            return
+        bs = int(ctx.attr(node, "blocksize"))
+        block = bs * bs
+        if node.op_type == "SpaceToDepth":
+            ctx.set_layout(node.output[0], Layout(1, np.tile(layout.atoms, block)))
+            return
+        mode = ctx.attr(node, "mode", b"DCR")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if layout.size % block or mode not in ("DCR", "CRD"):
+            ctx.opaque(name, node, f"{moves}: {layout.size} channels, blocksize {bs}, mode {mode}")
+            return
+        # units[c] = the input atoms that make output channel c
+        units = (layout.atoms.reshape(block, -1).T if mode == "DCR" else layout.atoms.reshape(-1, block))
+        for unit in units:
+            ctx.atoms.tie_all(unit)
+        ctx.set_layout(node.output[0], Layout(1, units[:, 0].copy()))
+
+
 _WALLS = {
     "LRN": "local response normalisation mixes neighbouring channels",
     "GroupNormalization": "group normalisation mixes the channels of a group",
     "MeanVarianceNormalization": "normalises across axes that may include the channels",
     "Shape": "reads the channel count at run time",
     "Size": "reads the element count at run time",
-    "DepthToSpace": "moves channels into space",
-    "SpaceToDepth": "moves space into channels",
     "If": "control flow: channels are not followed into subgraphs",
     "Loop": "control flow: channels are not followed into subgraphs",
     "Scan": "control flow: channels are not followed into subgraphs",

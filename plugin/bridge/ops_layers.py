@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from plugin.bridge import registry
+from plugin.bridge.ops_pool import with_explicit_pads
 from plugin.bridge._common import (
     ParamBinding,
     attach_bindings,
@@ -119,6 +120,8 @@ def _bound_original(op_type: str, version: int, attrs: dict[int, str]):
     """onnx2torch's converter, plus bindings for the parameters it built from initializers."""
 
     def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        if op_type == "Conv":  # auto_pad SAME_* / VALID: explicit pads (onnx2torch has only those)
+            node = with_explicit_pads(node, graph)
         converted = registry.lookup_original(op_type, version)(node, graph)
         module = converted.torch_module
         prefix = f"{len(module) - 1}." if isinstance(module, nn.Sequential) else ""

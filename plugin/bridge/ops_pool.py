@@ -1,4 +1,7 @@
-"""AveragePool for every version (dilations since 19, asymmetric pads, auto_pad)."""
+"""AveragePool for every version (dilations since 19, asymmetric pads, auto_pad); MaxPool and
+Conv with ``auto_pad=SAME_UPPER|SAME_LOWER`` (TensorFlow's "same", tf2onnx keeps it when shapes
+are unknown at export): the pads are made explicit from the static input shape, then
+onnx2torch's converter runs."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from onnx2torch.onnx_graph import OnnxGraph
+import onnx
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OperationConverterResult, get_shape_from_value_info
 from torch import nn
@@ -64,6 +68,40 @@ def _same_pads(node: OnnxNode, graph: OnnxGraph, kernel, strides, dilations, mod
         begins.append(large if mode == "SAME_LOWER" else small)
         ends.append(small if mode == "SAME_LOWER" else large)
     return begins + ends
+
+
+def with_explicit_pads(node: OnnxNode, graph: OnnxGraph) -> OnnxNode:
+    """``node`` itself, or (auto_pad SAME_UPPER / SAME_LOWER / VALID) a copy whose ``pads`` are
+    explicit and whose auto_pad is NOTSET: onnx2torch implements only explicit pads."""
+    mode = node.attributes.get("auto_pad", "NOTSET")
+    if mode not in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+        return node
+    kernel = list(node.attributes.get("kernel_shape", []))
+    if not kernel and len(node.input_values) > 1 and node.input_values[1] in graph.initializers:
+        kernel = list(graph.initializers[node.input_values[1]].to_numpy().shape[2:])
+    if not kernel:
+        raise unsupported(node, f"auto_pad={mode} without a known kernel shape")
+    rank = len(kernel)
+    strides = list(node.attributes.get("strides", [1] * rank))
+    dilations = list(node.attributes.get("dilations", [1] * rank))
+    pads = [0] * 2 * rank if mode == "VALID" else _same_pads(node, graph, kernel, strides, dilations, mode)
+    proto = onnx.NodeProto()
+    proto.CopyFrom(node.proto)
+    kept = [a for a in proto.attribute if a.name not in ("auto_pad", "pads")]
+    del proto.attribute[:]
+    proto.attribute.extend(kept + [onnx.helper.make_attribute("pads", pads)])
+    return OnnxNode(proto, node.unique_name)
+
+
+def _max_pool(version: int):
+    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        return registry.lookup_original("MaxPool", version)(with_explicit_pads(node, graph), graph)
+
+    return convert
+
+
+for _v in (8, 10, 11, 12):
+    registry.register("MaxPool", _v)(_max_pool(_v))
 
 
 def convert_average_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:

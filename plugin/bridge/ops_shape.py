@@ -1,5 +1,5 @@
-"""Reshape (allowzero), Flatten (any axis), Split (num_outputs, opset 18) and Pad (axes input,
-wrap mode)."""
+"""Reshape (allowzero), Flatten (any axis), Split (num_outputs, opset 18), Pad (axes input,
+wrap mode), DepthToSpace (both modes; onnx2torch has only CRD) and SpaceToDepth."""
 
 from __future__ import annotations
 
@@ -193,3 +193,41 @@ def _pad_converter(with_axes: bool):
 registry.register("Pad", 11, 13)(_pad_converter(with_axes=False))
 # 18 adds the axes input; 19 adds mode="wrap"; 21/23/24/25 only add types.
 registry.register("Pad", 18, 19, 21, 23, 24, 25)(_pad_converter(with_axes=True))
+
+
+# ---------------------------------------------------------------------------- DepthToSpace, SpaceToDepth
+
+
+class SpaceDepth(nn.Module):
+    """DepthToSpace (mode DCR or CRD) or SpaceToDepth on an NCHW tensor, as in the ONNX spec:
+    a reshape to 6-D, a transpose, a reshape back."""
+
+    def __init__(self, to_space: bool, blocksize: int, mode: str) -> None:
+        super().__init__()
+        self.to_space, self.bs, self.mode = to_space, blocksize, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        n, c, h, w = x.shape
+        bs = self.bs
+        if not self.to_space:
+            y = x.reshape(n, c, h // bs, bs, w // bs, bs).permute(0, 3, 5, 1, 2, 4)
+            return y.reshape(n, c * bs * bs, h // bs, w // bs)
+        if self.mode == "DCR":
+            y = x.reshape(n, bs, bs, c // (bs * bs), h, w).permute(0, 3, 4, 1, 5, 2)
+        else:
+            y = x.reshape(n, c // (bs * bs), bs, bs, h, w).permute(0, 1, 4, 2, 5, 3)
+        return y.reshape(n, c // (bs * bs), h * bs, w * bs)
+
+
+def _space_depth(to_space: bool):
+    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        mode = node.attributes.get("mode", "DCR") if to_space else "DCR"
+        if mode not in ("DCR", "CRD"):
+            raise unsupported(node, f"mode {mode!r}")
+        return result(SpaceDepth(to_space, int(node.attributes["blocksize"]), mode), dynamic_mapping(node, 1))
+
+    return convert
+
+
+registry.register("DepthToSpace", 1, 11, 13)(_space_depth(True))
+registry.register("SpaceToDepth", 1, 13)(_space_depth(False))
