@@ -13,7 +13,7 @@ import onnx
 
 from .batch import generalise_batch_reshapes
 from .channel_groups import ChannelAnalysis, analyse
-from .dequantize import refuse_quantized, require_weight_layers
+from .dequantize import DequantizeResult, dequantize, require_weight_layers
 from .errors import DataError, ModelLoadError, VerificationError
 from .feeds import annotate_input_ranges, parse_input_values, pin_input_values
 from .loading import check_runnable, load_model
@@ -33,6 +33,7 @@ class PreparedModel:
     original: onnx.ModelProto
     normalised: NormaliseResult
     analysis: ChannelAnalysis
+    dequantized: DequantizeResult | None = None  # an already-quantized original, rewritten to float
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -61,19 +62,21 @@ def prepare_model(source: str | onnx.ModelProto, input_shapes: Sequence[str] | d
             raise DataError(f"onnxruntime cannot run the model with --input-value "
                             f"{' '.join(f'{k}={v}' for k, v in parse_input_values(input_values).items())}: "
                             f"{exc}; give values the model accepts") from None
-    refuse_quantized(original)  # integer weights behind integer ops: one line, not "0 weight layers"
-    result = normalise(original, verify=verify)
+    # integer weights behind integer ops: back to float (verified), else one line naming the ops
+    dequantized = dequantize(original, verify=verify)
+    floating = dequantized.model if dequantized is not None else original
+    result = normalise(floating, verify=verify)
     # Reshape targets that spell out the batch size: make them batch-agnostic (same results)
     result.model, rewritten = generalise_batch_reshapes(result.model)
     if rewritten:
         logger.info("%d Reshape target(s) now copy the batch dim from their input", rewritten)
         if verify:
-            _check_same(original, result)
+            _check_same(floating, result)
     result.model, _ = untie_weight_initializers(result.model)
     analysis = analyse(result.model)
     require_weight_layers(result.model, len(analysis.layers))
     label = source if isinstance(source, str) else "<model>"
-    return PreparedModel(label, original, result, analysis)
+    return PreparedModel(label, original, result, analysis, dequantized)
 
 
 def _check_same(original: onnx.ModelProto, result: NormaliseResult) -> None:

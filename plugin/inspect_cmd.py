@@ -36,6 +36,7 @@ def build_inspect_report(source: str, input_shapes: Sequence[str], verify: bool 
     stats = prepared.normalised.stats
     normalisation = dataclasses.asdict(stats) if stats is not None else {}
     normalisation["max_rel_error"] = prepared.normalised.max_rel_error
+    normalisation["dequantized"] = prepared.dequantized.summary() if prepared.dequantized is not None else None
     opset = next((o.version for o in prepared.model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return InspectReport(
         model=os.fspath(source),

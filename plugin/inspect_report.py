@@ -95,7 +95,8 @@ class InspectReport:
         n = self.normalisation
         err = n.get("max_rel_error")
         err_text = f"verified with onnxruntime, max rel error {err:.1e}" if err is not None else "not verified"
-        return f"{n.get('nodes_before', '?')} -> {n.get('nodes_after', '?')} nodes; {err_text}"
+        line = f"{n.get('nodes_before', '?')} -> {n.get('nodes_after', '?')} nodes; {err_text}"
+        return f"{line}; {n['dequantized']}" if n.get("dequantized") else line
 
     def _bridge_line(self) -> str:
         b = self.bridge or {}
