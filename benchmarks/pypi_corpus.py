@@ -42,22 +42,18 @@ def _prunable_share(analysis) -> float:
 
 
 def _random_data(model, samples: int):
-    """``samples`` random inputs stacked along dim 0; refused (one line) when the inputs do not
-    share a batch of 1 in dim 0 (a recurrent state [layers, batch, hidden], a time-first input):
-    prunequant's data holds N samples along dim 0 of every input."""
+    """``samples`` random inputs along dim 0: concatenated where dim 0 is a batch of 1, stacked
+    (N whole inputs) where it is not (a recurrent state [layers, 1, hidden], copies of one
+    sample: graph_passes.batch.whole_inputs), as prunequant's data takes them."""
     import numpy as np
 
-    from graph_passes.errors import DataError
+    from graph_passes.batch import whole_inputs
     from graph_passes.feeds import feeds_for
 
-    first = feeds_for(model, seed=0)
-    odd = {k: v.shape for k, v in first.items() if not v.ndim or v.shape[0] != 1}
-    if odd:
-        shapes = ", ".join(f"{k}={'x'.join(map(str, s)) or 'scalar'}" for k, s in odd.items())
-        raise DataError(f"inputs without a batch of 1 in dim 0 ({shapes}): data holds N samples along dim 0 "
-                        "of every input, which this model's inputs cannot take")
-    parts = [first] + [feeds_for(model, seed=i) for i in range(1, samples)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    whole = whole_inputs(model)
+    parts = [feeds_for(model, seed=i) for i in range(samples)]
+    return {k: np.stack([p[k] for p in parts]) if k in whole else np.concatenate([p[k] for p in parts])
+            for k in parts[0]}
 
 
 def run_one(key: str) -> dict:

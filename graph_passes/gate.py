@@ -152,6 +152,8 @@ def gate(
     zero_atol: float = DEFAULT_ZERO_ATOL,
     batch: int | None = None,
     what: str = "the exported model",
+    per_sample: bool = False,
+    whole: Collection[str] = (),
 ) -> GateReport:
     """Check ``model`` before it is written (see the module docstring); raise
     :class:`VerificationError` with one line naming the output, the check, the figure and the
@@ -164,6 +166,8 @@ def gate(
     such outputs, False none, or a collection of output names (pass it when the task is known).
     ``batch``: run the model in chunks of this many samples; None: the inputs' static leading
     dim when it is not N (a model fixed to batch 1 runs sample by sample), else all at once.
+    ``per_sample``: run one sample at a time, outputs joined per sample (see
+    :func:`graph_passes.batch.run_samples`); ``whole``: inputs whose arrays stack whole inputs.
     """
     start = time.perf_counter()
     try:
@@ -182,8 +186,9 @@ def gate(
                 "nothing was written")
     sessions = {PLAIN: _session(model, False, what), OPTIMIZED: _session(model, True, what)}
     n = _samples(feeds)
-    step = batch if batch is not None else static_batch(sessions[PLAIN], n)
-    results = {level: _run(s, feeds, step, level, what) for level, s in sessions.items()}
+    step = 1 if per_sample or whole else batch if batch is not None else static_batch(sessions[PLAIN], n)
+    results = {level: _run(s, feeds, step, level, what, per_sample or bool(whole), whole)
+               for level, s in sessions.items()}
     for level, outs in results.items():
         _check_structure(outs, ref, labels, level, what)
     wanted = _classifier_outputs(classifier, labels, ref)
@@ -370,9 +375,11 @@ def _session(model: onnx.ModelProto, optimize: bool, what: str) -> ort.Inference
 
 
 def _run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], batch: int | None,
-         level: str, what: str) -> list[np.ndarray]:
+         level: str, what: str, per_sample: bool = False, whole: Collection[str] = ()) -> list[np.ndarray]:
+    from .batch import run_samples
+
     try:
-        return run_batched(session, feeds, batch)
+        return run_samples(session, feeds, whole) if per_sample else run_batched(session, feeds, batch)
     except Exception as exc:
         raise VerificationError(f"onnxruntime fails to run {what} {level}: {_line(exc)}; "
                                 "nothing was written") from exc

@@ -508,7 +508,7 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
         dry = dry_run_export(prepared.model, prepared.analysis, precisions.weight_widths, precisions.activations,
                              prunes=precisions.prunes)
     with timer.phase("data"):
-        dataset = data if isinstance(data, Dataset) else load_dataset(data, input_specs(prepared.model), labels)
+        dataset = _layout_dataset(prepared.model, data, labels)
         _check_label_classes(dataset, prepared.model)
         if len(dataset) < 2:
             raise DataError(f"{dataset.source}: need at least 2 samples (some are held out for validation)")
@@ -519,7 +519,7 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
     space = SearchSpace(prepared.analysis, precisions, model_sha256=model_digest(prepared.original))
     settings = RunSettings(precisions, cost=config.cost, lam=config.lam if config.lam is not None else (
         None if target else DEFAULT_LAMBDA), target=target, epochs=config.epochs,
-        finetune_epochs=config.finetune_epochs, batch_size=config.batch_size,
+        finetune_epochs=config.finetune_epochs, batch_size=1 if dataset.per_sample else config.batch_size,
         max_steps_per_epoch=config.max_steps_per_epoch,
         task_loss="cross_entropy" if train.labels is not None else "distill_kl", device=device,
         seed=config.seed, progress=config.progress)
@@ -559,25 +559,58 @@ def _runtimes(model: onnx.ModelProto, held: Dataset, quality: dict, timer: _Time
     cannot run the model; never fails the run."""
     from .runtimes import runtimes_report
 
+    if held.whole:  # OpenVINO's comparison slices dim 0 of every input
+        import onnxruntime as ort
+
+        return {"onnxruntime": {"version": ort.__version__, "role": "the gate"},
+                "openvino": {"status": "skipped", "reason": f"inputs {sorted(held.whole)} hold no batch in dim 0"}}
     with timer.phase("runtimes"):
         return runtimes_report(model, held.arrays, batch=None if quality["dynamic_batch_restored"] else 1)
 
 
-def _torch_outputs(engine: Any, feeds: dict[str, np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
+def _layout_dataset(model: onnx.ModelProto, data: Any, labels: Any) -> Dataset:
+    """The data loaded under the model's batch layout (graph_passes.batch: inputs whose dim 0 is
+    not a batch hold whole inputs; such a model, or one whose dim 0 is no batch, runs one sample
+    at a time), and checked by running the model on it (a failure or NaN outputs: DataError)."""
+    from graph_passes.batch import batch_layout, check_model_on_data, whole_inputs
+
+    from .data import with_whole
+
+    whole = whole_inputs(model)
+    if isinstance(data, Dataset) and not whole and not data.whole:
+        dataset = data
+    else:
+        dataset = load_dataset(data, with_whole(input_specs(model), whole), labels)
+    layout = batch_layout(model, dataset.arrays, whole=list(whole))
+    dataset.per_sample = layout.per_sample
+    if layout.per_sample:
+        logger.warning("the model runs one sample at a time, batch 1 throughout (%s)", layout.reason)
+    check_model_on_data(model, dataset.arrays, dataset.source, layout)
+    return dataset
+
+
+def _torch_outputs(engine: Any, feeds: dict[str, np.ndarray], batch_size: int = 256,
+                   held: Dataset | None = None) -> list[np.ndarray]:
     import torch
+
+    from graph_passes.batch import join_outputs, sample_feed
 
     names = engine.input_names
     n = len(next(iter(feeds.values())))
-    step = batch_size if engine.config.batch_size > 1 else 1
+    per_sample = held is not None and held.per_sample
+    step = batch_size if engine.config.batch_size > 1 and not per_sample else 1
     chunks: list[list[np.ndarray]] = []
     engine.eval()
     device = next((p.device for p in engine.parameters()), torch.device("cpu"))
     with torch.no_grad():
         for start in range(0, n, step):
-            inputs = [torch.as_tensor(feeds[k][start:start + step]).to(device) for k in names]
-            out = engine(*inputs)
+            part = (sample_feed(feeds, start, held.whole) if per_sample
+                    else {k: feeds[k][start:start + step] for k in names})
+            out = engine(*[torch.as_tensor(part[k]).to(device) for k in names])
             outs = out if isinstance(out, (tuple, list)) else (out,)
             chunks.append([o.detach().cpu().numpy() for o in outs])
+    if per_sample:
+        return join_outputs(chunks)
     return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
 
@@ -588,9 +621,12 @@ def _top1(outputs: list[np.ndarray], labels: np.ndarray | None) -> float | None:
 
 
 def _ort_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int | None,
-                 optimize: bool = False) -> list[np.ndarray]:
+                 optimize: bool = False, held: Dataset | None = None) -> list[np.ndarray]:
+    from graph_passes.batch import run_samples
     from graph_passes.ort_utils import make_session, run_batched
 
+    if held is not None and held.per_sample:
+        return run_samples(make_session(model, optimize=optimize), feeds, held.whole)
     return run_batched(make_session(model, optimize=optimize), feeds, batch)
 
 
@@ -598,10 +634,17 @@ def _random_inputs(model: onnx.ModelProto, samples: int, seed: int) -> Dataset:
     """``samples`` random inputs (the gate's held-out set when no data is given)."""
     from graph_passes.ort_utils import make_session, random_feeds
 
+    from graph_passes.batch import whole_inputs
+
+    from .data import with_whole
+
     session = make_session(model)
     parts = [random_feeds(session, seed=seed + i) for i in range(samples)]
-    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return Dataset(arrays, None, f"{samples} random inputs (give --data for a held-out check on real inputs)")
+    whole = whole_inputs(model)
+    arrays = {k: np.stack([p[k] for p in parts]) if k in whole else np.concatenate([p[k] for p in parts])
+              for k in parts[0]}
+    return _layout_dataset(model, Dataset(arrays, None, f"{samples} random inputs (give --data for a held-out "
+                                          "check on real inputs)", with_whole(input_specs(model), whole)), None)
 
 
 def _export_and_gate(prepared: Any, engine: Any, plan: CompressionPlan, held: Dataset, min_top1: float):
@@ -614,23 +657,26 @@ def _export_and_gate(prepared: Any, engine: Any, plan: CompressionPlan, held: Da
 
     weighted = write_back(prepared.model, engine.materialised_bridge())
     exported = export_plan(weighted, prepared.analysis, plan)
-    exported.model, restored = restore_dynamic_batch(exported.model)
+    exported.model, restored = restore_dynamic_batch(exported.model, per_sample=held.per_sample)
     feeds = dict(held.arrays)
-    fake_quant = _torch_outputs(engine, feeds)
+    fake_quant = _torch_outputs(engine, feeds, held=held)
     names = [o.name for o in exported.model.graph.output]
     # the gate on at most GATE_SAMPLES held-out samples (a big model fixed to batch 1 runs them one
     # by one, twice); accuracy and fidelity below use every held-out sample
     n_gate = min(len(held), GATE_SAMPLES)
     gate_report = gate(exported.model, {k: v[:n_gate] for k, v in feeds.items()}, [o[:n_gate] for o in fake_quant],
-                       min_top1=min_top1, batch=None if restored else 1)
-    compressed = _ort_outputs(exported.model, feeds, None if restored else 1)
-    optimized = _ort_outputs(exported.model, feeds, None if restored else 1, optimize=True)
-    original = _ort_outputs(prepared.original, feeds, 1)
+                       min_top1=min_top1, batch=None if restored else 1,
+                       per_sample=held.per_sample, whole=held.whole)
+    compressed = _ort_outputs(exported.model, feeds, None if restored else 1, held=held)
+    optimized = _ort_outputs(exported.model, feeds, None if restored else 1, optimize=True, held=held)
+    original = _ort_outputs(prepared.original, feeds, 1, held=held)
     outputs = fidelity(compressed, original, names)
     classifier = fake_quant[0].ndim == 2 and fake_quant[0].shape[1] > 1
     quality = {
         "held_out_samples": len(held),
         "dynamic_batch_restored": restored,
+        "per_sample": held.per_sample,
+        "whole_inputs": sorted(held.whole),
         "fake_quant_top1_agreement": (float((compressed[0].argmax(1) == fake_quant[0].argmax(1)).mean())
                                       if classifier else None),
         "accuracy_before": _top1(original, held.labels),
@@ -787,7 +833,7 @@ def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.Pa
                                             metadata={**plan.metadata, "applied_by": "export --plan",
                                                       "versions": _versions()}))
     if data is not None:
-        dataset = data if isinstance(data, Dataset) else load_dataset(data, input_specs(prepared.model), labels)
+        dataset = _layout_dataset(prepared.model, data, labels)
         _check_label_classes(dataset, prepared.model)
         held = dataset
     else:
@@ -802,7 +848,10 @@ def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.Pa
 
         with timer.phase("bridge"):
             engine = FakeQuantModel.build(prepared.model, config, space=space)
-            _check_batching(engine, held, config)
+            if held.per_sample:
+                config.batch_size = 1
+            else:
+                _check_batching(engine, held, config)
             if data is not None:
                 _check_clips(plan, engine.calibrate(held, config.batch_size))
             engine.freeze(plan)

@@ -19,7 +19,11 @@ Accepted data (``--data`` on the CLI, ``data`` in :func:`load_dataset`):
   tensors are converted without importing torch here).
 
 Shapes: dim 0 is the batch axis and can hold any number N >= 1 of samples; every other dim must
-equal the model's. Dtypes: float -> float and int -> int conversions (float64 -> float32,
+equal the model's. An input whose dim 0 is not a batch (a recurrent state ``[layers, 1, hidden]``,
+four copies of one sample ``[4, 1, 32, 32]``: ``InputSpec.whole``, see
+:func:`graph_passes.batch.batch_layout`) holds N *whole* inputs: ``[N, layers, 1, hidden]``
+(``np.stack`` of the per-sample arrays); such a model runs one sample at a time
+(``Dataset.per_sample``, batch 1 throughout). Dtypes: float -> float and int -> int conversions (float64 -> float32,
 int32 -> int64, ...) are made with an info log line when the values fit; float data for an
 integer input and integer data for a float input are refused (an image stored as uint8 usually
 needs the model's own normalisation, which prunequant cannot guess). NaN and Inf are refused.
@@ -77,15 +81,24 @@ class InputSpec:
     shape: list[int]
     dtype: np.dtype
     batch_dynamic: bool = True
+    #: dim 0 is not a batch axis: a sample is the whole input (data ``[N, *shape]``)
+    whole: bool = False
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        """The shape of one sample (every dim but the batch)."""
-        return tuple(self.shape[1:])
+        """The shape of one sample (every dim but the batch; the whole shape of a whole input)."""
+        return tuple(self.shape) if self.whole else tuple(self.shape[1:])
 
     def describe(self) -> str:
         """``'input' [N,1,8,8] float32``."""
-        return f"{self.name!r} [{dims_text(['N', *self.sample_shape])}] {self.dtype}"
+        text = f"{self.name!r} [{dims_text(['N', *self.sample_shape])}] {self.dtype}"
+        return f"{text} (N whole inputs: its dim 0 is not a batch)" if self.whole else text
+
+
+def with_whole(specs: Sequence[InputSpec], whole: Iterable[str]) -> list[InputSpec]:
+    """``specs`` with the inputs named in ``whole`` marked as whole inputs (and only those)."""
+    names = set(whole)
+    return [InputSpec(s.name, s.shape, s.dtype, s.batch_dynamic, s.name in names) for s in specs]
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -142,6 +155,23 @@ class Dataset:
     labels: np.ndarray | None = None
     source: str = "in-memory data"
     specs: list[InputSpec] = field(default_factory=list, repr=False)
+    #: the model runs one sample at a time (its inputs take no batch in dim 0; batch 1 throughout)
+    per_sample: bool = False
+
+    @property
+    def whole(self) -> frozenset[str]:
+        """The inputs whose arrays stack whole model inputs (their dim 0 is not a batch)."""
+        return frozenset(s.name for s in self.specs if s.whole)
+
+    def feeds(self, indices: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
+        """The model's feed for the samples at ``indices``: their slices of each array; a whole
+        input takes one sample (``indices`` of length 1) as the model's whole input."""
+        indices = np.asarray(indices)
+        whole = self.whole
+        if whole and len(indices) != 1:
+            raise ValueError(f"inputs {sorted(whole)} take one sample at a time, not {len(indices)}")
+        return {name: array[indices[0]] if name in whole else array[indices]
+                for name, array in self.arrays.items()}
 
     def __len__(self) -> int:
         return int(next(iter(self.arrays.values())).shape[0]) if self.arrays else 0
@@ -248,7 +278,7 @@ class Dataset:
         """A new Dataset of the samples at ``indices``."""
         labels = self.labels[indices] if self.labels is not None else None
         arrays = {name: array[indices] for name, array in self.arrays.items()}
-        return Dataset(arrays, labels, f"{what} of {self.source}", self.specs)
+        return Dataset(arrays, labels, f"{what} of {self.source}", self.specs, self.per_sample)
 
     def require_labels(self) -> np.ndarray:
         if self.labels is None:
@@ -662,7 +692,12 @@ def _check_shape(array: np.ndarray, spec: InputSpec, where: str) -> None:
             f"{where} has shape {got}, one sample without the batch axis; model input "
             f"{spec.name!r} expects {want} - add the batch axis (x[None] or np.expand_dims(x, 0))"
         )
-    if array.ndim != len(spec.shape) or array.shape[1:] != spec.sample_shape:
+    if array.ndim != 1 + len(spec.sample_shape) or array.shape[1:] != spec.sample_shape:
+        if spec.whole:
+            raise DataError(
+                f"{where} has shape {got} but model input {spec.name!r} expects {want}: its dim 0 is "
+                f"not a batch, so the data stacks N whole inputs of shape [{dims_text(spec.shape)}] "
+                "(np.stack of the per-sample arrays)")
         raise DataError(
             f"{where} has shape {got} but model input {spec.name!r} expects {want} (N = any number "
             "of samples); reshape the data to match (or is it data for another model?)"

@@ -53,13 +53,18 @@ def iterate_batches(
     data: Any, input_names: Sequence[str], batch_size: int, seed: int, device: torch.device,
     max_steps: int | None = None,
 ) -> Iterator[Batch]:
-    """Batches of a :class:`plugin.data.Dataset` (shuffled by ``seed``) or of a batch sequence."""
+    """Batches of a :class:`plugin.data.Dataset` (shuffled by ``seed``) or of a batch sequence.
+
+    A per-sample Dataset (``Dataset.per_sample``: inputs that take no batch in dim 0) gives one
+    sample per batch whatever ``batch_size`` says, each input as the model takes it."""
     if hasattr(data, "arrays") and hasattr(data, "batch_indices"):
         labels = getattr(data, "labels", None)
+        per_sample = bool(getattr(data, "per_sample", False))
+        feeds = getattr(data, "feeds", None) if per_sample else None
         source: Iterable[Any] = (
-            ({n: data.arrays[n][i] for n in input_names}
+            ((feeds(i) if feeds is not None else {n: data.arrays[n][i] for n in input_names})
              | ({} if labels is None else {"labels": labels[i]}))
-            for i in data.batch_indices(batch_size, shuffle=True, seed=seed)
+            for i in data.batch_indices(1 if per_sample else batch_size, shuffle=True, seed=seed)
         )
     else:
         source = data
@@ -72,7 +77,7 @@ def iterate_batches(
 def count_batches(data: Any, batch_size: int, max_steps: int | None) -> int | None:
     n = len(data) if hasattr(data, "__len__") else None
     if n is not None and hasattr(data, "batch_indices"):
-        n = math.ceil(n / batch_size)
+        n = math.ceil(n / (1 if getattr(data, "per_sample", False) else batch_size))
     return n if max_steps is None or n is None else min(n, max_steps)
 
 
