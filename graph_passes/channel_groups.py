@@ -10,7 +10,13 @@ Propagation walks the graph in topological order and asks each op's rule how cha
 * a group is prunable when none of its atoms is blocked. Graph inputs and outputs, ops without a
   rule and ops that mix channels without weights block, and the reason is kept; so does a
   weight, bias or per-channel constant read inside an If/Loop/Scan body (pruning would shrink it
-  under that reader).
+  under that reader);
+* a group is *inexact* when a rule marked one of its atoms so (:mod:`graph_passes.op_rules.norms`:
+  a LayerNorm / RMSNorm / mean over the channels, an embedding table's columns): removing a
+  channel changes the other channels' values a little, so the exact-equivalence oracle does not
+  hold. Such a group (the transformer's residual hidden width) is prunable only when the
+  analysis runs with ``inexact_hidden_width=True``; without it the mark blocks, with a reason
+  naming the option. ``ChannelGroup.inexact`` keeps the marks either way.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from .graph import ModelGraph, subgraph_references
 from .layers import ActivationSite, WeightLayer, activation_sites, describe_weight_layer
 from .layouts import AtomTable, Layout
 from .op_rules import PropagationContext, find_rule
+from .op_rules.norms import INEXACT_OPTION
 from .untie import mark_owners, weight_users
 
 logger = logging.getLogger(__name__)
@@ -64,6 +71,19 @@ class ChannelGroup:
     reasons: list[str]
     members: list[GroupMember] = field(default_factory=list)
     channel_atoms: list[np.ndarray] = field(default_factory=list, repr=False)
+    #: why removing a channel is not exact (LayerNorm statistics, ...); empty: an exact group
+    inexact: list[str] = field(default_factory=list)
+    #: prunable when the analysis allows inexact groups (``inexact_hidden_width=True``)
+    inexact_prunable: bool = False
+
+    @property
+    def exact(self) -> bool:
+        return not self.inexact
+
+    @property
+    def kind(self) -> str:
+        """``exact`` (removing channels = zeroing them, the oracle holds) or ``inexact``."""
+        return "exact" if self.exact else "inexact"
 
     def members_of(self, kind: str) -> list[GroupMember]:
         return [m for m in self.members if m.kind == kind]
@@ -90,6 +110,11 @@ class ChannelAnalysis:
     sites: list[ActivationSite]
     unknown_ops: dict[str, int]
     atom_group: np.ndarray  # atom id -> index into groups (-1 for atoms of no group)
+    inexact_hidden_width: bool = False  # inexact groups are prunable
+    #: (node, tensor): nodes whose statistic over (or per-row storage of) tensor's channels makes
+    #: a group inexact (op_rules.norms); a fake-quantized engine restricts them to kept channels
+    inexact_nodes: list[tuple[str, str]] = field(default_factory=list)
+
 
     def group(self, group_id: str) -> ChannelGroup:
         for g in self.groups:
@@ -106,6 +131,21 @@ class ChannelAnalysis:
         """Share of weight-layer output channels that sit in prunable groups."""
         total = sum(layer.out_channels for layer in self.layers)
         return sum(layer.prunable_out_channels for layer in self.layers) / total if total else 0.0
+
+    def coverage(self, inexact: bool | None = None) -> float:
+        """Share of weight-layer output channels in prunable groups: exact groups only
+        (``inexact=False``), or with the inexact groups too (``True``); None: as analysed."""
+        if inexact is None:
+            inexact = self.inexact_hidden_width
+        ok = np.array([g.prunable if g.exact else (inexact and g.inexact_prunable) for g in self.groups]
+                      + [False], dtype=bool)  # index -1: atoms of no group
+        total = prunable = 0
+        for layer in self.layers:
+            total += layer.out_channels
+            layout = self.layouts.get(layer.output)
+            if layout is not None:
+                prunable += int(ok[self.atom_group[layout.atoms]].sum())
+        return prunable / total if total else 0.0
 
     def conv_prunable_share(self) -> float:
         convs = [layer for layer in self.layers if layer.is_conv]
@@ -132,6 +172,7 @@ _NON_FEATURE_TYPES = {
 
 def _propagate(graph: ModelGraph) -> PropagationContext:
     ctx = PropagationContext(graph)
+    ctx.inexact_marks = []  # (atoms, why) of op_rules.norms.mark_inexact
     for name in graph.graph_inputs:
         shape = graph.shape(name)
         if shape is not None and len(shape) >= 2 and _carries_features(graph, name):
@@ -168,7 +209,8 @@ def _same_source_edges(atoms: AtomTable) -> list[np.ndarray]:
     return [np.stack([same, same + 1], axis=1)] if same.size else []
 
 
-def _form_groups(ctx: PropagationContext) -> tuple[list[ChannelGroup], np.ndarray, np.ndarray]:
+def _form_groups(ctx: PropagationContext, inexact_hidden_width: bool = False
+                 ) -> tuple[list[ChannelGroup], np.ndarray, np.ndarray]:
     """Group channels (tied sets) joined by shared producers into groups.
 
     Returns the groups, and per atom its group index and its group-channel index."""
@@ -201,6 +243,11 @@ def _form_groups(ctx: PropagationContext) -> tuple[list[ChannelGroup], np.ndarra
         for g in np.unique(atom_group[blocked_atoms]).tolist():
             if why not in reasons[g]:
                 reasons[g].append(why)
+    inexact: list[list[str]] = [[] for _ in range(n_groups)]
+    for marked_atoms, why, *_ in getattr(ctx, "inexact_marks", []):
+        for g in np.unique(atom_group[marked_atoms]).tolist():
+            if why not in inexact[g]:
+                inexact[g].append(why)
     has_weight = np.bincount(atom_group, weights=atoms.is_weight(), minlength=n_groups) > 0
     chunks = np.split(order, np.flatnonzero(new_channel)[1:])
     groups, start = [], 0
@@ -209,7 +256,11 @@ def _form_groups(ctx: PropagationContext) -> tuple[list[ChannelGroup], np.ndarra
         why = reasons[g] or ([] if has_weight[g] else ["no weight layer produces these channels"])
         channel_atoms = chunks[start : start + int(sizes[g])]
         start += int(sizes[g])
-        groups.append(ChannelGroup(f"g{g}", int(sizes[g]), not why, why, [], channel_atoms))
+        hard = list(why)
+        if inexact[g] and not inexact_hidden_width:
+            why = why + [f"{w}; {INEXACT_OPTION} prunes it" for w in inexact[g]]
+        groups.append(ChannelGroup(f"g{g}", int(sizes[g]), not why, why, [], channel_atoms,
+                                   inexact=list(inexact[g]), inexact_prunable=not hard))
     return groups, atom_group, atom_channel
 
 
@@ -308,8 +359,12 @@ def _couple_shared_weights(ctx: PropagationContext, layers: list[WeightLayer]) -
                 ctx.block(u.input, why)
 
 
-def analyse(model: onnx.ModelProto) -> ChannelAnalysis:
-    """Analyse a normalised model with static shapes: layers, sites and channel groups."""
+def analyse(model: onnx.ModelProto, inexact_hidden_width: bool = False) -> ChannelAnalysis:
+    """Analyse a normalised model with static shapes: layers, sites and channel groups.
+
+    ``inexact_hidden_width``: inexact groups (the residual hidden width through LayerNorm /
+    RMSNorm, :mod:`graph_passes.op_rules.norms`) are prunable; off, they are blocked. The groups
+    themselves (ids, members) are the same either way."""
     graph = ModelGraph.build(model)
     ctx = _propagate(graph)
     layers = []
@@ -320,7 +375,7 @@ def analyse(model: onnx.ModelProto) -> ChannelAnalysis:
     _block_foreign_readers(ctx, layers)
     _couple_shared_weights(ctx, layers)
     mark_owners(layers, {w: int(np.size(graph.constant(w))) for w in weight_users(layers)})
-    groups, atom_group, atom_channel = _form_groups(ctx)
+    groups, atom_group, atom_channel = _form_groups(ctx, inexact_hidden_width)
     _attach_members(ctx, groups, atom_group, atom_channel, layers)
     for layer in layers:
         out_layout = ctx.layouts.get(layer.output)
@@ -343,11 +398,13 @@ def analyse(model: onnx.ModelProto) -> ChannelAnalysis:
     remap = np.array([index_of.get(id(g), -1) for g in groups] + [-1], dtype=np.int64)
     sites = activation_sites(layers, graph)
     logger.info(
-        "analysis: %d weight layers, %d groups (%d prunable), %d unknown op types",
-        len(layers), len(keep), sum(g.prunable for g in keep), len(ctx.unknown_ops),
+        "analysis: %d weight layers, %d groups (%d prunable, %d of them inexact), %d unknown op types",
+        len(layers), len(keep), sum(g.prunable for g in keep), sum(g.prunable and not g.exact for g in keep),
+        len(ctx.unknown_ops),
     )
     return ChannelAnalysis(
         model=model, graph=graph, layouts=ctx.layouts, atoms=ctx.atoms, groups=keep,
         layers=layers, sites=sites, unknown_ops=dict(Counter(ctx.unknown_ops)),
-        atom_group=remap[atom_group],
+        atom_group=remap[atom_group], inexact_hidden_width=inexact_hidden_width,
+        inexact_nodes=list(dict.fromkeys((node, tensor) for _, _, node, tensor in ctx.inexact_marks)),
     )

@@ -42,8 +42,12 @@ class PreparedModel:
 
 def prepare_model(source: str | onnx.ModelProto, input_shapes: Sequence[str] | dict = (),
                   verify: bool = True, batch: int | None = 1,
-                  input_values: Sequence[str] | Mapping[str, str] = ()) -> PreparedModel:
+                  input_values: Sequence[str] | Mapping[str, str] = (),
+                  inexact_hidden_width: bool = False) -> PreparedModel:
     """Load safely, check onnxruntime can run it, normalise (verified), analyse.
+
+    ``inexact_hidden_width``: the analysis makes inexact groups (a transformer's residual hidden
+    width through LayerNorm / RMSNorm, ``graph_passes.op_rules.norms``) prunable.
 
     A dynamic leading (batch) dim is taken as ``batch``; other symbolic dims need
     ``input_shapes`` (texts like "input=1x3x224x224" or a dict). ``input_values`` ("sr=16000"
@@ -73,7 +77,7 @@ def prepare_model(source: str | onnx.ModelProto, input_shapes: Sequence[str] | d
         if verify:
             _check_same(floating, result)
     result.model, _ = untie_weight_initializers(result.model)
-    analysis = analyse(result.model)
+    analysis = analyse(result.model, inexact_hidden_width=inexact_hidden_width)
     require_weight_layers(result.model, len(analysis.layers))
     label = source if isinstance(source, str) else "<model>"
     return PreparedModel(label, original, result, analysis, dequantized)

@@ -85,6 +85,9 @@ class CompressConfig:
     keep_best_qat: bool = False  # QAT ends on its best held-out epoch (the start counts); off: measured neutral
     #: report["runtimes"]: OpenVINO vs onnxruntime on the held-out inputs, when openvino is importable
     compare_runtimes: bool = True
+    #: inexact groups (a transformer's residual hidden width through LayerNorm / RMSNorm) are
+    #: prunable: not exact, recovered by QAT; the engine computes the norms over the kept channels
+    inexact_hidden_width: bool = False
 
     def precisions(self) -> Precisions:
         """The validated precisions (ConfigError naming the flag)."""
@@ -219,7 +222,8 @@ def _check_label_classes(dataset: Dataset, model: onnx.ModelProto) -> None:
         dataset.require_num_classes(dims[1], f"the model's output {model.graph.output[0].name!r}")
 
 
-def _prepare_with_data(model: Any, data: Any, explicit: dict[str, list[int]] | None) -> Any:
+def _prepare_with_data(model: Any, data: Any, explicit: dict[str, list[int]] | None,
+                       inexact_hidden_width: bool = False) -> Any:
     """``prepare_model`` with symbolic input dims pinned from the data's sample shapes.
 
     An input that ``explicit`` (``--input-shape``) names is pinned as given; every other input with
@@ -232,14 +236,14 @@ def _prepare_with_data(model: Any, data: Any, explicit: dict[str, list[int]] | N
 
     explicit = dict(explicit or {})
     try:
-        return prepare_model(model, explicit)
+        return prepare_model(model, explicit, inexact_hidden_width=inexact_hidden_width)
     except InputShapeError:
         pins, batch = _data_input_shapes(model, data, explicit) if data is not None else ({}, {})
         if not pins:
             raise
     logger.info("input shapes from the data: %s",
                 ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in pins.items()))
-    prepared = prepare_model(model, {**pins, **explicit})
+    prepared = prepare_model(model, {**pins, **explicit}, inexact_hidden_width=inexact_hidden_width)
     if batch:
         _record_batch_dims(prepared, batch)
     return prepared
@@ -502,7 +506,7 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
         check_output_not_input(output, model=model, data=data, labels=labels)
     timer = _Timer()
     with timer.phase("prepare"):
-        prepared = _prepare_with_data(model, data, config.input_shapes)
+        prepared = _prepare_with_data(model, data, config.input_shapes, config.inexact_hidden_width)
         _check_finite_weights(prepared)
     with timer.phase("dry_run"):
         dry = dry_run_export(prepared.model, prepared.analysis, precisions.weight_widths, precisions.activations,
@@ -536,12 +540,17 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
         if found.epochs_used is not None:  # a budget met early: the unused search epochs go to QAT
             finetune_epochs += max(0, config.epochs - found.epochs_used)
         with timer.phase("finetune"):
+        if config.inexact_hidden_width:  # norms over the kept hidden channels, as the pruned model computes them
+            from .engine.inexact import install_inexact_masks
+
+            install_inexact_masks(engine, found.plan)
             ft = finetune(engine, found.plan, train, FinetuneConfig(
                 epochs=finetune_epochs, batch_size=engine.config.batch_size, task_loss=settings.task_loss,
                 max_steps_per_epoch=config.max_steps_per_epoch, device=device, seed=config.seed,
                 progress=config.progress), validation=held if config.keep_best_qat else None)
         plan = _with_metadata(ft.plan, strategy=config.strategy, strategy_options=options, target=target,
-                              versions=_versions())
+                              versions=_versions(),
+                              **({"inexact_hidden_width": True} if config.inexact_hidden_width else {}))
         with timer.phase("export"):
             exported, gate_report, quality = _export_and_gate(prepared, engine, plan, held,
                                                               config.min_top1_agreement)
@@ -817,7 +826,8 @@ def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.Pa
         check_output_not_input(output, model=model, plan=source_plan, data=data, labels=labels)
     timer = _Timer()
     with timer.phase("prepare"):
-        prepared = _prepare_with_data(model, data, input_shapes)
+        inexact = bool(plan.metadata.get("inexact_hidden_width", False))  # made by compress --inexact-hidden-width
+        prepared = _prepare_with_data(model, data, input_shapes, inexact)
         plan.check_model_hash(model_digest(prepared.original))
         _check_finite_weights(prepared)
     space = SearchSpace(prepared.analysis, _plan_precisions(plan), model_sha256=plan.model_sha256)
@@ -859,6 +869,10 @@ def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.Pa
             exported, gate_report, quality = _export_and_gate(prepared, engine, plan, held, min_top1_agreement)
     report = _report(prepared, space, plan, exported, gate_report, quality, timer,
                      CompressConfig(strategy="plan", progress=progress), [], None)
+            if inexact:
+                from .engine.inexact import install_inexact_masks
+
+                install_inexact_masks(engine, plan)
     report["plan_source"] = str(source_plan) if source_plan is not None else None
     report["held_out_source"] = held.source
     report["runtimes"] = _runtimes(exported.model, held, quality, timer)

@@ -31,8 +31,12 @@ def _bridge_summary(model: onnx.ModelProto) -> dict:
 
 
 def build_inspect_report(source: str, input_shapes: Sequence[str], verify: bool = True,
-                         bridge: bool = True, input_values: Sequence[str] = ()) -> InspectReport:
-    prepared = prepare_model(source, input_shapes, verify=verify, input_values=input_values)
+                         bridge: bool = True, input_values: Sequence[str] = (),
+                         inexact_hidden_width: bool = False) -> InspectReport:
+    """``inexact_hidden_width``: inexact groups count as prunable (the report states the
+    coverage of exact groups alone and with the inexact ones either way)."""
+    prepared = prepare_model(source, input_shapes, verify=verify, input_values=input_values,
+                             inexact_hidden_width=inexact_hidden_width)
     stats = prepared.normalised.stats
     normalisation = dataclasses.asdict(stats) if stats is not None else {}
     normalisation["max_rel_error"] = prepared.normalised.max_rel_error

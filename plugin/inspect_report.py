@@ -31,7 +31,8 @@ class InspectReport:
         ]
         groups = [
             {
-                "id": g.id, "size": g.size, "prunable": g.prunable, "reasons": g.reasons,
+                "id": g.id, "size": g.size, "prunable": g.prunable, "kind": g.kind, "reasons": g.reasons,
+                "inexact": g.inexact,
                 "producers": g.producers, "consumers": g.consumers,
                 "members": [m.summary() for m in g.members],
             }
@@ -53,6 +54,11 @@ class InspectReport:
                 "groups": len(a.groups),
                 "prunable_groups": len(a.prunable_groups),
                 "prunable_share": round(a.prunable_share, 6),
+                # weight-layer output channels in prunable exact groups / with the inexact groups
+                "exact_share": round(a.coverage(False), 6),
+                "inexact_share": round(a.coverage(True), 6),
+                "inexact_hidden_width": a.inexact_hidden_width,
+                "inexact_groups": sum(not g.exact for g in a.groups),
                 "conv_prunable_share": round(a.conv_prunable_share(), 6),
             },
             "unknown_ops": a.unknown_ops,
@@ -75,6 +81,11 @@ class InspectReport:
             f"{100 * t['prunable_share']:.1f}% of weight-layer output channels prunable "
             f"({100 * t['conv_prunable_share']:.1f}% of conv output channels)",
         ]
+        if t["inexact_groups"]:
+            on = "on" if t["inexact_hidden_width"] else "off: pass --inexact-hidden-width to prune them"
+            lines.append(f"coverage   {100 * t['exact_share']:.1f}% in exact groups; "
+                         f"{100 * t['inexact_share']:.1f}% with the {t['inexact_groups']} inexact group(s) "
+                         f"(residual hidden width through LayerNorm/RMSNorm; {on})")
         if d["unknown_ops"]:
             lines.append("no rule    " + ", ".join(f"{k} x{v}" for k, v in sorted(d["unknown_ops"].items()))
                          + "  (these block the channels they touch)")
@@ -86,9 +97,10 @@ class InspectReport:
               r["groups"], f"{r['params']:,}", f"{r['macs']:,}", ",".join(r["output_groups"])]
              for r in d["layers"]], max_rows)]
         lines += ["", "Channel groups", _table(
-            ["group", "channels", "prunable", "producers", "consumers", "why not"],
-            [[g["id"], g["size"], "yes" if g["prunable"] else "no", len(g["producers"]), len(g["consumers"]),
-              g["reasons"][0] if g["reasons"] else ""] for g in d["groups"]], max_rows)]
+            ["group", "channels", "prunable", "kind", "producers", "consumers", "why not / why inexact"],
+            [[g["id"], g["size"], "yes" if g["prunable"] else "no", g["kind"], len(g["producers"]),
+              len(g["consumers"]), g["reasons"][0] if g["reasons"] else (g["inexact"][0] if g["inexact"] else "")]
+             for g in d["groups"]], max_rows)]
         return "\n".join(lines)
 
     def _normalisation_line(self) -> str:

@@ -173,3 +173,8 @@ class AttentionOpRule(OpRule):
             kept = size if keep is None else int(keep.sum())
             per_head = 1 if rank == 4 else size // int(heads)
             ctx.set_attr(node, attr, kept // per_head)
+
+
+# the hidden-width norms extend spatial's LayerNormalization / ReduceMean and shape_ops' Gather
+# rules; imported here, after those modules registered theirs
+from . import norms  # noqa: E402,F401

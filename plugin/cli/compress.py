@@ -181,6 +181,10 @@ def _study_flags(strategy: str, options: tuple[str, ...], **flags: Any) -> tuple
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
               help="Make a model input a constant (e.g. --input-value sr=16000): an If on it is folded, and "
                    "the compressed model no longer takes that input.")
+@click.option("--inexact-hidden-width", is_flag=True,
+              help="Also prune a transformer's residual hidden width (the channels every block's residual Add "
+                   "and LayerNorm/RMSNorm share). Not exact: the norms' statistics change, QAT recovers; "
+                   "`prunequant inspect` shows the coverage with and without it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
 @click.option("--mlflow-uri", "mlflow_uri", default=None, metavar="URI",
@@ -198,7 +202,7 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
                      input_shapes: tuple[str, ...], as_json: bool, no_progress: bool, trials: int | None = None,
                      study: str | None = None, storage: str | None = None, resume: bool = False,
                      mlflow_uri: str | None = None, mlflow_experiment: str | None = None,
-                     input_values: tuple[str, ...] = ()) -> None:
+                     input_values: tuple[str, ...] = (), inexact_hidden_width: bool = False) -> None:
     """Compress MODEL: a search strategy chooses which channels to remove and the bit-width of
     every remaining weight channel and activation; then quantization-aware fine-tuning, then
     export to a QDQ ONNX model that is validated (checker, onnxruntime, agreement with the
@@ -248,7 +252,7 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
 
     config = api.CompressConfig(
         lam=lam, epochs=epochs, finetune_epochs=finetune_epochs, batch_size=batch_size, device=device,
-        seed=seed, progress=not no_progress, threads=threads, **settings,
+        seed=seed, progress=not no_progress, threads=threads, inexact_hidden_width=inexact_hidden_width, **settings,
     )
     source = model
     if input_values:  # pinned inputs: compress the model in which they are constants

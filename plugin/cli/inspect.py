@@ -24,11 +24,15 @@ _INPUT_SHAPE_HELP = (
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime check of the normalised model.")
 @click.option("--bridge/--no-bridge", default=True, show_default=True,
               help="Also convert to torch and measure parity (what `compress` trains on).")
+@click.option("--inexact-hidden-width", is_flag=True,
+              help="Count the inexact groups (a transformer's residual hidden width through LayerNorm / "
+                   "RMSNorm) as prunable, as `compress --inexact-hidden-width` does. Both coverages "
+                   "are reported either way.")
 @click.option("--max-rows", default=60, show_default=True, type=click.IntRange(min=1),
               help="Rows per table in the text report.")
 @handle_errors
 def inspect_command(model: str, input_shapes: tuple[str, ...], as_json: bool, no_verify: bool, bridge: bool,
-                    max_rows: int, input_values: tuple[str, ...] = ()) -> None:
+                    max_rows: int, input_values: tuple[str, ...] = (), inexact_hidden_width: bool = False) -> None:
     """Analyse MODEL: weight layers, parameters, MACs, channel groups (which channels must be
     removed together, and which cannot be removed and why), ops without a rule, and whether the
     model can be trained through the torch bridge.
@@ -40,7 +44,7 @@ def inspect_command(model: str, input_shapes: tuple[str, ...], as_json: bool, no
     from plugin.inspect_cmd import build_inspect_report
 
     report = build_inspect_report(model, input_shapes, verify=not no_verify, bridge=bridge,
-                                  input_values=input_values)
+                                  input_values=input_values, inexact_hidden_width=inexact_hidden_width)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
