@@ -102,6 +102,10 @@ def test_column_costs_are_the_weight_bits_each_column_stands_for(model: onnx.Mod
     narrow = scales[id(narrow_alpha.alpha)][0, narrow_cols]
     assert torch.allclose(narrow / wide[0], torch.full((6,), WIDE / NARROW))
     assert torch.allclose(wide, wide[0].expand(8))
+    # lambda keeps its meaning: sum_c s_c C_c^2 == sum_c C_c^2 over every weight column
+    flat_costs = torch.cat(costs)
+    flat_scales = torch.cat([scales[id(a.alpha)][0] for a in net.alphas])
+    assert float((flat_scales * flat_costs**2).sum()) == pytest.approx(float((flat_costs**2).sum()), rel=1e-5)
 
 
 def test_plain_sgd_moves_a_wide_column_further(model: onnx.ModelProto) -> None:

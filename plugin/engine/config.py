@@ -42,7 +42,8 @@ class SearchConfig:
     ``logit_steps`` chooses how the logits step: ``sgd`` (SGD + momentum, the paper's),
     ``sgd_per_cost`` (the same, each weight logit column's gradient multiplied by
     ``ref / C_c``, ``C_c`` the cost the column stands for at the start (its widest width, inputs
-    at their kept expectation; ``ref`` the geometric mean over columns): a column standing for many weights, e.g. an attention head or a group
+    at their kept expectation; ``ref`` their cost-weighted mean, so lambda keeps its
+    meaning): a column standing for many weights, e.g. an attention head or a group
     spanning several layers, then moves no faster than a one-layer channel of equal benefit per
     unit cost), or ``adam`` (Adam at ``alpha_lr``: per-parameter normalised steps).
     """

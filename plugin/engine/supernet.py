@@ -264,15 +264,19 @@ class Supernet(FakeQuantModel):
 
     def logit_step_scales(self, name: str | None = None) -> dict[int, Tensor]:
         """``id(alpha parameter) -> [1, n_columns]`` multipliers of the logit gradients for
-        ``logit_steps="sgd_per_cost"``: ``ref / C_c`` per column (:meth:`column_costs`), ``ref``
-        the geometric mean of the positive finite ``C_c`` over every weight column; a column of
-        no cost keeps 1. Activation sites' logits are not scaled."""
+        ``logit_steps="sgd_per_cost"``: ``ref / C_c`` per column (:meth:`column_costs`); a column
+        of no cost keeps 1. Activation sites' logits are not scaled.
+
+        ``ref = sum C_c^2 / sum C_c`` (the cost-weighted mean): a step on the cost alone then
+        lowers the expected cost at about the same first-order rate as plain SGD (``sum_c s_c C_c^2 =
+        sum_c C_c^2``), so a lambda means what it meant; only the split between columns changes
+        (each moves by its task gradient per unit cost, plus lambda)."""
         costs = self.column_costs(name)
         flat = torch.cat(costs) if costs else torch.zeros(0)
-        valid = flat[torch.isfinite(flat) & (flat > 0)]
+        valid = flat[torch.isfinite(flat) & (flat > 0)].double()
         if valid.numel() == 0:
             return {}
-        ref = torch.exp(torch.log(valid).mean())
+        ref = (valid.square().sum() / valid.sum()).float()
         out = {}
         for alpha, cost in zip(self.alphas, costs):
             ok = torch.isfinite(cost) & (cost > 0)
