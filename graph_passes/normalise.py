@@ -27,6 +27,7 @@ from .fold_utils import DEFAULT_DOMAINS, RewriteResult, subgraphs, unique_name
 from .ort_utils import compare_outputs, make_session, random_feeds, run
 from .drop_default_inputs import DropDefaultInputsPass
 from .passes import Pass, PassResult
+from .shapes import reconcile_output_shapes, undeclared_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         inferred = onnx.shape_inference.infer_shapes(_shape_skeleton(model), data_prop=True)
         fresh = list(inferred.graph.value_info)
+        reconcile_output_shapes(model.graph, inferred.graph.output)  # stale output declarations
     except (onnx.shape_inference.InferenceError, ValueError) as exc:
         logger.warning("shape inference failed, value_info left empty: %s", exc)
         fresh = []
@@ -204,7 +206,7 @@ def _shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.name = source.name
     graph.node.extend(source.node)
     graph.input.extend(source.input)
-    graph.output.extend(source.output)
+    graph.output.extend(undeclared_outputs(source.output))  # inference says what they are
     graph.sparse_initializer.extend(source.sparse_initializer)
     inputs = {i.name for i in source.input}
     for tensor in source.initializer:

@@ -257,3 +257,52 @@ def batch_dims(model: onnx.ModelProto) -> dict[str, str]:
         if prop.key == BATCH_DIMS_KEY:
             return dict(json.loads(prop.value))
     return {}
+
+
+def undeclared_outputs(outputs: Iterable[onnx.ValueInfoProto]) -> list[onnx.ValueInfoProto]:
+    """Copies of graph outputs that keep only their element type, for shape inference: an
+    exporter's output declaration can be wrong (torch's legacy exporter names the output dims
+    of ``dynamic_axes`` as given, ``[1, seqlen]`` for a tensor of rank 3), and inference merges
+    into a declaration instead of replacing it, so it could not say what the graph computes."""
+    copies = []
+    for value in outputs:
+        copy = onnx.ValueInfoProto()
+        copy.CopyFrom(value)
+        if copy.type.WhichOneof("value") == "tensor_type":
+            copy.type.tensor_type.ClearField("shape")
+        copies.append(copy)
+    return copies
+
+
+def reconcile_output_shapes(graph: onnx.GraphProto, inferred: Iterable[onnx.ValueInfoProto]) -> list[str]:
+    """Replace, in place, every graph output declaration that contradicts what shape inference
+    finds the graph computes (another rank, or another static size of a dim); returns their names.
+
+    Such a declaration is harmless while an input dim is symbolic (inference cannot reach the
+    output) and onnxruntime ignores it, but once the inputs are pinned the full onnx checker
+    refuses the model ("Inferred shape and existing shape differ in rank: (3) vs (2)"), so
+    every later export would fail. A declaration that only says less than inference (unknown
+    or named dims) is kept as it is: its dim names are the user's."""
+    found = {v.name: v for v in inferred}
+    replaced = []
+    for value in graph.output:
+        fresh = found.get(value.name)
+        if fresh is None or value.type.WhichOneof("value") != "tensor_type" \
+                or fresh.type.WhichOneof("value") != "tensor_type":
+            continue
+        have, got = value.type.tensor_type, fresh.type.tensor_type
+        if not got.HasField("shape"):
+            continue
+        stale = not have.HasField("shape") or len(have.shape.dim) != len(got.shape.dim) or any(
+            a.HasField("dim_value") and b.HasField("dim_value") and a.dim_value > 0 and b.dim_value > 0
+            and a.dim_value != b.dim_value for a, b in zip(have.shape.dim, got.shape.dim))
+        if got.elem_type and have.elem_type != got.elem_type:
+            stale = True
+        if not stale:
+            continue
+        before = value_dims(value)
+        value.type.CopyFrom(fresh.type)
+        replaced.append(value.name)
+        logger.info("graph output %r: declared shape %s contradicts the graph, which computes %s; "
+                    "the declaration is replaced", value.name, before, value_dims(value))
+    return replaced

@@ -84,6 +84,17 @@ SCALE_RANGE = (1e-12, 1e12)
 MAX_PLAN_BYTES = 64 * 1024 * 1024
 
 
+def sound_weight_scale(value: float) -> float:
+    """A weight scale a plan can hold: ``value``, or the floor ``SCALE_RANGE[0]`` for a
+    (near-)dead channel, whose weights are ~0 (PP-OCRv4's DBNet has channels of |w| ~ 5e-34
+    after its BatchNorms fold: max|w| / 127 = 4e-36). The floor is exact where it applies: it
+    is larger than the channel's own scale, so no weight clips, and every weight below
+    ``SCALE_RANGE[0] / 2`` quantizes to the integer 0 (the dead channel computes 0, as it did
+    to within 1e-12). A scale above ``SCALE_RANGE[1]`` (|w| > 1e14) is left to the check."""
+    value = float(value)
+    return SCALE_RANGE[0] if 0 < value < SCALE_RANGE[0] else value
+
+
 def _require_in_range(value: object, where: str, bounds: tuple[float, float]) -> float:
     number = _require_positive_number(value, where)
     low, high = bounds

@@ -18,7 +18,7 @@ import numpy as np
 from cost_models import CostInputs, LayerSpec, available_cost_models, get_cost_model
 from graph_passes.bitwidths import ACTIVATION_BITS, BASELINE_BITS, PRUNED, WEIGHT_BITS
 from graph_passes.errors import ConfigError, CostModelError, PlanError
-from plugin.plan import ActivationPlan, CompressionPlan, GroupPlan, LayerPlan
+from plugin.plan import ActivationPlan, CompressionPlan, GroupPlan, LayerPlan, sound_weight_scale
 
 if TYPE_CHECKING:  # onnx and the analysis load only when a space is built (flag checks stay fast)
     from graph_passes.channel_groups import ChannelAnalysis
@@ -458,7 +458,7 @@ class SearchSpace:
                 if previous != (b != PRUNED):
                     raise PlanError(f"layer {name!r} keeps a channel another layer of its group prunes")
             layer_scales = None if scales is None else scales.get(name)
-            layers[name] = LayerPlan(bits, None if layer_scales is None else tuple(float(s) for s in layer_scales),
+            layers[name] = LayerPlan(bits, None if layer_scales is None else tuple(sound_weight_scale(s) for s in layer_scales),
                                      float((sparsity or {}).get(name, 0.0)))
         groups = {}
         for unit in self.map.units.values():

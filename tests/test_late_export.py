@@ -1,0 +1,126 @@
+"""Exports that failed late on real models (issue 11 item 9), each class on a small hand-built
+graph: a stale graph-output declaration that the full onnx checker refuses once the inputs are
+pinned (ddddocr's CRNN), and a (near-)dead weight channel whose scale is below what a plan may
+hold (PP-OCRv4's DBNet)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from graph_passes.dry_run import dry_run_export
+from graph_passes.errors import PlanError
+from graph_passes.ort_utils import make_session
+from graph_passes.prepare import prepare_model
+from graph_passes.prune import prune_channels, repair_removal
+from graph_passes.shapes import reconcile_output_shapes, undeclared_outputs, value_dims
+from graph_passes.validate import check_model
+from plugin.export import export_plan
+from plugin.plan import SCALE_RANGE, CompressionPlan, LayerPlan, sound_weight_scale
+from plugin.space import SearchSpace
+from tests.graph_helpers import build
+
+# torch's legacy exporter names output dims from dynamic_axes as given: the CRNN's logits,
+# [T, 1, classes], are declared [1, seqlen]. Harmless while an input dim is symbolic
+# (inference cannot reach the output), refused by the full checker once inputs are pinned.
+STALE_OUTPUT = """
+<ir_version: 7, opset_import: ["" : 12]>
+g (float[1,8] x) => (float[1,seqlen] y) {
+  h = Gemm <transB = 1> (x, w1, b1)
+  r = Relu(h)
+  z = Gemm <transB = 1> (r, w2, b2)
+  y = Reshape(z, shape)
+}
+"""
+
+
+def _stale_output_model() -> onnx.ModelProto:
+    model = build(STALE_OUTPUT, w1=[16, 8], b1=[16], w2=[12, 16], b2=[12])
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 1, -1], np.int64), "shape"))
+    return model
+
+
+def test_stale_output_declaration_is_replaced_and_pruning_passes_the_full_checker() -> None:
+    prepared = prepare_model(_stale_output_model())
+    (out,) = prepared.model.graph.output
+    assert value_dims(out) == [1, 1, 12]  # what the graph computes, not the declared [1, seqlen]
+    check_model(prepared.model, full_check=True)
+    removal = repair_removal(prepared.analysis, {g.id: [0] for g in prepared.analysis.prunable_groups})
+    assert removal
+    pruned = prune_channels(prepared.model, prepared.analysis, removal)
+    check_model(pruned, full_check=True)
+    report = dry_run_export(prepared.model, prepared.analysis, (0, 8), (8,))
+    assert [s.name for s in report.steps] == ["prune", "W8A8"]
+    x = np.ones((1, 8), np.float32)
+    assert make_session(pruned).run(None, {"x": x})[0].shape == (1, 1, 12)
+
+
+def test_reconcile_keeps_declarations_that_only_say_less() -> None:
+    graph = onnx.helper.make_graph([], "g", [], [
+        onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, ["batch", 4]),
+        onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [2, 4]),
+        onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [1, "n"])])
+    inferred = [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1, 4]),
+                onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [3, 4]),
+                onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [1, 5, 2])]
+    assert reconcile_output_shapes(graph, inferred) == ["b", "c"]
+    assert [value_dims(v) for v in graph.output] == [["batch", 4], [3, 4], [1, 5, 2]]
+    loose = undeclared_outputs(graph.output)
+    assert [v.type.tensor_type.HasField("shape") for v in loose] == [False] * 3
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in loose)
+    assert value_dims(graph.output[0]) == ["batch", 4]  # copies: the graph is left alone
+
+
+DEAD_CHANNEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,3,6,6] x) => (float[1,4,6,6] y) {
+  h = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+  r = Relu(h)
+  y = Conv (r, w2, b2)
+}
+"""
+
+
+def _dead_channel_model(exact_zero: bool = False) -> onnx.ModelProto:
+    """Output channel 1 of the first conv has |w| ~ 5e-34 (a BatchNorm with gamma ~ 0 folded
+    in): max|w| / 127 = 4e-36, below SCALE_RANGE (``exact_zero``: the channel's weights are 0)."""
+    model = build(DEAD_CHANNEL, w1=[6, 3, 3, 3], b1=[6], w2=[4, 6, 1, 1], b2=[4])
+    inits = {t.name: t for t in model.graph.initializer}
+    w1 = numpy_helper.to_array(inits["w1"]).copy()
+    w1[1] *= 0 if exact_zero else np.float32(5e-34) / np.abs(w1[1]).max()
+    inits["w1"].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    return model
+
+
+def test_dead_channel_gets_the_floor_scale_and_exports_exactly() -> None:
+    prepared = prepare_model(_dead_channel_model())
+    zeroed = prepare_model(_dead_channel_model(exact_zero=True))  # the channel as it computes
+    space, oracle = SearchSpace(prepared.analysis), SearchSpace(zeroed.analysis)
+    conv1 = next(n for n in space.layers if space.layers[n].layer.weight == "w1")
+    x = np.random.default_rng(0).standard_normal((1, 3, 6, 6)).astype(np.float32)
+    for bits in (8, 2):
+        plan = space.plan(layer_bits={conv1: bits})
+        scales = plan.layers[conv1].scales
+        assert scales[1] == SCALE_RANGE[0] and all(s > SCALE_RANGE[0] for i, s in enumerate(scales) if i != 1)
+        again = CompressionPlan.from_json(plan.to_json())  # our own plan passes our own validation
+        assert again.layers[conv1].scales == scales
+        exported = export_plan(prepared.model, prepared.analysis, again).model
+        check_model(exported, full_check=True)
+        reference = export_plan(zeroed.model, zeroed.analysis, oracle.plan(layer_bits={conv1: bits})).model
+        got = make_session(exported).run(None, {"x": x})[0]
+        assert np.isfinite(got).all()
+        np.testing.assert_array_equal(got, make_session(reference).run(None, {"x": x})[0])
+        # the channel's integers are all 0, the live channels' are not
+        ints = [numpy_helper.to_array(t) for t in exported.graph.initializer
+                if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4, onnx.TensorProto.INT2)
+                and list(t.dims) == [6, 3, 3, 3]]
+        assert len(ints) == 1 and not ints[0][1].any() and ints[0][0].any()
+
+
+def test_sound_weight_scale_floor_only() -> None:
+    assert sound_weight_scale(4.13e-36) == SCALE_RANGE[0]
+    assert sound_weight_scale(0.02) == 0.02 and sound_weight_scale(SCALE_RANGE[0]) == SCALE_RANGE[0]
+    with pytest.raises(PlanError):  # a plan file that says so is still refused
+        LayerPlan((8, 8), (0.1, 4.13e-36))
