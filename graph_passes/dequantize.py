@@ -607,7 +607,8 @@ def _check_lstm(m: _Lstm, captured: dict[str, np.ndarray], original: onnx.ModelP
     check.per_channel = per_channel
     clip = [helper.make_attribute("clip", attrs["clip"])] if "clip" in attrs else []
     forget = [helper.make_attribute("input_forget", attrs["input_forget"])] if "input_forget" in attrs else []
-    worst_ratio, err_at, bound_at = -1.0, 0.0, 0.0
+    worst = emulated = (-1.0, 0.0, 0.0)
+    b_abs = 0.0
     q_w, q_r = consts[ins[1]], consts[ins[2]]
     for d in range(dirs):
         inits_q = [numpy_helper.from_array(q_w[d:d + 1], "W"), numpy_helper.from_array(q_r[d:d + 1], "R")]
@@ -631,9 +632,12 @@ def _check_lstm(m: _Lstm, captured: dict[str, np.ndarray], original: onnx.ModelP
         q_sess = make_session(_one_node(q_node, feeds_in, ["Y", "Yh", "Yc"], inits_q + shared, max(opset, 7),
                                         (helper.make_opsetid("com.microsoft", 1),)))
         f_sess = make_session(_one_node(f_node, feeds_in, ["Y", "Yh", "Yc"], inits_f + shared, max(opset, 7)))
+        e_sess = make_session(_emulation(f_node, feeds_in, inits_f + shared, max(opset, 13))) if batch == 1 else None
         w_l1 = np.abs(m.w[d].astype(np.float64)).sum(1)  # per gate row [4H]
         r_l1 = np.abs(m.r[d].astype(np.float64)).sum(1)
         p_o = np.abs(peep[d, :hidden].astype(np.float64)) if peep is not None else 0.0  # P is [iof]
+        if bias is not None:
+            b_abs = np.abs(bias[d].astype(np.float64)).reshape(2, -1).sum(0)  # Wb + Rb per gate row
         h = (h0[d:d + 1] if h0 is not None else np.zeros((1, batch, hidden), np.float32)).astype(np.float32)
         c = (c0[d:d + 1] if c0 is not None else np.zeros((1, batch, hidden), np.float32)).astype(np.float32)
         order = range(steps) if d == 0 else range(steps - 1, -1, -1)
@@ -641,23 +645,62 @@ def _check_lstm(m: _Lstm, captured: dict[str, np.ndarray], original: onnx.ModelP
             xt = x[t:t + 1]
             q_out = q_sess.run(None, {"X": xt, "H0": h, "C0": c})
             f_out = f_sess.run(None, {"X": xt, "H0": h, "C0": c})
+            forget_ = bool(attrs.get("input_forget"))
             delta = _range_step(xt) * w_l1 + _range_step(h) * r_l1  # [4H] in iofc order
-            d_i, d_o, d_f, d_g = (delta[k * hidden:(k + 1) * hidden] for k in range(4))
-            d_i, d_o, d_f = d_i / 4, d_o / 4, d_f / 4
-            if attrs.get("input_forget"):
-                d_f = d_i
-            slack = 16 * _EPS32 * (1.0 + np.abs(c[0]))
-            d_c = d_f * np.abs(c[0]) + d_i + d_g + slack
-            d_h = d_o + p_o * d_c / 4 + d_c + slack
-            for got, ref, bound in ((f_out[1][0], q_out[1][0], d_h), (f_out[2][0], q_out[2][0], d_c)):
-                err = np.abs(got.astype(np.float64) - ref)
-                ratio = err / bound
-                k = np.unravel_index(np.argmax(ratio), ratio.shape)
-                if ratio[k] > worst_ratio:
-                    worst_ratio, err_at, bound_at = float(ratio[k]), float(err[k]), float(np.broadcast_to(bound, err.shape)[k])
+            d_h, d_c = _step_bounds(delta, hidden, c[0], p_o, forget_)
+            worst = _worst(worst, ((f_out[1][0], q_out[1][0], d_h), (f_out[2][0], q_out[2][0], d_c)))
+            if e_sess is not None:  # the original's own quantization of x_t and h_{t-1}: float rounding only
+                e_out = e_sess.run(None, {"X": xt, "H0": h, "C0": c})
+                terms = m.w.shape[2] + hidden + 8
+                rho = terms * _EPS32 * (float(np.abs(xt).max(initial=0.0)) * 2 * w_l1
+                                        + float(np.abs(h).max(initial=0.0)) * 2 * r_l1 + b_abs)
+                e_h, e_c = _step_bounds(rho, hidden, c[0], p_o, forget_)
+                emulated = _worst(emulated, ((e_out[0][0], q_out[1][0], e_h), (e_out[1][0], q_out[2][0], e_c)))
             h, c = q_out[1], q_out[2]  # the original's own trajectory
-    check.error, check.bound = err_at, bound_at
+    check.error, check.bound = worst[1], worst[2]
+    if batch == 1:
+        check.emulated_error, check.emulated_bound = emulated[1], emulated[2]
     return check
+
+
+def _step_bounds(delta: np.ndarray, hidden: int, c_prev: np.ndarray, p_o, input_forget: bool):
+    """|dh|, |dc| of one LSTM step whose gate pre-activations (iofc rows) move by ``delta``."""
+    d_i, d_o, d_f, d_g = (delta[k * hidden:(k + 1) * hidden] for k in range(4))
+    d_i, d_o, d_f = d_i / 4, d_o / 4, d_f / 4  # sigmoid: 1/4-Lipschitz; tanh: 1
+    if input_forget:
+        d_f = d_i
+    slack = 16 * _EPS32 * (1.0 + np.abs(c_prev))
+    d_c = d_f * np.abs(c_prev) + d_i + d_g + slack
+    d_h = d_o + p_o * d_c / 4 + d_c + slack
+    return d_h, d_c
+
+
+def _worst(current: tuple[float, float, float], pairs) -> tuple[float, float, float]:
+    """(ratio, error, bound) of the worst element so far over (got, reference, bound) pairs."""
+    for got, ref, bound in pairs:
+        err = np.abs(got.astype(np.float64) - ref)
+        ratio = err / bound
+        k = np.unravel_index(np.argmax(ratio), ratio.shape)
+        if ratio[k] > current[0]:
+            current = (float(ratio[k]), float(err[k]), float(np.broadcast_to(bound, err.shape)[k]))
+    return current
+
+
+def _emulation(lstm: onnx.NodeProto, feeds_in: list, inits: list, opset: int) -> onnx.ModelProto:
+    """The float LSTM step on the original's own dynamic quantization of X and H0."""
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["X"], ["Xq", "Xs", "Xz"]),
+             helper.make_node("DequantizeLinear", ["Xq", "Xs", "Xz"], ["Xd"]),
+             helper.make_node("DynamicQuantizeLinear", ["H0"], ["Hq", "Hs", "Hz"]),
+             helper.make_node("DequantizeLinear", ["Hq", "Hs", "Hz"], ["Hd"])]
+    step = onnx.NodeProto()
+    step.CopyFrom(lstm)
+    step.input[0], step.input[5] = "Xd", "Hd"
+    del step.output[:]
+    step.output.extend(["", "Yh", "Yc"])
+    graph = helper.make_graph(nodes + [step], "emulation", [helper.make_tensor_value_info(n, t, None) for n, t in feeds_in],
+                              [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in ("Yh", "Yc")],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 # --------------------------------------------------------------------------------------------

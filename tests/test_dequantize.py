@@ -135,6 +135,8 @@ def test_dynamic_lstm_back_to_float(tmp_path):
         assert np.max(np.abs(got - f_inits[key]) / step) <= 0.5 + 1e-3
     (check,) = result.checks
     assert check.op == "DynamicQuantizeLSTM" and check.ok and 0 < check.error <= check.bound
+    # one step on the original's own quantization of x_t and h_{t-1}: float rounding only
+    assert check.emulated_error <= check.emulated_bound < 0.01 * check.bound
     feeds = random_feeds(make_session(floating), seed=2)
     got, original, quant = _outputs(result.model, feeds), _outputs(floating, feeds), _outputs(quantized, feeds)
     assert _rel(got[0], original[0]) < 0.02
@@ -155,6 +157,21 @@ def test_a_wrong_dequantization_is_caught(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dq, "_match_integer", off_by_one_step)
     with pytest.raises(VerificationError, match="MatMulInteger.*dequantized input"):
+        dequantize(quantized)
+
+
+def test_a_wrong_lstm_dequantization_is_caught(tmp_path, monkeypatch):
+    quantized = _quantize(_lstm_model(), tmp_path)
+    real = dq._match_lstm
+    step = float(numpy_helper.to_array(next(t for t in quantized.graph.initializer if t.name == "R_scale"))[1])
+
+    def off_by_one_step(node, *args):
+        found = real(node, *args)
+        found.r[1, 3, 2] += step  # one recurrent weight of the reverse direction, one step off
+        return found
+
+    monkeypatch.setattr(dq, "_match_lstm", off_by_one_step)
+    with pytest.raises(VerificationError, match="DynamicQuantizeLSTM.*dequantized input"):
         dequantize(quantized)
 
 
