@@ -14,8 +14,8 @@ from plugin.bridge import registry
 logger = logging.getLogger(__name__)
 
 _OP_MODULES = ("ops_layers", "ops_norm", "ops_reduce", "ops_shape", "ops_pool", "ops_resize", "ops_recurrent",
-               "ops_misc")
-_state = {"registered": False}
+               "ops_misc", "ops_control")
+_state: dict = {"registered": False, "opsets": {}}
 
 
 def ensure_registered() -> None:
@@ -53,8 +53,15 @@ def coverage(model: onnx.ModelProto) -> list[tuple[str, int, int, bool]]:
     return rows
 
 
+def current_opsets() -> dict[str, int]:
+    """The opsets of the model whose coverage was checked last (the one being converted): the
+    control-flow converters give a subgraph's model the same opsets."""
+    return dict(_state["opsets"])
+
+
 def check_coverage(model: onnx.ModelProto) -> None:
     """Raise one-line ConversionError listing every unsupported (op, version, count)."""
+    _state["opsets"] = _opsets(model)
     missing = [row for row in coverage(model) if not row[3]]
     if missing:
         listed = ", ".join(f"{op}-{version} x{count}" for op, version, count, _ in missing)
