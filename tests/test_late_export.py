@@ -124,3 +124,58 @@ def test_sound_weight_scale_floor_only() -> None:
     assert sound_weight_scale(0.02) == 0.02 and sound_weight_scale(SCALE_RANGE[0]) == SCALE_RANGE[0]
     with pytest.raises(PlanError):  # a plan file that says so is still refused
         LayerPlan((8, 8), (0.1, 4.13e-36))
+
+
+# --- a reachable budget the search's rounds do not reach (PP-OCRv4 rec in a short run)
+
+DIGITS = "samples/digits"
+
+
+@pytest.fixture(scope="module")
+def digits_search():
+    import torch
+
+    from plugin.data import Dataset
+    from plugin.engine.config import SearchConfig
+    from plugin.engine.supernet import Supernet
+
+    torch.manual_seed(0)
+    prepared = prepare_model(f"{DIGITS}/model.onnx", ["input=1x1x8x8"])
+    data = np.load(f"{DIGITS}/train.npz")
+    train = Dataset({"input": data["input"][:64]}, data["labels"][:64].astype(np.int64))
+
+    def build_net():
+        config = SearchConfig(progress=False, batch_size=32, max_steps_per_epoch=1)
+        return Supernet.build(prepared.model, config, analysis=prepared.analysis)
+    return build_net, train
+
+
+def test_budget_not_reached_in_rounds_is_completed_from_the_logits(digits_search) -> None:
+    from plugin.budget import BudgetConfig, search_to_budget
+
+    build_net, train = digits_search
+    net = build_net()
+    short = BudgetConfig(lam_start=1.0, lam_factor=1.01, max_rounds=2, check_every=1)
+    result = search_to_budget(net, train, "size=40%", net.config, short)
+    plan, searched = result.plan, net.discretise(cost_models=["size"])
+    assert searched.cost_after["size"] > result.target  # the search alone did not get there
+    assert plan.cost_after["size"] <= result.target == 0.4 * plan.cost_before["size"]
+    completion = plan.metadata["budget_completion"]
+    assert completion["channels_lowered"] > 0 and completion["searched_cost"] == searched.cost_after["size"]
+    for name, layer in plan.layers.items():  # the search's pruning, widths only ever narrower
+        before = searched.layers[name].bits
+        assert [b == 0 for b in layer.bits] == [b == 0 for b in before]
+        assert all(b <= a for a, b in zip(before, layer.bits))
+        assert layer.scales is not None
+    CompressionPlan.from_json(plan.to_json())
+
+
+def test_budget_below_the_narrowest_kept_widths_still_fails(digits_search) -> None:
+    from graph_passes.errors import CostModelError
+    from plugin.budget import BudgetConfig, search_to_budget
+
+    build_net, train = digits_search
+    net = build_net()
+    short = BudgetConfig(lam_start=1.0, lam_factor=1.01, max_rounds=1, check_every=1)
+    with pytest.raises(CostModelError, match="every kept channel at its narrowest width it stays above"):
+        search_to_budget(net, train, "size=20%", net.config, short)  # 2-bit everywhere is 25%
