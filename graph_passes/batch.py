@@ -288,7 +288,7 @@ def batch_layout(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | None 
 
 #: how many samples of the user's data :func:`check_model_on_data` runs the model on (a model
 #: that runs one sample at a time: PER_SAMPLE_CHECK_SAMPLES), and in chunks of how many
-DATA_CHECK_SAMPLES = 256
+DATA_CHECK_SAMPLES = 64
 PER_SAMPLE_CHECK_SAMPLES = 16
 DATA_CHECK_CHUNK = 32
 

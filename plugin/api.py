@@ -305,6 +305,10 @@ def _data_input_shapes(model: Any, data: Any, explicit: dict[str, list[int]]
         if shape is None:
             continue
         declared_text = f"[{dims_text(dims)}]"
+        if (len(shape) == len(dims) + 1 and len(shape) > 1 and shape[1] != 1 and all(
+                not isinstance(d, int) or d == s for d, s in zip(dims, shape[1:]))):
+            pins[name] = [int(s) for s in shape[1:]]  # N whole inputs: dim 0 is no batch (graph_passes.batch)
+            continue
         if len(shape) != len(dims):
             raise DataError(f"{where}: the array for input {name!r} has shape [{dims_text(shape)}] (rank "
                             f"{len(shape)}) but the model declares {declared_text} (rank {len(dims)}); "
@@ -536,14 +540,14 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
         engine = found.engine if found.engine is not None else problem.fake_quant()
         if not engine.calibrated:
             engine.calibrate(train, config.batch_size)
-        finetune_epochs = config.finetune_epochs
-        if found.epochs_used is not None:  # a budget met early: the unused search epochs go to QAT
-            finetune_epochs += max(0, config.epochs - found.epochs_used)
-        with timer.phase("finetune"):
         if config.inexact_hidden_width:  # norms over the kept hidden channels, as the pruned model computes them
             from .engine.inexact import install_inexact_masks
 
             install_inexact_masks(engine, found.plan)
+        finetune_epochs = config.finetune_epochs
+        if found.epochs_used is not None:  # a budget met early: the unused search epochs go to QAT
+            finetune_epochs += max(0, config.epochs - found.epochs_used)
+        with timer.phase("finetune"):
             ft = finetune(engine, found.plan, train, FinetuneConfig(
                 epochs=finetune_epochs, batch_size=engine.config.batch_size, task_loss=settings.task_loss,
                 max_steps_per_epoch=config.max_steps_per_epoch, device=device, seed=config.seed,
@@ -865,14 +869,14 @@ def apply_plan(model: str | onnx.ModelProto, plan: CompressionPlan | str | os.Pa
             if data is not None:
                 _check_clips(plan, engine.calibrate(held, config.batch_size))
             engine.freeze(plan)
-        with timer.phase("export"):
-            exported, gate_report, quality = _export_and_gate(prepared, engine, plan, held, min_top1_agreement)
-    report = _report(prepared, space, plan, exported, gate_report, quality, timer,
-                     CompressConfig(strategy="plan", progress=progress), [], None)
             if inexact:
                 from .engine.inexact import install_inexact_masks
 
                 install_inexact_masks(engine, plan)
+        with timer.phase("export"):
+            exported, gate_report, quality = _export_and_gate(prepared, engine, plan, held, min_top1_agreement)
+    report = _report(prepared, space, plan, exported, gate_report, quality, timer,
+                     CompressConfig(strategy="plan", progress=progress), [], None)
     report["plan_source"] = str(source_plan) if source_plan is not None else None
     report["held_out_source"] = held.source
     report["runtimes"] = _runtimes(exported.model, held, quality, timer)

@@ -82,6 +82,22 @@ def test_whole_input_data_is_stacked_inputs(gru_model: onnx.ModelProto) -> None:
         load_dataset({"x": _gru_data(6)["x"], "h": np.zeros((6, 1, 12), np.float32)}, specs)
 
 
+def test_symbolic_batch_in_dim_1_is_pinned_from_whole_input_data() -> None:
+    """h [2, 'batch', 12] and x [4, 'batch', 8] fed N whole inputs [N, 2, 1, 12] / [N, 4, 1, 8]:
+    pinned from the data's per-sample shapes (no --input-shape needed), then whole inputs."""
+    from plugin.api import _prepare_with_data
+
+    buffer = io.BytesIO()
+    torch.onnx.export(_GruNet().eval(), (torch.zeros(4, 1, 8), torch.zeros(2, 1, 12)), buffer, dynamo=False,
+                      opset_version=17, input_names=["x", "h"], output_names=["logits", "hn"],
+                      dynamic_axes={"x": {1: "batch"}, "h": {1: "batch"}})
+    model = onnx.load_from_string(buffer.getvalue())
+    prepared = _prepare_with_data(model, _gru_data(3), None)
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in prepared.model.graph.input}
+    assert dims == {"x": [4, 1, 8], "h": [2, 1, 12]}
+    assert set(whole_inputs(prepared.model)) == {"x", "h"}
+
+
 def test_outputs_joined_per_sample(gru_model: onnx.ModelProto) -> None:
     feeds = _gru_data(3)
     logits, hn = run_samples(make_session(gru_model), feeds, {"x", "h"})

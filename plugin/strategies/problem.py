@@ -104,6 +104,10 @@ def _check_batching(net: Any, train: Dataset, config: SearchConfig) -> None:
     """Some graphs fix the batch size in a constant; then train one sample at a time."""
     import torch
 
+    if getattr(train, "per_sample", False):  # inputs without a batch in dim 0 (graph_passes.batch)
+        config.batch_size = 1
+        return
+
     inputs = [torch.as_tensor(train.arrays[n][:2]) for n in net.input_names]
     try:
         with torch.no_grad():
