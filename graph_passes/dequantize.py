@@ -15,7 +15,11 @@ that sit inside control flow. Both used to analyse to "0 weight layers" and exit
     ``[dirs, hidden, 4*hidden]``, the transposes of ONNX LSTM's; scales and zero points per
     direction, or per gate column ``[dirs, 4*hidden]``) becomes ``LSTM`` with the dequantized,
     transposed W and R;
-  - static QDQ weights, ``DequantizeLinear`` of an integer initializer, become float initializers.
+  - static QDQ weights, ``DequantizeLinear`` of an integer initializer, become float initializers;
+    an activation's ``QuantizeLinear`` -> ``DequantizeLinear`` pair (one constant scale and zero
+    point) becomes ``Clip(x, scale * (qmin - zp), scale * (qmax - zp))``: the range the original
+    saturates to (onnxruntime's QDQ quantizer drops a Relu whose range the pair implies), without
+    the rounding.
 
   Anything else quantized (``QLinearConv``, ``QLinearMatMul``, ``QGemm``, ...; a pattern that
   does not match the above) is refused in one line naming the ops.
@@ -41,7 +45,13 @@ that sit inside control flow. Both used to analyse to "0 weight layers" and exit
     ``d = s_x * L1(W_row) + s_h * L1(R_row)`` (``s_x``, ``s_h``: the steps of ``x_t`` and
     ``h_{t-1}`` over their ranges), the sigmoid gates by ``d / 4``, the cell candidate by ``d``,
     so ``|dc| <= df * |c_{t-1}| + di + dg`` and ``|dh| <= do + |dc|`` (with peepholes, ``do``
-    includes ``|p_o| * dc / 4``). Default activations only.
+    includes ``|p_o| * dc / 4``). Each step also runs on the original's own quantization of
+    ``x_t`` and ``h_{t-1}`` (DynamicQuantizeLinear + DequantizeLinear in front of the float LSTM,
+    batch 1), where only float32 rounding remains: that pins the weights down. Default
+    activations only.
+
+  - QDQ activation pairs: the Clip differs from the original's quantize-dequantize by the
+    rounding alone, at most half a step (``scale / 2``) per element.
 
   The whole float model's difference to the original on the same inputs is recorded
   (``output_rel_error``), not bounded: it is the accumulated effect of all the activation
@@ -149,8 +159,8 @@ class DequantizeResult:
         text = f"dequantized to float ({done})"
         if self.checks:
             worst = max(c.error / c.bound if c.bound else 0.0 for c in self.checks)
-            text += (f"; {len(self.checks)} layers verified against the original within its activation "
-                     f"quantization (worst {worst:.2f} of the bound)")
+            text += (f"; verified against the original within the quantization it applied ({len(self.checks)} "
+                     f"rewrites, worst {worst:.2f} of the bound)")
         if self.output_rel_error is not None:
             text += f"; outputs differ from the quantized original by {self.output_rel_error:.2g} relative"
         return text
@@ -187,7 +197,8 @@ def dequantize(model: onnx.ModelProto, verify: bool = True, seed: int = 0) -> De
     Raises UnsupportedModelError (one line naming the ops) when quantized ops are left that this
     does not rewrite, and VerificationError when a rewritten layer is outside its bound."""
     weights_dq = _dq_weights(model)
-    if not quantized_ops(model) and not weights_dq:
+    pairs = _qdq_pairs(model)
+    if not quantized_ops(model) and not weights_dq and not pairs:
         return None
     inside = Counter(n.op_type for node in model.graph.node for sub in subgraphs(node)
                      for n in _nodes(sub) if n.op_type in QUANTIZED_OPS)
@@ -254,13 +265,18 @@ def dequantize(model: onnx.ModelProto, verify: bool = True, seed: int = 0) -> De
         float_node.attribute.extend(a for a in m.node.attribute if a.name in _LSTM_ATTRIBUTES)
         replace[index] = float_node
         rewritten["DynamicQuantizeLSTM"] += 1
+    opset = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 13)
+    for pair in pairs:
+        for index in pair.dq:
+            replace[index] = _clip_node(work.graph.node[index], pair, opset, taken, new_inits)
+    if pairs:
+        rewritten["QuantizeLinear/DequantizeLinear (activations)"] += len(pairs)
+    nodes = [replace.get(i, n) for i, n in enumerate(work.graph.node)]  # by index: before any removal
+    del work.graph.node[:]
+    work.graph.node.extend(nodes)
     folded = _fold_dq_weights(work, weights_dq, new_inits)
     if folded:
         rewritten["DequantizeLinear (weights)"] += folded
-
-    nodes = [replace.get(i, n) for i, n in enumerate(work.graph.node)]
-    del work.graph.node[:]
-    work.graph.node.extend(nodes)
     work.graph.initializer.extend(new_inits)
     dql_before = sum(n.op_type == "DynamicQuantizeLinear" for n in work.graph.node)
     work = EliminateDeadNodesPass()(work).model
@@ -271,8 +287,8 @@ def dequantize(model: onnx.ModelProto, verify: bool = True, seed: int = 0) -> De
     if quantized_ops(work):
         refuse_quantized(work, reasons[0] if reasons else "")
     result = DequantizeResult(work, dict(rewritten))
-    if verify and (integer or lstms):
-        _verify(model, result, integer, lstms, seed)
+    if verify and (integer or lstms or pairs):
+        _verify(model, result, integer, lstms, pairs, seed)
     logger.warning("%s", result.summary())
     return result
 
@@ -442,6 +458,97 @@ def _fold_dq_weights(work: onnx.ModelProto, nodes: list[onnx.NodeProto], new_ini
     return len(names)
 
 
+@dataclass
+class _Pair:
+    """``DequantizeLinear(QuantizeLinear(x, s, zp), s, zp)`` on an activation: in float, ``Clip(x,
+    s * (qmin - zp), s * (qmax - zp))`` up to half a step of rounding."""
+
+    x: str
+    dq: list[int]  # indices of the DequantizeLinear nodes reading the QuantizeLinear
+    outputs: list[str]
+    low: float
+    high: float
+    scale: float
+
+
+_INT_RANGES = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
+               onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767),
+               onnx.TensorProto.INT32: (-2 ** 31, 2 ** 31 - 1)}
+
+
+def _qdq_pairs(model: onnx.ModelProto) -> list[_Pair]:
+    """Activation QuantizeLinear -> DequantizeLinear pairs with one constant float32 scale and
+    integer zero point (the same on both sides), read by DequantizeLinear nodes only."""
+    consts = constant_initializers(model)
+    graph = model.graph
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            readers.setdefault(name, []).append(index)
+    outputs = {o.name for o in graph.output}
+    pairs = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        params = list(node.input[1:3])
+        scale_t = consts.get(params[0])
+        zp_t = consts.get(params[1]) if len(params) > 1 and params[1] else None
+        if scale_t is None or scale_t.data_type != onnx.TensorProto.FLOAT or math.prod(scale_t.dims) != 1:
+            continue
+        if len(params) > 1 and params[1] and zp_t is None:
+            continue
+        kind = zp_t.data_type if zp_t is not None else onnx.TensorProto.UINT8
+        if kind not in _INT_RANGES or math.prod(zp_t.dims if zp_t is not None else []) != 1:
+            continue
+        q = node.output[0]
+        users = readers.get(q, [])
+        if not users or q in outputs:
+            continue
+        scale = float(numpy_helper.to_array(scale_t).reshape(-1)[0])
+        zero = int(numpy_helper.to_array(zp_t).reshape(-1)[0]) if zp_t is not None else 0
+        same = True
+        for index in users:
+            user = graph.node[index]
+            if user.op_type != "DequantizeLinear" or user.input[0] != q:
+                same = False
+                break
+            u_scale = consts.get(user.input[1]) if len(user.input) > 1 else None
+            u_zp = consts.get(user.input[2]) if len(user.input) > 2 and user.input[2] else None
+            if (u_scale is None or float(numpy_helper.to_array(u_scale).reshape(-1)[0]) != scale
+                    or math.prod(u_scale.dims) != 1
+                    or (int(numpy_helper.to_array(u_zp).reshape(-1)[0]) if u_zp is not None else 0) != zero):
+                same = False
+                break
+        if not same or scale <= 0:
+            continue
+        qmin, qmax = _INT_RANGES[kind]
+        pairs.append(_Pair(node.input[0], users, [graph.node[i].output[0] for i in users],
+                           scale * (qmin - zero), scale * (qmax - zero), scale))
+    return pairs
+
+
+def _clip_node(dq_node: onnx.NodeProto, pair: _Pair, opset: int, taken: set[str], new_inits: list) -> onnx.NodeProto:
+    name = unique_name(f"{dq_node.name or pair.x}_range", taken)
+    taken.add(name)
+    if opset < 11:
+        return helper.make_node("Clip", [pair.x], [dq_node.output[0]], name=name, min=pair.low, max=pair.high)
+    low, high = unique_name(f"{name}_min", taken), unique_name(f"{name}_max", taken)
+    taken.update((low, high))
+    new_inits += [numpy_helper.from_array(np.array(pair.low, np.float32), low),
+                  numpy_helper.from_array(np.array(pair.high, np.float32), high)]
+    return helper.make_node("Clip", [pair.x, low, high], [dq_node.output[0]], name=name)
+
+
+def _check_pair(pair: _Pair, captured: dict[str, np.ndarray]) -> LayerCheck:
+    """The Clip against the original's quantize-dequantize: half a step of rounding at most."""
+    x = captured[pair.x].astype(np.float64)
+    clipped = np.clip(x, pair.low, pair.high)
+    error = max((float(np.max(np.abs(clipped - captured[o]), initial=0.0)) for o in pair.outputs), default=0.0)
+    bound = pair.scale / 2 * (1 + 1e-4) + 4 * _EPS32 * float(np.max(np.abs(clipped), initial=0.0))
+    return LayerCheck(node=pair.outputs[0], op="QuantizeLinear/DequantizeLinear", weight="", per_channel=False,
+                      error=error, bound=bound)
+
+
 def _ensure_lstm_opset(model: onnx.ModelProto, needed: bool) -> None:
     if not needed:
         return
@@ -457,7 +564,7 @@ def _ensure_lstm_opset(model: onnx.ModelProto, needed: bool) -> None:
 
 
 def _verify(original: onnx.ModelProto, result: DequantizeResult, integer: list[_Integer], lstms: list[_Lstm],
-            seed: int) -> None:
+            pairs: list[_Pair], seed: int) -> None:
     from .ort_utils import compare_outputs, make_session, random_feeds
 
     session = make_session(original)
@@ -476,7 +583,11 @@ def _verify(original: onnx.ModelProto, result: DequantizeResult, integer: list[_
         for name in [m.node.input[0], *m.node.input[5:7], *m.node.output]:
             if name:
                 wanted[name] = onnx.TensorProto.FLOAT
+    for pair in pairs:
+        for name in [pair.x, *pair.outputs]:
+            wanted[name] = onnx.TensorProto.FLOAT
     captured = _capture(original, feeds, wanted)
+    result.checks.extend(_check_pair(pair, captured) for pair in pairs)
     opset = next((o.version for o in result.model.opset_import if o.domain in ("", "ai.onnx")), 13)
     for m in integer:
         result.checks.append(_check_integer(m, captured, opset))

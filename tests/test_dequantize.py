@@ -223,6 +223,74 @@ def test_static_qdq_weights_become_float_initializers():
     assert len(prepared.analysis.layers) == 1 and prepared.dequantized is not None
 
 
+def test_static_qdq_model_back_to_float(tmp_path):
+    """onnxruntime's static QDQ format: weights are DequantizeLinear of integers, activations
+    QuantizeLinear -> DequantizeLinear pairs whose range stands in for the Relus it removed."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": np.random.default_rng(i).normal(size=(1, 3, 8, 8)).astype(np.float32)}
+                                 for i in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    floating = _conv_matmul_model()
+    src, dst = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(floating, src)
+    quantize_static(str(src), str(dst), Calibration(), quant_format=QuantFormat.QDQ)
+    quantized = onnx.load(dst)
+    assert "Relu" not in {n.op_type for n in quantized.graph.node}
+    result = dequantize(quantized)
+    pairs = result.rewritten["QuantizeLinear/DequantizeLinear (activations)"]
+    assert result.rewritten["DequantizeLinear (weights)"] == 6 and pairs >= 4
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops and ops.count("Clip") == pairs
+    assert all(c.ok and c.error <= c.bound for c in result.checks) and len(result.checks) == pairs
+    # on a calibration input (inside the calibrated ranges) the float model again, up to weight quantization
+    feeds = {"x": np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)}
+    assert _rel(_outputs(result.model, feeds)[0], _outputs(floating, feeds)[0]) < 0.05
+    # elsewhere the calibrated ranges clip, as in the quantized original
+    feeds = random_feeds(make_session(floating), seed=5)
+    assert _rel(_outputs(result.model, feeds)[0], _outputs(quantized, feeds)[0]) < 0.05
+    prepared = prepare_model(str(dst))
+    assert prepared.analysis.prunable_groups and not prepared.analysis.unknown_ops
+
+
+def test_the_older_quantizers_integer_bias_is_folded_back():
+    """onnx.quantize 0.1 (ddddocr's common_old.onnx): the bias is Cast(Floor(b / (x_scale * w_scale)))
+    added to the integer accumulator before the Cast to float."""
+    rng = np.random.default_rng(4)
+    w_int = rng.integers(0, 256, (4, 3, 3, 3)).astype(np.uint8)
+    bias = rng.normal(size=4).astype(np.float32)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("Mul", ["xs", "ws"], ["bs"]),
+             helper.make_node("Div", ["b", "bs"], ["bd"]),
+             helper.make_node("Floor", ["bd"], ["bf"]),
+             helper.make_node("Cast", ["bf"], ["bi"], to=TensorProto.INT32),
+             helper.make_node("Reshape", ["bi", "shape"], ["br"]),
+             helper.make_node("ConvInteger", ["xq", "wq", "xz", "wz"], ["acc"], pads=[1, 1, 1, 1], name="Conv_0_quant"),
+             helper.make_node("Add", ["acc", "br"], ["acc_b"]),
+             helper.make_node("Cast", ["acc_b"], ["acc_f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xs", "ws"], ["scales"]),
+             helper.make_node("Mul", ["acc_f", "scales"], ["y"])]
+    inits = [numpy_helper.from_array(w_int, "wq"), numpy_helper.from_array(np.array(128, np.uint8), "wz"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "ws"), numpy_helper.from_array(bias, "b"),
+             numpy_helper.from_array(np.array([1, -1, 1, 1], np.int64), "shape")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    result = dequantize(model)
+    (node,) = result.model.graph.node
+    assert node.op_type == "Conv" and node.name == "Conv_0" and len(node.input) == 3
+    inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    np.testing.assert_array_equal(inits[node.input[2]], bias)
+    np.testing.assert_array_equal(inits[node.input[1]], (w_int.astype(np.float32) - 128) * np.float32(0.01))
+    (check,) = result.checks
+    assert check.ok and check.emulated_error <= check.emulated_bound
+
+
 def test_a_float_model_is_left_alone():
     assert dequantize(_conv_matmul_model()) is None
 
@@ -233,7 +301,7 @@ def test_inspect_says_what_was_dequantized(tmp_path):
     onnx.save(quantized, path)
     result = CliRunner().invoke(main, ["inspect", str(path), "--no-bridge"])
     assert result.exit_code == 0, result.output
-    assert "dequantized to float (2 ConvInteger, 1 MatMulInteger, 3 DynamicQuantizeLinear)" in result.stdout
+    assert "dequantized to float (2 ConvInteger, 1 MatMulInteger, 3 DynamicQuantizeLinear); verified" in result.stdout
     assert "3 weight layers" in result.stdout
     result = CliRunner().invoke(main, ["inspect", str(path), "--no-bridge", "--json"])
     assert result.exit_code == 0, result.output
