@@ -203,12 +203,12 @@ def _dynamic_quantized_conv() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
-def test_dynamically_quantized_model_is_refused_naming_the_ops():
-    from graph_passes.errors import UnsupportedModelError
-
-    with pytest.raises(UnsupportedModelError, match="already quantized.*ConvInteger") as info:
-        prepare_model(_dynamic_quantized_conv())
-    assert "\n" not in str(info.value)
+def test_dynamically_quantized_model_is_dequantized_not_hidden():
+    """Rewritten back to float (graph_passes.dequantize; tests/test_dequantize.py has the rest): one
+    weight layer, never 0 layers with exit 0."""
+    prepared = prepare_model(_dynamic_quantized_conv())
+    assert len(prepared.analysis.layers) == 1
+    assert prepared.dequantized.rewritten == {"ConvInteger": 1, "DynamicQuantizeLinear": 1}
 
 
 def test_weights_inside_runtime_control_flow_are_said_not_hidden():
