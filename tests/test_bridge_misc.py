@@ -78,6 +78,24 @@ def test_one_hot_tf2onnx_pattern() -> None:
     assert _parity(model, feeds) <= RTOL
 
 
+# ---------------------------------------------------------------------------- ScatterElements
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+@pytest.mark.parametrize("opset,reduction", [(13, "none"), (16, "add"), (16, "mul"), (18, "max"), (18, "min")])
+def test_scatter_elements(axis: int, opset: int, reduction: str) -> None:
+    attr = "" if opset < 16 else f', reduction="{reduction}"'
+    model = _model(opset, "(float[3,4] data, int64[2,3] idx, float[2,3] upd) => (float y)",
+                   f"y = ScatterElements <axis={axis}{attr}> (data, idx, upd)")
+    size = 3 if axis == 0 else 4
+    # distinct targets per column/row for 'none' (duplicates have no defined order); negatives too
+    idx = np.array([[0, -1, 1], [2, 0, -size]]) if reduction == "none" and axis == 0 else \
+        np.array([[0, -1, 1], [1, 2, 0]]) if reduction == "none" else np.array([[0, -1, 1], [0, 1, -1]])
+    feeds = {"data": RNG.standard_normal((3, 4)).astype(np.float32), "idx": idx.astype(np.int64),
+             "upd": RNG.standard_normal((2, 3)).astype(np.float32)}
+    assert _parity(model, feeds) <= RTOL
+
+
 # ---------------------------------------------------------------------------- Clip
 
 
@@ -299,3 +317,26 @@ def test_loop_decoder(with_trip: bool, with_cond: bool) -> None:
     # the body's condition, computed from data, ends the loop at different steps (onnxruntime
     # reads it even without a condition input)
     assert len(lengths) > 1
+
+
+# ---------------------------------------------------------------------------- BatchNormalization
+
+
+def test_batch_norm_with_computed_statistics_trains() -> None:
+    """magika-v1 (tf2onnx): a LayerNorm written as BatchNormalization fed mean/var the graph
+    computes. With gradients on, the statistics carry gradients (F.batch_norm refuses that): the
+    module normalises by the formula, equal to onnxruntime."""
+    model = _model(15, "(float[1,4,6] x) => (float y)",
+                   "m = ReduceMean <axes=[0, 2], keepdims=0> (x)\n m3 = Unsqueeze (m, ax)\n c = Sub (x, m3)\n"
+                   "sq = Mul (c, c)\n v = ReduceMean <axes=[0, 2], keepdims=0> (sq)\n"
+                   "y = BatchNormalization <epsilon=0.001> (x, scale, bias, m, v)",
+                   "<float[4] scale = {1.0, 2.0, 0.5, -1.0}, float[4] bias = {0.1, 0.2, 0.3, 0.4}, "
+                   "int64[2] ax = {0, 2}>")
+    bridged = convert(model)
+    feeds = {"x": RNG.standard_normal((1, 4, 6)).astype(np.float32)}
+    assert check_parity(model, bridged, feeds=feeds, rtol=1e-5) <= 1e-5
+    x = torch.from_numpy(feeds["x"]).requires_grad_(True)
+    out = bridged.module(x)
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    np.testing.assert_allclose(out.detach().numpy(), run(make_session(model), feeds)[0], rtol=1e-5, atol=1e-5)

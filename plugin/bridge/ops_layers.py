@@ -175,6 +175,12 @@ class DynamicInferenceBatchNorm(nn.Module):
         self.epsilon = epsilon
 
     def forward(self, x, scale, bias, mean, var):  # noqa: D102
+        if mean.requires_grad or var.requires_grad:
+            # statistics computed by the graph (tf2onnx writes a LayerNorm as a BatchNormalization
+            # fed its own mean/var, magika-v1): F.batch_norm refuses gradients into running stats
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            inv = torch.rsqrt(var.reshape(shape) + self.epsilon) * scale.reshape(shape)
+            return (x - mean.reshape(shape)) * inv + bias.reshape(shape)
         return F.batch_norm(x, mean, var, scale, bias, training=False, eps=self.epsilon)
 
 

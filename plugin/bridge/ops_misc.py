@@ -1,9 +1,10 @@
-"""GlobalMaxPool, OneHot, and Clip whose bounds are computed at run time or left out.
+"""GlobalMaxPool, OneHot, ScatterElements, and Clip whose bounds are computed at run time or left out.
 
 * GlobalMaxPool (1, 22): tf2onnx writes it for Keras' ``GlobalMaxPooling`` (magika).
 * OneHot (9, 11): indices of any numeric type (cast to int64, truncating), negative indices
   counted from ``depth``, out-of-range indices all ``off``; ``depth`` and ``values`` as
   constants or run-time tensors; any ``axis``.
+* ScatterElements (11, 13, 16, 18; every reduction): in SLANet's decoder Loop.
 * Clip (11, 12, 13): onnx2torch converts only constant bounds and mistakes an empty optional
   input (``Clip(x, min, "")``, the torch exporter's ``clamp(min=...)``) for a run-time one. Ours
   clamps with the bound tensors themselves; constant, fully given bounds still go to onnx2torch's
@@ -21,7 +22,7 @@ from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 from torch import nn
 
 from plugin.bridge import registry
-from plugin.bridge._common import const_input, dynamic_mapping, input_name, result
+from plugin.bridge._common import const_input, dynamic_mapping, input_name, result, unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -103,3 +104,34 @@ def convert_clip(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
 
 
 registry.register("Clip", 11, 12, 13)(convert_clip)
+
+
+# ---------------------------------------------------------------------------- ScatterElements
+
+_REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+
+
+class ScatterElements(nn.Module):
+    """ONNX ScatterElements: ``updates`` written (or reduced) into a copy of ``data`` at
+    ``indices`` along ``axis``; negative indices count from the end of that axis."""
+
+    def __init__(self, axis: int, reduction: str) -> None:
+        super().__init__()
+        self.axis, self.reduction = axis, reduction
+
+    def forward(self, data: torch.Tensor, indices: torch.Tensor,  # noqa: D102
+                updates: torch.Tensor) -> torch.Tensor:
+        axis = self.axis + data.dim() if self.axis < 0 else self.axis
+        index = indices.to(torch.int64)
+        index = torch.where(index < 0, index + data.shape[axis], index)
+        if self.reduction == "none":
+            return data.scatter(axis, index, updates)
+        return data.scatter_reduce(axis, index, updates, reduce=_REDUCE[self.reduction], include_self=True)
+
+
+@registry.register("ScatterElements", 11, 13, 16, 18)
+def convert_scatter_elements(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    reduction = node.attributes.get("reduction", "none")
+    if reduction not in ("none", *_REDUCE):
+        raise unsupported(node, f"reduction={reduction!r}")
+    return result(ScatterElements(int(node.attributes.get("axis", 0)), reduction), dynamic_mapping(node, 3))
