@@ -10,6 +10,8 @@ that sit inside control flow. Both used to analyse to "0 weight layers" and exit
     -> [``Add`` of the integer bias ``Cast(Floor(b / (x_scale * w_scale)))``, older quantizers]
     -> ``Cast(float)`` -> ``Mul(x_scale * w_scale)`` becomes ``Conv(x, w, b)`` / ``MatMul(x, w)``
     on the original float activation ``x``;
+  - ``com.microsoft::DynamicQuantizeMatMul(A, B, b_scale, b_zero_point, bias)`` (onnxruntime's
+    fusion of the above) becomes ``MatMul`` (+ ``Add`` of the bias);
   - ``com.microsoft::DynamicQuantizeLSTM`` (X, W, R, B, sequence_lens, initial_h, initial_c, P,
     W_scale, W_zero_point, R_scale, R_zero_point; W is ``[dirs, input, 4*hidden]`` and R
     ``[dirs, hidden, 4*hidden]``, the transposes of ONNX LSTM's; scales and zero points per
@@ -172,13 +174,17 @@ class _Integer:
 
     op: str
     node: onnx.NodeProto  # the integer op
-    dql: onnx.NodeProto  # the DynamicQuantizeLinear of its input
+    dql: onnx.NodeProto | None  # the DynamicQuantizeLinear of its input (None: the op quantizes it itself)
     output: str  # the float output of the scale Mul: the new layer's output
     weight: np.ndarray  # dequantized, float32
     weight_name: str
     w_scale: np.ndarray  # per output channel (broadcast), float32
-    bias: np.ndarray | None  # float bias folded from the integer bias Add, or None
+    bias: np.ndarray | None  # float bias folded from the integer bias Add (or DynamicQuantizeMatMul's), or None
     int_bias: bool
+    x: str = ""  # the float input
+
+    def __post_init__(self) -> None:
+        self.x = self.x or (self.dql.input[0] if self.dql is not None else "")
 
 
 @dataclass
@@ -224,6 +230,8 @@ def dequantize(model: onnx.ModelProto, verify: bool = True, seed: int = 0) -> De
     for index, node in enumerate(work.graph.node):
         if node.domain in ("", "ai.onnx") and node.op_type in ("ConvInteger", "MatMulInteger"):
             found = _match_integer(node, producers, consumers, outputs, consts, taken)
+        elif node.domain == "com.microsoft" and node.op_type == "DynamicQuantizeMatMul":
+            found = _match_dq_matmul(node, consts, taken)
         elif node.domain == "com.microsoft" and node.op_type == "DynamicQuantizeLSTM":
             found = _match_lstm(node, consts, taken)
         else:
@@ -238,9 +246,9 @@ def dequantize(model: onnx.ModelProto, verify: bool = True, seed: int = 0) -> De
 
     rewritten: Counter[str] = Counter()
     new_inits: list[onnx.TensorProto] = []
-    replace: dict[int, onnx.NodeProto] = {}  # index of the node to replace -> float node
+    replace: dict[int, list[onnx.NodeProto]] = {}  # index of the node to replace -> float nodes
     for m in integer:
-        inputs = [m.dql.input[0], m.weight_name]
+        inputs = [m.x, m.weight_name]
         if m.bias is not None:
             bias_name = unique_name(f"{m.weight_name}_bias", taken)
             taken.add(bias_name)
@@ -248,11 +256,19 @@ def dequantize(model: onnx.ModelProto, verify: bool = True, seed: int = 0) -> De
             inputs.append(bias_name)
         new_inits.append(numpy_helper.from_array(m.weight, m.weight_name))
         op = "Conv" if m.op == "ConvInteger" else "MatMul"
-        float_node = helper.make_node(op, inputs, [m.output], name=unique_name(_float_name(m.node, op), taken))
-        taken.add(float_node.name)
-        if op == "Conv":
-            float_node.attribute.extend(m.node.attribute)
-        replace[positions[m.output]] = float_node
+        name = unique_name(_float_name(m.node, op), taken)
+        taken.add(name)
+        if op == "MatMul" and m.bias is not None:  # DynamicQuantizeMatMul's bias: MatMul + Add
+            product = unique_name(f"{name}_product", taken)
+            taken.add(product)
+            replace[positions[m.output]] = [helper.make_node("MatMul", inputs[:2], [product], name=name),
+                                            helper.make_node("Add", [product, inputs[2]], [m.output],
+                                                             name=unique_name(f"{name}_bias", taken))]
+        else:
+            float_node = helper.make_node(op, inputs, [m.output], name=name)
+            if op == "Conv":
+                float_node.attribute.extend(m.node.attribute)
+            replace[positions[m.output]] = [float_node]
         rewritten[m.op] += 1
     for m, index in zip(lstms, lstm_at):
         new_inits += [numpy_helper.from_array(m.w, m.w_name), numpy_helper.from_array(m.r, m.r_name)]
@@ -263,15 +279,15 @@ def dequantize(model: onnx.ModelProto, verify: bool = True, seed: int = 0) -> De
         float_node = helper.make_node("LSTM", ins, list(m.node.output), name=unique_name(_float_name(m.node, "LSTM"), taken))
         taken.add(float_node.name)
         float_node.attribute.extend(a for a in m.node.attribute if a.name in _LSTM_ATTRIBUTES)
-        replace[index] = float_node
+        replace[index] = [float_node]
         rewritten["DynamicQuantizeLSTM"] += 1
     opset = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 13)
     for pair in pairs:
         for index in pair.dq:
-            replace[index] = _clip_node(work.graph.node[index], pair, opset, taken, new_inits)
+            replace[index] = [_clip_node(work.graph.node[index], pair, opset, taken, new_inits)]
     if pairs:
         rewritten["QuantizeLinear/DequantizeLinear (activations)"] += len(pairs)
-    nodes = [replace.get(i, n) for i, n in enumerate(work.graph.node)]  # by index: before any removal
+    nodes = [r for i, n in enumerate(work.graph.node) for r in replace.get(i, [n])]  # by index: before any removal
     del work.graph.node[:]
     work.graph.node.extend(nodes)
     folded = _fold_dq_weights(work, weights_dq, new_inits)
@@ -365,6 +381,39 @@ def _match_integer(node: onnx.NodeProto, producers: dict, consumers: dict, outpu
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _match_dq_matmul(node: onnx.NodeProto, consts: dict[str, np.ndarray], taken: set[str]) -> _Integer | str:
+    """``com.microsoft::DynamicQuantizeMatMul(A, B, b_scale, b_zero_point, bias)``: A float, quantized
+    inside the op as DynamicQuantizeLinear does; B an integer [K, N] constant."""
+    label = f"DynamicQuantizeMatMul {node.name!r}"
+    ins = list(node.input) + [""] * (5 - len(node.input))
+    a, b, b_scale, b_zp, bias = ins[:5]
+    if b not in consts or not np.issubdtype(consts[b].dtype, np.integer) or consts[b].ndim != 2:
+        return f"{label} has no 2-D integer initializer as B"
+    if b_scale not in consts or (b_zp and b_zp not in consts) or (bias and bias not in consts):
+        return f"{label}: its scale, zero point or bias is not constant"
+    w_int, channels = consts[b], consts[b].shape[1]
+    scale = consts[b_scale].astype(np.float32).reshape(-1)
+    zp = consts[b_zp].reshape(-1) if b_zp else np.zeros(1, w_int.dtype)
+    if scale.size not in (1, channels) or zp.size not in (1, channels):
+        return f"{label}: b_scale / b_zero_point sizes {scale.size} / {zp.size} fit neither per tensor nor {channels} columns"
+    weight = ((w_int.astype(np.float32) - zp.astype(np.float32)) * scale).astype(np.float32)
+    name = b[: -len("_quantized")] if b.endswith("_quantized") and b[: -len("_quantized")] not in taken else ""
+    name = name or unique_name(f"{b}_dequantized", taken)
+    taken.add(name)
+    return _Integer("DynamicQuantizeMatMul", node, None, node.output[0], weight, name,
+                    np.broadcast_to(scale, (channels,)).copy(),
+                    consts[bias].astype(np.float32).reshape(-1) if bias else None, False, x=a)
+
+
+def _dynamic_quantize_model() -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])], "dql",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("q", onnx.TensorProto.UINT8, None),
+                               helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("z", onnx.TensorProto.UINT8, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def _scale_of(name: str, producers: dict, consts: dict, x_scale: str) -> np.ndarray | None:
@@ -574,11 +623,12 @@ def _verify(original: onnx.ModelProto, result: DequantizeResult, integer: list[_
         raise UnsupportedModelError(f"cannot verify the dequantized model: {exc}") from exc
     wanted: dict[str, int] = {}
     for m in integer:
-        wanted[m.dql.input[0]] = onnx.TensorProto.FLOAT
-        wanted[m.dql.output[0]] = onnx.TensorProto.UINT8
-        wanted[m.dql.output[1]] = onnx.TensorProto.FLOAT
-        wanted[m.dql.output[2]] = onnx.TensorProto.UINT8
+        wanted[m.x] = onnx.TensorProto.FLOAT
         wanted[m.output] = onnx.TensorProto.FLOAT
+        if m.dql is not None:
+            wanted[m.dql.output[0]] = onnx.TensorProto.UINT8
+            wanted[m.dql.output[1]] = onnx.TensorProto.FLOAT
+            wanted[m.dql.output[2]] = onnx.TensorProto.UINT8
     for m in lstms:
         for name in [m.node.input[0], *m.node.input[5:7], *m.node.output]:
             if name:
@@ -628,9 +678,9 @@ def _capture(model: onnx.ModelProto, feeds: dict, wanted: dict[str, int]) -> dic
     return values
 
 
-def _one_node(node: onnx.NodeProto, inputs: list[tuple[str, int]], outputs: list[str], inits: list, opset: int,
-              extra_opsets: tuple = ()) -> onnx.ModelProto:
-    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info(n, t, None) for n, t in inputs],
+def _one_node(node: onnx.NodeProto | list[onnx.NodeProto], inputs: list[tuple[str, int]], outputs: list[str],
+              inits: list, opset: int, extra_opsets: tuple = ()) -> onnx.ModelProto:
+    graph = helper.make_graph(node if isinstance(node, list) else [node], "layer", [helper.make_tensor_value_info(n, t, None) for n, t in inputs],
                               [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
 
@@ -640,13 +690,20 @@ def _check_integer(m: _Integer, captured: dict[str, np.ndarray], opset: int) -> 
 
     op = "Conv" if m.op == "ConvInteger" else "MatMul"
     inits = [numpy_helper.from_array(m.weight, "w")] + ([numpy_helper.from_array(m.bias, "b")] if m.bias is not None else [])
-    node = helper.make_node(op, ["x", "w"] + (["b"] if m.bias is not None else []), ["y"])
-    if op == "Conv":
-        node.attribute.extend(m.node.attribute)
+    if op == "MatMul" and m.bias is not None:
+        node = [helper.make_node("MatMul", ["x", "w"], ["p"]), helper.make_node("Add", ["p", "b"], ["y"])]
+    else:
+        node = helper.make_node(op, ["x", "w"] + (["b"] if m.bias is not None else []), ["y"])
+        if op == "Conv":
+            node.attribute.extend(m.node.attribute)
     session = make_session(_one_node(node, [("x", onnx.TensorProto.FLOAT)], ["y"], inits, max(opset, 11)))
-    x = captured[m.dql.input[0]].astype(np.float32)
-    s_x = float(np.asarray(captured[m.dql.output[1]]).reshape(-1)[0])
-    x_hat = ((captured[m.dql.output[0]].astype(np.float32) - captured[m.dql.output[2]].astype(np.float32)) * s_x)
+    x = captured[m.x].astype(np.float32)
+    if m.dql is not None:
+        x_q, s_x, x_zp = (captured[o] for o in m.dql.output)
+    else:  # the op quantizes its input itself, as DynamicQuantizeLinear does
+        x_q, s_x, x_zp = make_session(_dynamic_quantize_model()).run(None, {"x": x})
+    s_x = float(np.asarray(s_x).reshape(-1)[0])
+    x_hat = (x_q.astype(np.float32) - np.asarray(x_zp).astype(np.float32)) * s_x
     reference = captured[m.output].astype(np.float64)
     floated = session.run(None, {"x": x})[0].astype(np.float64)
     emulated = session.run(None, {"x": x_hat.astype(np.float32)})[0].astype(np.float64)

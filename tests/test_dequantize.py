@@ -291,6 +291,31 @@ def test_the_older_quantizers_integer_bias_is_folded_back():
     assert check.ok and check.emulated_error <= check.emulated_bound
 
 
+def test_dynamic_quantize_matmul_back_to_float():
+    """com.microsoft DynamicQuantizeMatMul (onnxruntime's fusion of DynamicQuantizeLinear + MatMulInteger),
+    per-column scales and a bias."""
+    rng = np.random.default_rng(6)
+    w_int = rng.integers(-127, 128, (16, 5)).astype(np.int8)
+    scale = rng.uniform(0.005, 0.02, 5).astype(np.float32)
+    zp = rng.integers(-3, 4, 5).astype(np.int8)
+    bias = rng.normal(size=5).astype(np.float32)
+    node = helper.make_node("DynamicQuantizeMatMul", ["a", "b", "bs", "bz", "bias"], ["y"], domain="com.microsoft",
+                            name="fc_quant")
+    inits = [numpy_helper.from_array(w_int, "b"), numpy_helper.from_array(scale, "bs"),
+             numpy_helper.from_array(zp, "bz"), numpy_helper.from_array(bias, "bias")]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    result = dequantize(model)
+    assert result.rewritten == {"DynamicQuantizeMatMul": 1}
+    assert [(n.op_type, n.name) for n in result.model.graph.node] == [("MatMul", "fc"), ("Add", "fc_bias")]
+    inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    np.testing.assert_array_equal(inits[result.model.graph.node[0].input[1]],
+                                  (w_int.astype(np.float32) - zp.astype(np.float32)) * scale)
+    (check,) = result.checks
+    assert check.per_channel and check.ok and check.emulated_error <= check.emulated_bound < 0.1 * check.bound
+
+
 def test_a_float_model_is_left_alone():
     assert dequantize(_conv_matmul_model()) is None
 
