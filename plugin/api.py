@@ -726,6 +726,7 @@ def _report(prepared, space, plan, exported, gate_report, quality, timer, config
         "quality": quality,
         "gate": gate_report.to_json(),
         "dry_run": dry,
+        "dequantized": prepared.dequantized.summary() if prepared.dequantized is not None else None,
         "history": history,
         "seconds": timer.seconds,
     }
