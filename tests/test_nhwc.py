@@ -310,6 +310,35 @@ def test_keras_flatten_of_nhwc_feeds_dense_rows_per_position():
     assert oracle(model, a) == 1
 
 
+@pytest.mark.parametrize("by", ["scales", "sizes"])
+def test_resize_on_nhwc_rewrites_the_channel_entry_of_sizes(by):
+    """tf2onnx's UpSampling2D: Resize on NHWC, scales [1, 2, 2, 1] or sizes [1, 2H, 2W, C]."""
+    rng = np.random.default_rng(9)
+    inits = {"k1": _rand(rng, 6, 3, 3, 3), "k2": _rand(rng, 2, 6, 3, 3), "roi": np.zeros(0, np.float32)}
+    if by == "scales":
+        inits["scales"] = np.asarray([1, 2, 2, 1], np.float32)
+        resize_inputs = ["a2", "roi", "scales"]
+    else:
+        inits.update(scales=np.zeros(0, np.float32), sizes=_i64(1, 8, 8, 6))
+        resize_inputs = ["a2", "roi", "scales", "sizes"]
+    nodes = [
+        _nchw("T0", "x", "a0"), _conv("conv_a", "a0", "k1", "a1", kernel_shape=[3, 3], auto_pad="SAME_UPPER"),
+        _nhwc("T1", "a1", "a2"),
+        helper.make_node("Resize", resize_inputs, ["a3"], name="up/Resize", mode="nearest"),
+        _nchw("T2", "a3", "a4"), _conv("conv_b", "a4", "k2", "a5", kernel_shape=[3, 3], auto_pad="SAME_UPPER"),
+        _nhwc("T3", "a5", "y"),
+    ]
+    model, a = prepare(_model(nodes, [("x", [1, 4, 4, 3])], [("y", [1, 8, 8, 2])], inits, 13))
+    g = group_of(a, "conv_a")
+    assert g.prunable and g.consumers == ["conv_b"], g.reasons
+    if by == "sizes":
+        pruned = prune_channels(model, a, {g.id: [0, 3]})
+        sizes = [numpy_helper.to_array(t).tolist() for t in pruned.graph.initializer
+                 if t.data_type == TensorProto.INT64 and list(t.dims) == [4]]
+        assert sizes == [[1, 8, 8, 4]]
+    assert oracle(model, a) == 1
+
+
 # --- the bridge --------------------------------------------------------------------------------
 @pytest.mark.parametrize("build", [lambda: _chain(13), lambda: _space_depth("DepthToSpace", "DCR"),
                                    lambda: _space_depth("DepthToSpace", "CRD"),
