@@ -23,6 +23,7 @@ import numpy as np
 from ..layouts import Layout
 from .context import PropagationContext, PruneContext
 from .registry import OpRule, ProductFacts, register
+from .shape_ops import ReshapeRule, _follow_axis, _merge_layout, _split_axes
 from .weights import MatMulRule
 
 
@@ -173,6 +174,52 @@ class AttentionOpRule(OpRule):
             kept = size if keep is None else int(keep.sum())
             per_head = 1 if rank == 4 else size // int(heads)
             ctx.set_attr(node, attr, kept // per_head)
+
+
+def _split3_axes(layout: Layout, in_shape: list[int], out_shape: list[int]) -> int | None:
+    """Output axis j when a row-major reshape splits the channel axis C into three output axes
+    (j, j + 1, j + 2) of sizes S * H * Dh = C, all > 1, keeping the axes before and after."""
+    c = layout.axis
+    lead, tail = int(np.prod(in_shape[:c])), int(np.prod(in_shape[c + 1:]))
+    for j in range(len(out_shape) - 2):
+        dims = out_shape[j:j + 3]
+        if (int(np.prod(out_shape[:j])) == lead and all(d > 1 for d in dims)
+                and int(np.prod(dims)) == in_shape[c] and int(np.prod(out_shape[j + 3:])) == tail):
+            return j
+    return None
+
+
+@register("Reshape", extends=True)
+class FusedHeadsReshapeRule(ReshapeRule):
+    """Reshape: also a fused Q/K/V projection split in one step into segments and heads,
+    ``[.., S * H * Dh] -> [.., S, H, Dh]`` (Swin, timm), when the S axis is later picked apart
+    (Gather / Split / Slice, through Transposes): the S segments are tied position by position
+    and each head's Dh block is one unit, so the layout sits on the H axis with one atom per
+    head; pruning shrinks the target's H entry. Any other reshape: the base rule."""
+
+    def propagate(self, name, node, ctx: PropagationContext) -> None:
+        layout = ctx.layout(node.input[0])
+        in_shape, out_shape = ctx.shape(node.input[0]), ctx.shape(node.output[0])
+        target = ctx.const(node.input[1]) if len(node.input) > 1 else None
+        if layout is None or in_shape is None or out_shape is None or target is None:
+            super().propagate(name, node, ctx)
+            return
+        if _merge_layout(layout, in_shape, out_shape) is not None or _split_axes(layout, in_shape, out_shape) is not None:
+            super().propagate(name, node, ctx)
+            return
+        j = _split3_axes(layout, in_shape, out_shape)
+        target = np.asarray(target).astype(np.int64).ravel()
+        if (j is None or target.shape[0] != len(out_shape) or (target[j:j + 3] <= 0).any()
+                or not _follow_axis(ctx.graph, node.output[0], j)):
+            super().propagate(name, node, ctx)
+            return
+        s, h, dh = out_shape[j:j + 3]
+        blocks = layout.atoms.reshape(s, h, dh)
+        for k in range(1, s):
+            ctx.atoms.tie(blocks[0].ravel(), blocks[k].ravel())
+        for head in range(h):
+            ctx.atoms.tie_all(blocks[0, head])
+        ctx.set_layout(node.output[0], Layout(j + 1, blocks[0, :, 0].copy()))
 
 
 # the hidden-width norms extend spatial's LayerNormalization / ReduceMean and shape_ops' Gather
