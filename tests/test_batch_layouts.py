@@ -134,6 +134,25 @@ def test_baked_in_batch_runs_batch_1_throughout(tmp_path: Path) -> None:
     assert (tmp_path / "cls.onnx").exists()
 
 
+def test_time_first_input_runs_per_sample() -> None:
+    """x [T, 8] whose dim 0 is time (a running sum over it): dim 0 pinned to 1 looks like a
+    batch of 1, but two samples along it do not give the two single results."""
+    axis = numpy_helper.from_array(np.array(0, np.int64), "axis")
+    w = numpy_helper.from_array(np.random.default_rng(5).standard_normal((8, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("CumSum", ["x", "axis"], ["c"]), helper.make_node("MatMul", ["c", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "time", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [axis, w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    data = np.random.default_rng(6).standard_normal((5, 8)).astype(np.float32)
+    layout = batch_layout(model, {"x": data})
+    assert layout.per_sample and not layout.whole and "not give the two single results" in layout.reason
+    relu = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "rows",
+                             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w])
+    assert not batch_layout(helper.make_model(relu, opset_imports=[helper.make_opsetid("", 14)]),
+                            {"x": data}).per_sample
+
+
 def _copies_model() -> onnx.ModelProto:
     """x [4, 6] holds 4 copies of ONE sample: y = mean over dim 0 of relu(x W) -> [1, 5]."""
     w = numpy_helper.from_array(np.random.default_rng(2).standard_normal((6, 5)).astype(np.float32), "w")
