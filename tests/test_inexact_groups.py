@@ -264,9 +264,9 @@ def test_finetuning_recovers_hidden_width_pruning(sample_on):
     start = evaluate(engine, test_set)["accuracy"]
     finetune(engine, plan, train_set, FinetuneConfig(epochs=4, task_loss="cross_entropy", progress=False))
     after = evaluate(engine, test_set)["accuracy"]
-    # measured: 12 of 32 hidden channels removed: see the README's transformer section
-    assert after > start + 0.02
-    assert after > 0.93
+    # measured: 12 of 32 hidden channels removed (W8A8): 62.96% -> 97.41% after 4 epochs (FP32 98.70%)
+    assert after > start + 0.2
+    assert after > 0.95
 
 
 # --------------------------------------------------------------------------- real architectures
@@ -296,43 +296,59 @@ def test_vit_b_16_hidden_width(exporter):
     assert got.shape == (1, 1000) and np.isfinite(got).all()
 
 
-@pytest.mark.slow  # the BERT export (transformers + torch.onnx): ~10-20 s
+@pytest.mark.slow  # the BERT export (transformers + torch.onnx) and apply_plan: ~30-60 s
 def test_bert_classifier_hidden_width(tmp_path):
+    """A BERT-style encoder with a classifier on the first token: coverage with the option, the
+    embedding table's columns pruned, and the gate (the engine zeroes the pruned table columns so
+    its per-row INT8 scales are the export's: measured 136.4 dB, 49.8 dB without)."""
     torch = pytest.importorskip("torch")
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertModel
+
+    from graph_passes.digest import model_digest
+    from plugin.api import apply_plan
+    from plugin.plan import CompressionPlan
+    from plugin.space import Precisions, SearchSpace
 
     from .test_attention_groups import SEQ, _export, _feeds
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=256, max_position_embeddings=16, num_labels=3)
-    bert = BertForSequenceClassification(config).eval()
+                        intermediate_size=256, max_position_embeddings=16)
+    bert = BertModel(config, add_pooling_layer=False).eval()
 
-    class Wrapped(torch.nn.Module):
+    class Classifier(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.bert = bert
+            self.bert, self.head = bert, torch.nn.Linear(64, 3)
 
         def forward(self, ids, mask):
-            return self.bert(input_ids=ids, attention_mask=mask).logits
+            return self.head(self.bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
 
     ids, mask = torch.randint(0, 100, (1, SEQ)), torch.ones(1, SEQ, dtype=torch.int64)
-    path = _export(Wrapped(), (ids, mask), tmp_path / "bert.onnx", ["input_ids", "attention_mask"], "legacy")
-    off = prepare_model(path).analysis
-    assert off.coverage() == pytest.approx(off.coverage(False))
+    path = _export(Classifier().eval(), (ids, mask), tmp_path / "bert.onnx", ["input_ids", "attention_mask"], "legacy")
     prepared = prepare_model(path, inexact_hidden_width=True)
     analysis = prepared.analysis
     (hidden,) = _inexact(analysis)
     assert hidden.prunable and hidden.size == 64
-    assert analysis.coverage(False) == pytest.approx(0.7875, abs=1e-3)  # 7/9 of the blocks + the pooler
-    assert analysis.coverage(True) >= 0.95
+    assert analysis.coverage(False) == pytest.approx(896 / 1155)  # Q, K, V rows and MLP neurons: 7/9 of the blocks
+    assert analysis.coverage(True) == pytest.approx(1152 / 1155)  # all but the 3 logits
     assert any("embedding table" in why for why in hidden.inexact)
-    pruned = prune_channels(prepared.model, analysis, {hidden.id: list(range(0, 64, 8))})
+    removed = list(range(0, 64, 8))
+    pruned = prune_channels(prepared.model, analysis, {hidden.id: removed})
     inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
     table = next(n for n in pruned.graph.node if n.op_type == "Gather" and n.input[0] in inits
                  and inits[n.input[0]].ndim == 2 and inits[n.input[0]].shape[0] == 100)
     assert inits[table.input[0]].shape == (100, 56)
     feeds = _feeds(prepared.model)
-    ref = make_session(prepared.model).run(None, feeds)[0]
-    got = make_session(pruned).run(None, feeds)[0]
-    assert got.shape == ref.shape and np.isfinite(got).all()
+    assert np.isfinite(make_session(pruned).run(None, feeds)[0]).all()
+    space = SearchSpace(analysis, Precisions((0, 8), (8,)), model_sha256=model_digest(prepared.original))
+    plan = space.plan(kept={hidden.id: [c for c in range(64) if c not in removed]})
+    plan = CompressionPlan(plan.model_sha256, plan.groups, plan.layers, plan.activations, plan.cost_before,
+                           plan.cost_after, {"inexact_hidden_width": True})
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    attention = np.ones((64, SEQ), np.int64)
+    attention[:, -2:] = 0
+    np.savez(data, input_ids=rng.integers(0, 100, (64, SEQ)).astype(np.int64), attention_mask=attention)
+    result = apply_plan(str(path), plan, data=str(data), progress=False)
+    assert float(result.report["gate"]["plain"][0]["sqnr_db"]) > 60

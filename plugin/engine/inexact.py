@@ -13,8 +13,9 @@ pruned ONNX model does:
   removed positions output zero (their consumers are masked by the activation sites anyway);
 * ``ReduceMean`` over the channel axis: the sum over the kept channels / their count.
 
-An embedding table's columns (per-row INT8 scales) are only approximated: the export's row
-scales come from the kept columns, the engine's from the whole row (a warning says so).
+* an embedding ``Gather``: the table's pruned columns are set to zero in the engine's raw table
+  and kept there (their gradient is masked), so its per-row INT8 scales are those of the kept
+  columns, as in the exported table (the pruned columns' values are gone from the engine).
 Torch is imported here; ``install_inexact_masks(engine, plan)`` is called once the plan is
 frozen for QAT (``plugin.api``); a plan that keeps every inexact channel removes the hooks.
 """
@@ -78,6 +79,22 @@ def _mean_hook(keep: Tensor, axis: int):
     return hook
 
 
+def _zero_columns(net: nn.Module, qualified: str, keep: Tensor):
+    """Zero the pruned columns of a (parametrized) table and keep them zero; the hook handle."""
+    owner, _, attr = qualified.rpartition(".")
+    module = net.get_submodule(owner) if owner else net
+    parametrizations = getattr(module, "parametrizations", None)
+    raw = parametrizations[attr].original if parametrizations is not None and attr in parametrizations \
+        else getattr(module, attr)
+    if raw.dim() != 2 or raw.shape[1] != keep.shape[0]:
+        raise PlanError(f"embedding table {qualified!r}: shape {tuple(raw.shape)} does not match "
+                        f"{keep.shape[0]} hidden channels")
+    mask = keep.to(device=raw.device, dtype=raw.dtype)
+    with torch.no_grad():
+        raw.mul_(mask)
+    return raw.register_hook(lambda grad: grad * mask) if raw.requires_grad else None
+
+
 def install_inexact_masks(engine: Any, plan: Any) -> int:
     """Hook the engine's norm / mean modules of inexact groups for ``plan``; returns how many.
 
@@ -107,13 +124,14 @@ def install_inexact_masks(engine: Any, plan: Any) -> int:
             handles.append(module.register_forward_hook(_layer_norm_hook(keep)))
         elif node.op_type == "ReduceMean" and module is not None:
             handles.append(module.register_forward_hook(_mean_hook(keep, layout.axis)))
-        elif node.op_type == "Gather":
-            logger.warning("embedding %s: pruned table columns change its per-row INT8 scales in the export; "
-                           "the fake-quantized model keeps the whole rows' scales", node_name)
+        elif node.op_type == "Gather" and engine.bridged.param_map.get(node.input[0]):
+            handle = _zero_columns(net, engine.bridged.param_map[node.input[0]], keep)
+            if handle is not None:
+                handles.append(handle)
         else:
             raise PlanError(f"{node.op_type} node '{node_name}': the torch engine cannot restrict its statistics "
                             "to the kept hidden channels; compress without --inexact-hidden-width")
-    logger.info("inexact groups: %d norm/mean module(s) restricted to the kept channels", len(handles))
+    logger.info("inexact groups: %d norm/mean module(s) and table(s) restricted to the kept channels", len(handles))
     return len(handles)
 
 
