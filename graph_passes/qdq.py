@@ -529,10 +529,22 @@ def _check_conversion(before: onnx.ModelProto, after: onnx.ModelProto, current: 
             f"onnxruntime: {_first_line(exc)}") from exc
     cmp = compare_outputs(got, ref)
     if not cmp.ok(rtol):
+        # newer opsets run other kernels (a 6625-way Softmax, a transformer's LayerNorms:
+        # PP-OCRv4 rec moved 1.5e-5): rounding, as normalise bounds it, is the original's own
+        # float32 noise under onnxruntime's optimisations times NOISE_FACTOR
+        from .normalise import NOISE_FACTOR, noise_floor
+
+        floor = noise_floor(before, feeds, ref)
+        bound = max(rtol, NOISE_FACTOR * floor)
+        if cmp.ok(bound):
+            logger.info("opset %d -> %d: output %d moved by %.3g relative, float rounding (the model's own "
+                        "noise floor is %.3g)", current, needed, cmp.worst_output, cmp.max_rel_error, floor)
+            return
         ops = sorted({n.op_type for n in after.graph.node})
         raise VerificationError(
             f"up-converting the model from opset {current} to {needed} changed output "
-            f"{cmp.worst_output} by {cmp.max_rel_error:.3g} (relative, > {rtol:g}); one of "
+            f"{cmp.worst_output} by {cmp.max_rel_error:.3g} (relative, > {bound:.3g}: rtol {rtol:g}, the "
+            f"model's own float32 noise {floor:.3g}); one of "
             f"{', '.join(ops)} converted wrongly; convert the model yourself")
 
 

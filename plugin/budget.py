@@ -157,7 +157,7 @@ def _completed_bits(searchable: Supernet, mu: float, column_costs: list, ref: fl
         penalty = mu * (cost.double() / ref)[None, :] * (precisions / precisions.max())[:, None]
         score = torch.where(widths[:, None], logp - penalty, torch.full_like(logp, -torch.inf))
         choice = precisions[score.argmax(dim=0)].to(bits.dtype)
-        kept = bits != 0
+        kept = (bits != 0) & torch.isfinite(score.max(dim=0).values)  # a column with no allowed width keeps its own
         bits[kept] = torch.minimum(bits[kept], choice[kept])
     for entry in searchable._layers.values():
         if entry.quantizer.frozen_bits is not None:

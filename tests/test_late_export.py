@@ -179,3 +179,31 @@ def test_budget_below_the_narrowest_kept_widths_still_fails(digits_search) -> No
     short = BudgetConfig(lam_start=1.0, lam_factor=1.01, max_rounds=1, check_every=1)
     with pytest.raises(CostModelError, match="every kept channel at its narrowest width it stays above"):
         search_to_budget(net, train, "size=20%", net.config, short)  # 2-bit everywhere is 25%
+
+
+# --- an opset up-conversion that moves outputs by float rounding (PP-OCRv4 rec: 1.5e-5 relative)
+
+
+def test_up_conversion_check_takes_the_models_own_rounding_noise(monkeypatch) -> None:
+    import graph_passes.normalise as normalise_module
+    from graph_passes.errors import VerificationError
+    from graph_passes.qdq import _check_conversion
+
+    before = build(DEAD_CHANNEL, w1=[6, 3, 3, 3], b1=[6], w2=[4, 6, 1, 1], b2=[4])
+
+    def nudged(factor: float) -> onnx.ModelProto:
+        after = onnx.ModelProto()
+        after.CopyFrom(before)
+        b2 = next(t for t in after.graph.initializer if t.name == "b2")
+        b2.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(b2) + np.float32(factor), "b2"))
+        return after
+
+    monkeypatch.setattr(normalise_module, "noise_floor", lambda *args: 1e-5)  # the model's own noise
+    _check_conversion(before, nudged(0.0), 17, 21, 1e-5)
+    from graph_passes.ort_utils import random_feeds
+
+    session = make_session(before)
+    scale = float(np.abs(session.run(None, random_feeds(session))[0]).max())  # the feeds the check draws
+    _check_conversion(before, nudged(2e-5 * scale), 17, 21, 1e-5)  # above rtol, within 10x the noise
+    with pytest.raises(VerificationError, match="converted wrongly"):
+        _check_conversion(before, nudged(0.5 * scale), 17, 21, 1e-5)
