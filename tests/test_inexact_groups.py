@@ -352,3 +352,27 @@ def test_bert_classifier_hidden_width(tmp_path):
     np.savez(data, input_ids=rng.integers(0, 100, (64, SEQ)).astype(np.int64), attention_mask=attention)
     result = apply_plan(str(path), plan, data=str(data), progress=False)
     assert float(result.report["gate"]["plain"][0]["sqnr_db"]) > 60
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_inspect_reports_both_coverages(flag):
+    import json
+
+    from click.testing import CliRunner
+
+    from plugin.cli import main
+
+    args = ["inspect", str(SAMPLE / "model.onnx"), "--no-bridge"] + (["--inexact-hidden-width"] if flag else [])
+    text = CliRunner().invoke(main, args)
+    assert text.exit_code == 0, text.output
+    line = next(x for x in text.output.splitlines() if x.startswith("coverage"))
+    assert "65.3% in exact groups" in line and "98.0% with the 1 inexact group" in line
+    assert ("; on)" in line) == flag and ("pass --inexact-hidden-width" in line) != flag
+    assert "inexact" in text.output.split("Channel groups")[1]  # the group table's kind column
+    report = json.loads(CliRunner().invoke(main, args + ["--json"]).output)
+    totals = report["totals"]
+    assert totals["exact_share"] == pytest.approx(0.6531, abs=1e-4)
+    assert totals["inexact_share"] == pytest.approx(0.9796, abs=1e-4)
+    assert totals["prunable_share"] == pytest.approx(totals["inexact_share" if flag else "exact_share"])
+    (group,) = [g for g in report["groups"] if g["kind"] == "inexact"]
+    assert group["prunable"] == flag and group["inexact"]
