@@ -376,3 +376,28 @@ def test_inspect_reports_both_coverages(flag):
     assert totals["prunable_share"] == pytest.approx(totals["inexact_share" if flag else "exact_share"])
     (group,) = [g for g in report["groups"] if g["kind"] == "inexact"]
     assert group["prunable"] == flag and group["inexact"]
+
+
+RMS = """
+<ir_version: 10, opset_import: ["" : 23]>
+g (float[1,4,8] x) => (float[1,4,6] y) {
+  h = MatMul(x, w1)
+  n = RMSNormalization <axis=-1, epsilon=0.00001> (h, gamma)
+  r = Add(n, h)
+  y = MatMul(r, w2)
+}
+"""
+
+
+def test_rms_norm_computes_over_the_kept_channels():
+    prepared = prepare_model(build(RMS, w1=[8, 16], gamma=[16], w2=[16, 6]), inexact_hidden_width=True)
+    (hidden,) = _inexact(prepared.analysis)
+    assert hidden.prunable and "RMSNormalization" in hidden.inexact[0]
+    keep = np.array([c not in (2, 9) for c in range(16)])
+    pruned = prune_channels(prepared.model, prepared.analysis, {hidden.id: [2, 9]})
+    inits = {t.name: numpy_helper.to_array(t) for t in prepared.model.graph.initializer}
+    x = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
+    h = (x @ inits["w1"])[..., keep]
+    n = h / np.sqrt((h * h).mean(-1, keepdims=True) + 1e-5) * inits["gamma"][keep]
+    np.testing.assert_allclose(make_session(pruned).run(None, {"x": x})[0], (n + h) @ inits["w2"][keep],
+                               rtol=1e-4, atol=1e-5)
