@@ -272,9 +272,10 @@ def _decoder_loop_model(with_trip: bool, with_cond: bool) -> onnx.ModelProto:
     """An autoregressive decoder in the shape paddle2onnx writes (SLANet): a hidden state carried
     through a Loop whose body runs a MatMul + Tanh on it and the encoder's features (an
     enclosing-scope value), emits one step's output as a scan output, and stops when the step's
-    score drops below a threshold or after M steps."""
+    score drops below a threshold or after M steps. As paddle2onnx does, a weight is a carried
+    value the body returns unchanged."""
     body_nodes = [
-        helper.make_node("MatMul", ["h_in", "w_h"], ["hw"]),
+        helper.make_node("MatMul", ["h_in", "w_carry"], ["hw"]),
         helper.make_node("Add", ["hw", "feat"], ["pre"]),
         helper.make_node("Tanh", ["pre"], ["h_out"]),
         helper.make_node("ReduceMean", ["h_out"], ["score"], keepdims=0),
@@ -285,18 +286,20 @@ def _decoder_loop_model(with_trip: bool, with_cond: bool) -> onnx.ModelProto:
     body = helper.make_graph(
         body_nodes, "body",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), _f32("h_in", [1, 4])],
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), _f32("h_in", [1, 4]),
+         _f32("w_carry", [4, 4])],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _f32("h_out", [1, 4]),
-         _f32("step_out", [1, 4])])
+         _f32("w_carry", [4, 4]), _f32("step_out", [1, 4])])
     nodes = [helper.make_node("MatMul", ["x", "w_in"], ["feat"]),
-             helper.make_node("Loop", ["trip" if with_trip else "", "cond" if with_cond else "", "h0"],
-                              ["h_final", "steps"], body=body)]
+             helper.make_node("Loop", ["trip" if with_trip else "", "cond" if with_cond else "", "h0", "w_h"],
+                              ["h_final", "w_final", "steps"], body=body)]
     inits = [_init("w_in", (3, 4)), _init("w_h", (4, 4)), numpy_helper.from_array(np.zeros((1, 4), np.float32), "h0"),
              numpy_helper.from_array(np.array(-0.2, np.float32), "limit"),
              numpy_helper.from_array(np.array(6, np.int64), "trip"),
              numpy_helper.from_array(np.array(True), "cond")]
     graph = helper.make_graph(nodes, "loop_model", [_f32("x", [1, 3])],
-                              [_f32("h_final", [1, 4]), _f32("steps", None)], initializer=inits)
+                              [_f32("h_final", [1, 4]), _f32("w_final", [4, 4]), _f32("steps", None)],
+                              initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
@@ -311,7 +314,7 @@ def test_loop_decoder(with_trip: bool, with_cond: bool) -> None:
         with torch.no_grad():
             got = bridged.module(torch.from_numpy(x))
         ref = run(session, {"x": x})
-        lengths.add(ref[1].shape[0])
+        lengths.add(ref[2].shape[0])
         for value, expected in zip(got, ref):
             np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-6)
     # the body's condition, computed from data, ends the loop at different steps (onnxruntime

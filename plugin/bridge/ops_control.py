@@ -81,26 +81,55 @@ class Subgraph:
         for name in list(formal) + self.outer:
             info = formal_info.get(name) or typed.get(name)
             inputs.append(info if info is not None else onnx.ValueInfoProto(name=name))
-        nodes = list(sub.node)
-        outputs = []
+        # A returned name the subgraph only passes through (a Loop's carried weights, an If
+        # branch returning an enclosing value) is handed back by SubgraphModule as it came in:
+        # no node, no copy per step. Only names the subgraph computes are the model's outputs.
+        produced = {o for n in sub.node for o in n.output if o}
+        arg_names = list(formal) + self.outer
+        nodes, outputs = list(sub.node), []
+        spec: list[tuple[bool, int]] = []
+        position: dict[str, int] = {}
         for index, out in enumerate(sub.output):
-            # always an Identity: a subgraph may return an input or a constant as it is
-            nodes.append(helper.make_node("Identity", [out.name], [f"{_OUT}{index}"], name=f"{_OUT}{index}"))
-            value = onnx.ValueInfoProto()
-            value.CopyFrom(out)
-            value.name = f"{_OUT}{index}"
-            outputs.append(value)
-        model_graph = helper.make_graph(
-            nodes, f"{node.name or node.unique_name}.{attr}", inputs, outputs,
-            initializer=list(sub.initializer) + [inits[name] for name in copied],
-            value_info=list(sub.value_info))
-        opsets = [helper.make_opsetid(domain, version) for domain, version in catalog.current_opsets().items()]
-        model = helper.make_model(model_graph, opset_imports=opsets, ir_version=8)
-        self.outputs = len(outputs)
-        self.module = convert(model).module
-        _freeze(self.module)
-        logger.debug("%s.%s: %d nodes, %d enclosing-scope inputs, %d constants copied",
-                     node.name, attr, len(sub.node), len(self.outer), len(copied))
+            name = out.name
+            if name not in produced and name in arg_names:
+                spec.append((True, arg_names.index(name)))
+                continue
+            if name not in produced:  # one of its constants: an Identity makes it a node output
+                nodes.append(helper.make_node("Identity", [name], [f"{_OUT}{index}"], name=f"{_OUT}{index}"))
+                name = f"{_OUT}{index}"
+            if name not in position:
+                position[name] = len(outputs)
+                value = onnx.ValueInfoProto()
+                value.CopyFrom(out)
+                value.name = name
+                outputs.append(value)
+            spec.append((False, position[name]))
+        self.outputs = len(sub.output)
+        graph_module = None
+        if outputs:
+            model_graph = helper.make_graph(
+                nodes, f"{node.name or node.unique_name}.{attr}", inputs, outputs,
+                initializer=list(sub.initializer) + [inits[name] for name in copied],
+                value_info=list(sub.value_info))
+            opsets = [helper.make_opsetid(domain, version) for domain, version in catalog.current_opsets().items()]
+            model = helper.make_model(model_graph, opset_imports=opsets, ir_version=8)
+            graph_module = convert(model).module
+            _freeze(graph_module)
+        self.module = SubgraphModule(graph_module, spec)
+        logger.debug("%s.%s: %d nodes, %d enclosing-scope inputs, %d constants copied, %d outputs passed through",
+                     node.name, attr, len(sub.node), len(self.outer), len(copied), sum(a for a, _ in spec))
+
+
+class SubgraphModule(nn.Module):
+    """A converted subgraph: its computed outputs and the inputs it returns unchanged, in order."""
+
+    def __init__(self, graph: fx.GraphModule | None, spec: list[tuple[bool, int]]) -> None:
+        super().__init__()
+        self.graph, self.spec = graph, spec
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: D102
+        computed = _as_tuple(self.graph(*args)) if self.graph is not None else ()
+        return tuple(args[i] if passed else computed[i] for passed, i in self.spec)
 
 
 def _freeze(module: nn.Module) -> None:
@@ -131,7 +160,7 @@ def _single_bool(node_name: str, cond: torch.Tensor, what: str) -> bool:
 class OnnxIf(nn.Module):
     """Evaluates the condition and runs that branch's converted subgraph."""
 
-    def __init__(self, name: str, then_branch: fx.GraphModule, else_branch: fx.GraphModule,
+    def __init__(self, name: str, then_branch: SubgraphModule, else_branch: SubgraphModule,
                  then_index: list[int], else_index: list[int], outputs: int) -> None:
         super().__init__()
         self.name, self.outputs = name, outputs
@@ -143,7 +172,7 @@ class OnnxIf(nn.Module):
             out = self.then_branch(*[outer[i] for i in self.then_index])
         else:
             out = self.else_branch(*[outer[i] for i in self.else_index])
-        return out if self.outputs == 1 else _as_tuple(out)
+        return out[0] if self.outputs == 1 else out
 
 
 def convert_if(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
@@ -173,7 +202,7 @@ class OnnxLoop(nn.Module):
     (condition, carried..., scan outputs...).
     """
 
-    def __init__(self, name: str, body: fx.GraphModule, carried: int, outputs: int,
+    def __init__(self, name: str, body: SubgraphModule, carried: int, outputs: int,
                  has_trip: bool, has_cond: bool) -> None:
         super().__init__()
         self.name, self.body = name, body
@@ -191,7 +220,7 @@ class OnnxLoop(nn.Module):
         while go and (limit is None or step < limit):
             iteration = torch.tensor(step, dtype=torch.int64, device=state[0].device if state else None)
             keep = torch.tensor(go)
-            out = _as_tuple(self.body(iteration, keep, *state, *outer))
+            out = self.body(iteration, keep, *state, *outer)
             # onnxruntime reads the body's condition even where the node has no condition input
             # (the ONNX text says it is ignored there); onnxruntime is what the bridge must match
             go = _single_bool(self.name, out[0], "the loop condition")
