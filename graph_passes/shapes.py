@@ -306,3 +306,120 @@ def reconcile_output_shapes(graph: onnx.GraphProto, inferred: Iterable[onnx.Valu
         logger.info("graph output %r: declared shape %s contradicts the graph, which computes %s; "
                     "the declaration is replaced", value.name, before, value_dims(value))
     return replaced
+
+
+# ---------------------------------------------------------------- onnxruntime contrib op shapes
+#
+# onnx's shape inference knows no ``com.microsoft`` op, so the outputs of onnxruntime's fused
+# attention ops had no shapes and everything after them was opaque. Their schemas are mirrored
+# from onnxruntime's own registry (inputs, attributes and type constraints exactly as the
+# installed onnxruntime declares them, so the onnx checker accepts what onnxruntime accepts)
+# with an inference function for the outputs' shapes from the op documentation:
+#   MultiHeadAttention: query [B, S, D] with key [B, L, D] / value [B, L, Dv] (or value
+#     [B, N, L, Hv], or packed KV key [B, L, N, 2, H]), or packed QKV query [B, S, N, 3, H];
+#     output [B, S, Dv].
+#   Attention: input [B, S, Din], weights [Din, D + D + Dv] (qkv_hidden_sizes, else three equal
+#     parts); output [B, S, Dv].
+# Only ``output`` gets a shape; present / qk outputs stay unknown (the op rules block them).
+
+
+def _input_dims(ctx, index: int) -> list[int | str | None] | None:
+    if index >= ctx.get_num_inputs() or not ctx.has_input(index):
+        return None
+    tp = ctx.get_input_type(index)
+    if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+        return None
+    dims: list[int | str | None] = []
+    for d in tp.tensor_type.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+                    else (d.dim_param or None))
+    return dims
+
+
+def _product(*dims) -> int | None:
+    return int(dims[0]) * int(dims[1]) if all(isinstance(d, int) for d in dims) else None
+
+
+def _set_output(ctx, dims: list) -> None:
+    elem = ctx.get_input_type(0).tensor_type.elem_type
+    ctx.set_output_type(0, onnx.helper.make_tensor_type_proto(elem, dims))
+
+
+def _infer_multi_head_attention(ctx) -> None:
+    q, k, v = (_input_dims(ctx, i) for i in range(3))
+    if q is None:
+        return
+    if len(q) == 5:  # packed QKV [B, S, N, 3, H]
+        _set_output(ctx, [q[0], q[1], _product(q[2], q[4])])
+        return
+    if len(q) != 3:
+        return
+    if v is not None and len(v) == 3:
+        dv = v[2]
+    elif v is not None and len(v) == 4:  # [B, N, L, Hv]
+        dv = _product(v[1], v[3])
+    elif v is None and k is not None and len(k) == 5:  # packed KV [B, L, N, 2, H]
+        dv = _product(k[2], k[4])
+    else:
+        return
+    _set_output(ctx, [q[0], q[1], dv])
+
+
+def _infer_contrib_attention(ctx) -> None:
+    x, w = _input_dims(ctx, 0), _input_dims(ctx, 1)
+    if x is None or w is None or len(x) != 3 or len(w) != 2:
+        return
+    sizes = ctx.get_attribute("qkv_hidden_sizes")
+    if sizes is not None and len(sizes.ints) == 3:
+        dv: int | None = int(sizes.ints[2])
+    else:
+        dv = w[1] // 3 if isinstance(w[1], int) and w[1] % 3 == 0 else None
+    _set_output(ctx, [x[0], x[1], dv])
+
+
+_CONTRIB_SHAPES = {("com.microsoft", "MultiHeadAttention"): _infer_multi_head_attention,
+                   ("com.microsoft", "Attention"): _infer_contrib_attention}
+
+
+def register_contrib_shapes() -> list[str]:
+    """Register the ``com.microsoft`` attention schemas with onnx (once per process, at import of
+    this module); returns the ops registered now. Without onnxruntime: nothing."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        return []
+    wanted = {key: fn for key, fn in _CONTRIB_SHAPES.items() if not onnx.defs.has(key[1], key[0])}
+    if not wanted:
+        return []
+    schema_cls = onnx.defs.OpSchema
+    options = {str(o).rsplit(".", 1)[-1]: o for o in (schema_cls.FormalParameterOption.Single,
+               schema_cls.FormalParameterOption.Optional, schema_cls.FormalParameterOption.Variadic)}
+    attr_types = {str(t).rsplit(".", 1)[-1]: t for t in schema_cls.AttrType.__members__.values()}
+    registered = []
+    for ort in ort_c.get_all_operator_schema():
+        fn = wanted.get((ort.domain, ort.name))
+        if fn is None or ort.deprecated:
+            continue
+        def param(p):
+            return schema_cls.FormalParameter(
+                p.name, p.typeStr, param_option=options[str(p.option).rsplit(".", 1)[-1]],
+                is_homogeneous=p.isHomogeneous, min_arity=1)
+        try:
+            schema = schema_cls(
+                ort.name, ort.domain, ort.since_version, "",
+                inputs=[param(p) for p in ort.inputs], outputs=[param(p) for p in ort.outputs],
+                type_constraints=[(t.type_param_str, list(t.allowed_type_strs), "")
+                                  for t in ort.type_constraints],
+                attributes=[schema_cls.Attribute(a.name, attr_types[str(a.type).rsplit(".", 1)[-1]], "",
+                                                 required=a.required)
+                            for a in ort.attributes.values()])
+            schema.set_type_and_shape_inference_function(fn)
+            onnx.defs.register_schema(schema)
+        except Exception as exc:  # noqa: BLE001 - an onnx/onnxruntime API drift: shapes stay unknown
+            logger.warning("no shape inference for %s::%s: %s", ort.domain, ort.name, exc)
+            continue
+        registered.append(f"{ort.domain}::{ort.name}")
+    return registered
+
+
+register_contrib_shapes()

@@ -225,3 +225,4 @@ class FusedHeadsReshapeRule(ReshapeRule):
 # the hidden-width norms extend spatial's LayerNormalization / ReduceMean and shape_ops' Gather
 # rules; imported here, after those modules registered theirs
 from . import norms  # noqa: E402,F401
+from . import attention_ms  # noqa: E402,F401  (onnxruntime's com.microsoft attention ops)
