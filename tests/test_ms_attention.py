@@ -164,3 +164,35 @@ def test_packed_qkv_blocks():
     assert not qkv.prunable  # the [.., N, 3, H] Reshape already splits the channel axis
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in prepared.graph.value_info}
     assert shapes["y"] == [B, S, D]
+
+
+# --------------------------------------------------------------------------- the torch bridge
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(bias=False), dict(dv=16, cross=True), dict(mask=True),
+                                    dict(attn_bias=[1, H, S, S])],
+                         ids=["self", "no-bias", "cross-dv16", "key-padding-mask", "attention-bias"])
+def test_bridge_parity(kwargs):
+    from plugin.bridge import check_parity, convert
+
+    model, _ = prepare(mha_model(**kwargs))
+    assert check_parity(model, convert(model), feeds=feeds(model)) <= 1e-4
+
+
+def test_bridge_parity_after_pruning():
+    from plugin.bridge import check_parity, convert
+
+    model, analysis = prepare(mha_model(mask=True))
+    pruned = prune_channels(model, analysis, {head_group(analysis).id: [0, 3]})
+    assert check_parity(pruned, convert(pruned), feeds=feeds(pruned)) <= 1e-4
+
+
+def test_bridge_refuses_unidirectional():
+    from graph_passes.errors import ConversionError
+    from plugin.bridge import convert
+
+    model, _ = prepare(mha_model())
+    mha = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
+    mha.attribute.append(helper.make_attribute("unidirectional", 1))
+    with pytest.raises(ConversionError, match="unidirectional"):
+        convert(model)

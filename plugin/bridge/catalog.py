@@ -14,7 +14,7 @@ from plugin.bridge import registry
 logger = logging.getLogger(__name__)
 
 _OP_MODULES = ("ops_layers", "ops_norm", "ops_reduce", "ops_shape", "ops_pool", "ops_resize", "ops_recurrent",
-               "ops_misc", "ops_control")
+               "ops_misc", "ops_control", "ops_attention_ms")
 _state: dict = {"registered": False, "opsets": {}}
 
 
