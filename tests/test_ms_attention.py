@@ -196,3 +196,27 @@ def test_bridge_refuses_unidirectional():
     mha.attribute.append(helper.make_attribute("unidirectional", 1))
     with pytest.raises(ConversionError, match="unidirectional"):
         convert(model)
+
+
+def test_compress_prunes_heads_and_passes_the_gate(tmp_path):
+    """A short compress: heads pruned (num_heads rewritten in the file), QDQ export through the gate."""
+    from plugin.api import CompressConfig, compress
+
+    model = mha_model()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    path = tmp_path / "mha.onnx"
+    onnx.save(model, str(path))
+    x = np.random.default_rng(0).standard_normal([64, S, D]).astype(np.float32)
+    out = tmp_path / "mha_c.onnx"
+    result = compress(str(path), {"x": x}, output=str(out),
+                      config=CompressConfig(epochs=2, finetune_epochs=1, progress=False, compare_runtimes=False))
+    report = result.report
+    assert report["gate"]["plain"][0]["sqnr_db"] in ("inf", float("inf")) or report["gate"]["plain"][0]["sqnr_db"] >= 40
+    written = onnx.load(str(out))
+    mha = next(n for n in written.graph.node if n.op_type == "MultiHeadAttention")
+    heads = helper.get_attribute_value(next(a for a in mha.attribute if a.name == "num_heads"))
+    kept = report["layers"]["q_proj"]["channels_after"]
+    assert heads == kept // (D // H) and kept < D  # heads actually pruned
+    y = make_session(written).run(None, {"x": x[:3]})[0]
+    assert y.shape == (3, S, D)
