@@ -220,3 +220,30 @@ def test_compress_prunes_heads_and_passes_the_gate(tmp_path):
     assert heads == kept // (D // H) and kept < D  # heads actually pruned
     y = make_session(written).run(None, {"x": x[:3]})[0]
     assert y.shape == (3, S, D)
+
+
+def test_fused_contrib_attention_blocks_with_its_reason():
+    """com.microsoft::Attention (weights [Din, 3D]): output shaped, heads blocked in one line,
+    the layer after it analysed (its output channels prunable)."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal([D, 3 * D]) * 0.3).astype(np.float32), "w")
+    b = numpy_helper.from_array((rng.standard_normal([3 * D]) * 0.3).astype(np.float32), "b")
+    wo = numpy_helper.from_array((rng.standard_normal([D, 48]) * 0.3).astype(np.float32), "wo")
+    w2 = numpy_helper.from_array((rng.standard_normal([48, D]) * 0.3).astype(np.float32), "w2")
+    wi = numpy_helper.from_array((rng.standard_normal([D, D]) * 0.3).astype(np.float32), "wi")
+    nodes = [helper.make_node("MatMul", ["x", "wi"], ["xi"], name="fc0"),
+             helper.make_node("Attention", ["xi", "w", "b"], ["y"], name="attn", domain="com.microsoft", num_heads=H),
+             helper.make_node("MatMul", ["y", "wo"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["out"], name="fc2")]
+    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", 1, [B, S, D])],
+                              [helper.make_tensor_value_info("out", 1, [B, S, D])], [wi, w, b, wo, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=8)
+    model, analysis = prepare(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    assert shapes["y"] == [B, S, D]
+    fc1 = next(g for g in analysis.groups if any(m.node == "fc1" for m in g.members_of("producer")))
+    assert fc1.prunable and fc1.size == 48
+    fc0 = next(g for g in analysis.groups if any(m.node == "fc0" for m in g.members_of("producer")))
+    assert not fc0.prunable and any("fused-weight com.microsoft Attention" in r for r in fc0.reasons)

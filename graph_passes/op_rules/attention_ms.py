@@ -95,3 +95,16 @@ class MultiHeadAttentionRule(OpRule):
         if len(node.input) > 3 and node.input[3]:
             bias = ctx.const(node.input[3])
             ctx.set_const_input(name, node, 3, bias[np.concatenate(keeps)])
+
+
+@register("Attention", domain=MS)
+class ContribAttentionRule(OpRule):
+    """``com.microsoft::Attention`` (fused Q/K/V weights [Din, D + D + Dv]): not followed yet.
+
+    Its weights would be a weight layer whose columns are [Q heads | K heads | V heads]; until
+    that lands the op is a wall with a reason that says so (its output has a shape, so the
+    layers after it are analysed as usual)."""
+
+    def propagate(self, name, node, ctx: PropagationContext) -> None:
+        ctx.opaque(name, node, "the fused-weight com.microsoft Attention is not followed (its heads stay "
+                               "blocked); export the model with separate Q/K/V MatMuls and MultiHeadAttention")
