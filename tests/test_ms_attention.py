@@ -187,13 +187,25 @@ def test_bridge_parity_after_pruning():
     assert check_parity(pruned, convert(pruned), feeds=feeds(pruned)) <= 1e-4
 
 
-def test_bridge_refuses_unidirectional():
+def _unidirectional(model: onnx.ModelProto) -> onnx.ModelProto:
+    mha = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
+    mha.attribute.append(helper.make_attribute("unidirectional", 1))
+    return model
+
+
+def test_bridge_causal_self_attention():
+    from plugin.bridge import check_parity, convert
+
+    model, analysis = prepare(_unidirectional(mha_model(mask=True)))
+    assert check_parity(model, convert(model), feeds=feeds(model)) <= 1e-4
+    oracle(model, analysis, {head_group(analysis).id: [2]})  # causal: heads still exact
+
+
+def test_bridge_refuses_causal_cross_attention():
     from graph_passes.errors import ConversionError
     from plugin.bridge import convert
 
-    model, _ = prepare(mha_model())
-    mha = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
-    mha.attribute.append(helper.make_attribute("unidirectional", 1))
+    model, _ = prepare(_unidirectional(mha_model(cross=True)))
     with pytest.raises(ConversionError, match="unidirectional"):
         convert(model)
 

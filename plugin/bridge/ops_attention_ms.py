@@ -8,7 +8,8 @@ keys, with Q, K, V the [B, S, D] / [B, L, D] / [B, L, Dv] inputs plus the op's p
 does; ``attention_bias`` [B or 1, N or 1, S, L] is added to the scores.
 
 Refused in one line: packed QKV / KV or 4-D (BNSH) key/value, a 1-D (sequence lengths) mask,
-past/present or the qk output, ``unidirectional``.
+past/present or the qk output, ``unidirectional`` unless query and key have one known length
+(causal self attention: query i sees keys 0..i).
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ _dotless_node_names()
 class MsMultiHeadAttention(nn.Module):
     """``com.microsoft::MultiHeadAttention`` of 3-D query/key/value."""
 
-    def __init__(self, num_heads: int, scale: float, mask_filter_value: float) -> None:
+    def __init__(self, num_heads: int, scale: float, mask_filter_value: float, causal: bool = False) -> None:
         super().__init__()
         self.num_heads, self.scale, self.mask_filter_value = num_heads, scale, mask_filter_value
+        self.causal = causal
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, s, d = t.shape
@@ -73,6 +75,10 @@ class MsMultiHeadAttention(nn.Module):
             scores = scores.masked_fill(padded, self.mask_filter_value)
         if attention_bias is not None:
             scores = scores + attention_bias
+        if self.causal:  # query i sees keys 0..i (self attention: S == L)
+            s, length = scores.shape[-2:]
+            future = torch.ones(s, length, dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(future, self.mask_filter_value)
         y = torch.matmul(torch.softmax(scores, dim=-1), v)
         b, _, s, _ = y.shape
         return y.transpose(1, 2).reshape(b, s, dv)
@@ -93,8 +99,14 @@ def convert_multi_head_attention(node: OnnxNode, graph: OnnxGraph) -> OperationC
         raise unsupported(node, "MultiHeadAttention with packed QKV or KV (key/value absent)")
     if any(names[6:]) or any(node.output_values[1:]):
         raise unsupported(node, "MultiHeadAttention with past/present (KV cache) or the qk output")
-    if int(attrs.get("unidirectional", 0)):
-        raise unsupported(node, "MultiHeadAttention unidirectional=1")
+    causal = bool(int(attrs.get("unidirectional", 0)))
+    if causal:
+        q_info, k_info = (graph.value_info.get(n) for n in names[:2])
+        lengths = [None if i is None or not i.type.tensor_type.HasField("shape") or len(i.type.tensor_type.shape.dim) < 2
+                   else i.type.tensor_type.shape.dim[1].dim_value for i in (q_info, k_info)]
+        if not lengths[0] or lengths[0] != lengths[1]:
+            raise unsupported(node, f"MultiHeadAttention unidirectional=1 with query/key lengths {lengths} "
+                                    "(only self attention of known, equal lengths)")
     for index, what in ((0, "query"), (1, "key"), (2, "value")):
         rank = _rank(graph, names[index])
         if rank is not None and rank != 3:
@@ -103,6 +115,6 @@ def convert_multi_head_attention(node: OnnxNode, graph: OnnxGraph) -> OperationC
     if names[4] is not None and mask_rank not in (2, 3):
         raise unsupported(node, f"MultiHeadAttention key_padding_mask of rank {mask_rank} (only [B, L] or [B, S, L])")
     module = MsMultiHeadAttention(int(attrs["num_heads"]), float(attrs.get("scale", 0.0)),
-                                  float(attrs.get("mask_filter_value", -10000.0)))
+                                  float(attrs.get("mask_filter_value", -10000.0)), causal)
     mapping = OnnxMapping(inputs=tuple(n or "" for n in names[:6]), outputs=node.output_values[:1])
     return result(module, mapping)
