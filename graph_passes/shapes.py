@@ -310,17 +310,18 @@ def reconcile_output_shapes(graph: onnx.GraphProto, inferred: Iterable[onnx.Valu
 
 # ---------------------------------------------------------------- onnxruntime contrib op shapes
 #
-# onnx's shape inference knows no ``com.microsoft`` op, so the outputs of onnxruntime's fused
-# attention ops had no shapes and everything after them was opaque. Their schemas are mirrored
+# onnx's shape inference knows no ``com.microsoft`` op, so the output of onnxruntime's fused
+# MultiHeadAttention had no shape and everything after it was opaque. Its schema is mirrored
 # from onnxruntime's own registry (inputs, attributes and type constraints exactly as the
 # installed onnxruntime declares them, so the onnx checker accepts what onnxruntime accepts)
 # with an inference function for the outputs' shapes from the op documentation:
 #   MultiHeadAttention: query [B, S, D] with key [B, L, D] / value [B, L, Dv] (or value
 #     [B, N, L, Hv], or packed KV key [B, L, N, 2, H]), or packed QKV query [B, S, N, 3, H];
 #     output [B, S, Dv].
-#   Attention: input [B, S, Din], weights [Din, D + D + Dv] (qkv_hidden_sizes, else three equal
-#     parts); output [B, S, Dv].
 # Only ``output`` gets a shape; present / qk outputs stay unknown (the op rules block them).
+# A name that another domain already has is skipped: onnx.reference (imported by onnxscript and
+# the dynamo exporter) refuses a registry with one op name in two domains, and the ONNX
+# ``Attention`` (opset 23) has com.microsoft Attention's name: that op stays unshaped.
 
 
 def _input_dims(ctx, index: int) -> list[int | str | None] | None:
@@ -365,30 +366,18 @@ def _infer_multi_head_attention(ctx) -> None:
     _set_output(ctx, [q[0], q[1], dv])
 
 
-def _infer_contrib_attention(ctx) -> None:
-    x, w = _input_dims(ctx, 0), _input_dims(ctx, 1)
-    if x is None or w is None or len(x) != 3 or len(w) != 2:
-        return
-    sizes = ctx.get_attribute("qkv_hidden_sizes")
-    if sizes is not None and len(sizes.ints) == 3:
-        dv: int | None = int(sizes.ints[2])
-    else:
-        dv = w[1] // 3 if isinstance(w[1], int) and w[1] % 3 == 0 else None
-    _set_output(ctx, [x[0], x[1], dv])
-
-
-_CONTRIB_SHAPES = {("com.microsoft", "MultiHeadAttention"): _infer_multi_head_attention,
-                   ("com.microsoft", "Attention"): _infer_contrib_attention}
+_CONTRIB_SHAPES = {("com.microsoft", "MultiHeadAttention"): _infer_multi_head_attention}
 
 
 def register_contrib_shapes() -> list[str]:
-    """Register the ``com.microsoft`` attention schemas with onnx (once per process, at import of
+    """Register the ``com.microsoft`` MultiHeadAttention schema with onnx (once per process, at import of
     this module); returns the ops registered now. Without onnxruntime: nothing."""
     try:
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
     except ImportError:  # pragma: no cover - onnxruntime is a dependency
         return []
-    wanted = {key: fn for key, fn in _CONTRIB_SHAPES.items() if not onnx.defs.has(key[1], key[0])}
+    taken = {schema.name for schema in onnx.defs.get_all_schemas_with_history()}
+    wanted = {key: fn for key, fn in _CONTRIB_SHAPES.items() if key[1] not in taken}
     if not wanted:
         return []
     schema_cls = onnx.defs.OpSchema

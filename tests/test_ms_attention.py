@@ -97,6 +97,14 @@ def head_group(analysis):
     return groups[0]
 
 
+def test_onnx_reference_still_imports():
+    """onnx.reference refuses one op name in two domains: only unique names are registered."""
+    from onnx.reference import op_run
+
+    schemas = op_run._build_schemas()  # raised NotImplementedError for com.microsoft::Attention
+    assert schemas["MultiHeadAttention"].domain == "com.microsoft"
+
+
 def test_output_shape_from_the_schema():
     """onnx inference gives the MHA output its [B, S, Dv] shape (and the checker accepts it)."""
     model = onnx.shape_inference.infer_shapes(mha_model(dv=16, cross=True), strict_mode=True)
@@ -235,8 +243,7 @@ def test_compress_prunes_heads_and_passes_the_gate(tmp_path):
 
 
 def test_fused_contrib_attention_blocks_with_its_reason():
-    """com.microsoft::Attention (weights [Din, 3D]): output shaped, heads blocked in one line,
-    the layer after it analysed (its output channels prunable)."""
+    """com.microsoft::Attention (weights [Din, 3D]): heads blocked in one line."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array((rng.standard_normal([D, 3 * D]) * 0.3).astype(np.float32), "w")
     b = numpy_helper.from_array((rng.standard_normal([3 * D]) * 0.3).astype(np.float32), "b")
@@ -253,9 +260,7 @@ def test_fused_contrib_attention_blocks_with_its_reason():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)], ir_version=8)
     model, analysis = prepare(model)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
-    assert shapes["y"] == [B, S, D]
-    fc1 = next(g for g in analysis.groups if any(m.node == "fc1" for m in g.members_of("producer")))
-    assert fc1.prunable and fc1.size == 48
+    shapes = {v.name for v in model.graph.value_info}
+    assert "y" not in shapes  # its name is the ONNX Attention's: no schema is registered for it
     fc0 = next(g for g in analysis.groups if any(m.node == "fc0" for m in g.members_of("producer")))
     assert not fc0.prunable and any("fused-weight com.microsoft Attention" in r for r in fc0.reasons)

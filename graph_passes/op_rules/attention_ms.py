@@ -10,7 +10,7 @@ bias broadcast over heads leave the heads alone. Blocked with their reason: pack
 
 ``Attention`` (the fused-projection op: weights [Din, D + D + Dv]) is not followed: it blocks.
 
-Shapes of these ops' outputs come from :func:`graph_passes.shapes.register_contrib_shapes`.
+MultiHeadAttention's output shape comes from :func:`graph_passes.shapes.register_contrib_shapes`.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ class ContribAttentionRule(OpRule):
     """``com.microsoft::Attention`` (fused Q/K/V weights [Din, D + D + Dv]): not followed yet.
 
     Its weights would be a weight layer whose columns are [Q heads | K heads | V heads]; until
-    that lands the op is a wall with a reason that says so (its output has a shape, so the
-    layers after it are analysed as usual)."""
+    that lands the op is a wall with a reason that says so. (Its output has no shape: onnx
+    cannot register a schema for it, see :func:`graph_passes.shapes.register_contrib_shapes`.)"""
 
     def propagate(self, name, node, ctx: PropagationContext) -> None:
         ctx.opaque(name, node, "the fused-weight com.microsoft Attention is not followed (its heads stay "
