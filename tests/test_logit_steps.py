@@ -144,3 +144,15 @@ def test_search_runs_with_each_logit_step(model: onnx.ModelProto) -> None:
 def test_unknown_logit_steps_is_a_config_error() -> None:
     with pytest.raises(SearchConfigError, match="logit_steps"):
         SearchConfig(logit_steps="rmsprop")
+
+
+def test_gradient_strategy_option_reaches_logit_steps_and_refuses_unknown_values():
+    from graph_passes.errors import ConfigError
+    from plugin.strategies.gradient import GradientStrategy
+
+    option = GradientStrategy.options["logit_steps"]
+    assert option.parse("sgd_per_cost", "gradient") == "sgd_per_cost"
+    with pytest.raises(ConfigError, match="sgd \\| sgd_per_cost \\| adam"):
+        option.parse("bogus", "gradient")
+    with pytest.raises(ConfigError, match="keep_first \\| argmax"):
+        GradientStrategy.options["discretisation"].parse("median", "gradient")

@@ -35,8 +35,16 @@ class StrategyOption:
     type: type
     default: Any
     help: str
+    choices: tuple[str, ...] | None = None  # the allowed values of a str option, checked before any work
 
     def parse(self, text: Any, strategy: str) -> Any:
+        value = self._parse(text, strategy)
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"--strategy-option {self.name}={text!r}: strategy {strategy!r} accepts "
+                              f"{' | '.join(self.choices)} ({self.help})")
+        return value
+
+    def _parse(self, text: Any, strategy: str) -> Any:
         if not isinstance(text, str):
             return self.type(text)
         try:

@@ -28,7 +28,12 @@ class GradientStrategy:
         "prune_init": StrategyOption("prune_init", float, 0.0,
                                      "start weak channels likelier to be pruned (0 = off, the paper's start)"),
         "discretisation": StrategyOption("discretisation", str, "keep_first",
-                                         "keep_first (prune when theta_0 > 1/2) or argmax (the paper's)"),
+                                         "keep_first (prune when theta_0 > 1/2) or argmax (the paper's)",
+                                         choices=("keep_first", "argmax")),
+        "logit_steps": StrategyOption("logit_steps", str, "sgd",
+                                      "how the logits step: sgd (the paper's), sgd_per_cost (each channel's "
+                                      "step divided by the cost it stands for: keeps attention heads) or adam",
+                                      choices=("sgd", "sgd_per_cost", "adam")),
     }
 
     def search(self, problem: Problem, options: Mapping[str, Any]) -> StrategyResult:
@@ -37,7 +42,8 @@ class GradientStrategy:
 
         config = problem.search_config(lambda_ramp=bool(options["lambda_ramp"]),
                                        prune_init=float(options["prune_init"]),
-                                       discretisation=str(options["discretisation"]))
+                                       discretisation=str(options["discretisation"]),
+                                       logit_steps=str(options["logit_steps"]))
         net = problem.supernet(config)
         target = problem.settings.target
         if target:
