@@ -16,6 +16,13 @@ reference always runs in onnxruntime, so ``--reference`` the same file compares 
 The batch axis: a model that declares dim 0 symbolic runs on batches of ``batch_size``; a
 model that fixes its batch size B runs on batches of exactly B (the last one padded with
 copies of its last sample, whose outputs are dropped).
+
+Batch layouts (as ``compress`` finds them, :mod:`graph_passes.batch`): an input whose dim 0 is
+not a batch (a recurrent state ``[layers, 1, hidden]``) is a *whole* input
+(``InputSpec.whole``, in :attr:`RunnableModel.specs`): its data holds N whole inputs
+``[N, *input_shape]``. Such a model, and one with a free dim 0 on which two samples do not give
+the two single results (dim 0 is time, or the graph bakes in a batch of 1), runs one sample at a
+time; its outputs are joined per output (a batch of 1 concatenated, anything else stacked).
 """
 
 from __future__ import annotations
@@ -34,12 +41,13 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
+from graph_passes.batch import batch_layout, run_samples, whole_inputs
 from graph_passes.errors import DataError, InputFileError, PrunequantError, UnsupportedModelError
 from graph_passes.loading import check_runnable, load_model
 from graph_passes.ort_utils import make_session
 from graph_passes.shapes import graph_inputs, tensor_shape, value_dims
 
-from .data import Dataset, InputSpec, dims_text, input_specs
+from .data import Dataset, InputSpec, dims_text, input_specs, with_whole
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +66,7 @@ class RunnableModel:
 
     ``session_model`` keeps the batch axis symbolic where the model declared it so;
     ``output_shapes`` are the inferred output shapes with the batch pinned to 1 (None: unknown).
+    Specs marked ``whole`` are inputs whose dim 0 is not a batch (see the module docs).
     """
 
     name: str
@@ -72,9 +81,14 @@ class RunnableModel:
         return "the in-memory model" if self.name == _IN_MEMORY else f"model {self.name!r}"
 
     @property
+    def whole(self) -> frozenset[str]:
+        """The inputs whose dim 0 is not a batch (a sample is the whole input)."""
+        return frozenset(s.name for s in self.specs if s.whole)
+
+    @property
     def fixed_batch(self) -> int | None:
-        """The batch size the model fixes, or None when its batch axis is free."""
-        fixed = {s.shape[0] for s in self.specs if not s.batch_dynamic}
+        """The batch size the model fixes (whole inputs aside), or None when its batch axis is free."""
+        fixed = {s.shape[0] for s in self.specs if not s.batch_dynamic and not s.whole}
         if len(fixed) > 1:
             raise UnsupportedModelError(
                 f"{self.label} fixes different batch sizes on its inputs ({sorted(fixed)}); "
@@ -89,7 +103,9 @@ def load_runnable(
 ) -> RunnableModel:
     """Load ``source`` safely; a symbolic batch axis is pinned to 1 to load, kept free to run.
 
-    ``input_shapes`` pins other symbolic dims (as ``--input-shape`` does).
+    ``input_shapes`` pins other symbolic dims (as ``--input-shape`` does). Inputs whose static
+    dim 0 is not a batch (:func:`graph_passes.batch.whole_inputs`, as ``compress`` finds them)
+    come back as whole inputs.
     """
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else _IN_MEMORY
     declared = _declared_inputs(source)
@@ -99,6 +115,11 @@ def load_runnable(
     model = load_model(source, pins or None)
     check_runnable(model)
     specs = [dataclasses.replace(s, batch_dynamic=s.name in dynamic) for s in input_specs(model)]
+    whole = [name for name in whole_inputs(model) if name not in dynamic]
+    if whole:
+        specs = with_whole(specs, whole)
+        logger.info("%s: input(s) %s hold no batch in dim 0; it runs one sample at a time",
+                    name if name != _IN_MEMORY else "the in-memory model", ", ".join(whole))
     outputs = [out.name for out in model.graph.output]
     shapes = [tensor_shape(model, name) for name in outputs]
     _free_batch_axis(model, dynamic)
@@ -307,10 +328,26 @@ def evaluate(
         _require_same_inputs(main, ref)
     if dataset.labels is not None:
         _require_classifier_shape(main)
-    result = _Run(main, ref, dataset, optimize, runtime).execute(batch_size, _show_progress(progress))
+    layouts = (_per_sample(main, dataset), _per_sample(ref, dataset) if ref is not None else False)
+    result = _Run(main, ref, dataset, optimize, runtime, layouts).execute(batch_size, _show_progress(progress))
     result.seconds = time.perf_counter() - start
     logger.info("evaluated %s on %d samples in %.2f s", main.label, len(dataset), result.seconds)
     return result
+
+
+def _per_sample(model: RunnableModel, dataset: Dataset) -> bool:
+    """Whether ``model`` runs one sample at a time on ``dataset``: it has whole inputs, or its
+    batch axis is free but two of the data's samples along dim 0 do not give the two single
+    results (:func:`graph_passes.batch.batch_layout`, the check ``compress`` makes). A model that
+    fixes its batch size runs batches of that size (1: one sample per run already)."""
+    if model.whole:
+        return True
+    if model.fixed_batch is not None:
+        return False
+    layout = batch_layout(model.session_model, dataset.arrays, whole=())
+    if layout.per_sample:
+        logger.info("%s runs one sample at a time (%s)", model.label, layout.reason)
+    return layout.per_sample
 
 
 def _as_runnable(source: Any, input_shapes: Mapping[str, Sequence[int]] | None) -> RunnableModel:
@@ -382,8 +419,10 @@ class _Run:
     """One pass over the dataset with the model and, optionally, the reference."""
 
     def __init__(self, main: RunnableModel, ref: RunnableModel | None, dataset: Dataset,
-                 optimize: bool, runtime: str = "onnxruntime") -> None:
+                 optimize: bool, runtime: str = "onnxruntime",
+                 per_sample: tuple[bool, bool] = (False, False)) -> None:
         self.main, self.ref, self.dataset, self.runtime = main, ref, dataset, runtime
+        self.per_sample = per_sample
         self.session = _runtime_session(main, optimize, runtime)
         self.ref_session = make_session(ref.session_model, optimize=optimize) if ref else None
         self.accuracy = _Top1() if dataset.labels is not None else None
@@ -407,13 +446,13 @@ class _Run:
 
     def _step(self, indices: np.ndarray) -> None:
         feeds = {name: array[indices] for name, array in self.dataset.arrays.items()}
-        outputs = _run(self.session, self.main, feeds, len(indices))
+        outputs = _run(self.session, self.main, feeds, len(indices), self.per_sample[0])
         if self.accuracy is not None:
             self._check_classifier(outputs[0], len(indices))
             self.accuracy.update(outputs[0], self.dataset.labels[indices])  # type: ignore[index]
         if self.ref is None or self.ref_session is None:
             return
-        ref_outputs = _run(self.ref_session, self.ref, feeds, len(indices))
+        ref_outputs = _run(self.ref_session, self.ref, feeds, len(indices), self.per_sample[1])
         for diff, got, want in zip(self.diffs, outputs, ref_outputs):
             diff.update(got, want, (self.main.label, self.ref.label))
         if self.agreement is not None and _is_classifier(outputs[0], len(indices)):
@@ -458,8 +497,11 @@ def _is_classifier(logits: np.ndarray, n: int) -> bool:
 
 
 def _run(session: ort.InferenceSession, model: RunnableModel, feeds: dict[str, np.ndarray],
-         n: int) -> list[np.ndarray]:
-    """Outputs for ``n`` samples; a fixed-batch model runs padded chunks of its batch size."""
+         n: int, per_sample: bool = False) -> list[np.ndarray]:
+    """Outputs for ``n`` samples; a fixed-batch model runs padded chunks of its batch size, a
+    ``per_sample`` one each sample alone (:func:`graph_passes.batch.run_samples`)."""
+    if per_sample:
+        return _session_run(session, model, feeds, per_sample=True)
     fixed = model.fixed_batch
     if fixed is None or fixed == n:
         return _session_run(session, model, feeds)
@@ -490,8 +532,10 @@ def _trim(output: np.ndarray, rows: int, fixed: int, model: RunnableModel) -> np
 
 
 def _session_run(session: ort.InferenceSession, model: RunnableModel,
-                 feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+                 feeds: dict[str, np.ndarray], per_sample: bool = False) -> list[np.ndarray]:
     try:
+        if per_sample:
+            return run_samples(session, feeds, model.whole)
         return session.run(None, feeds)
     except PrunequantError:
         raise  # OpenVINO's session words its own failures
