@@ -27,7 +27,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Collection, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -204,11 +204,14 @@ class RuntimeComparison:
 
 
 def compare_with_onnxruntime(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
-                             batch: int | None = None, samples: int = COMPARE_SAMPLES) -> RuntimeComparison:
+                             batch: int | None = None, samples: int = COMPARE_SAMPLES,
+                             whole: Collection[str] = ()) -> RuntimeComparison:
     """Run ``model`` in onnxruntime (no graph optimisations, as the gate's first run) and in
     OpenVINO on the first ``samples`` inputs of ``feeds``; per output the largest absolute and
     relative (to the output's largest |value| under onnxruntime) difference, and top-1 agreement
     where output 0 is a classifier's. ``batch``: the model's fixed batch size (None: free).
+    ``whole``: inputs whose dim 0 is not a batch (``feeds`` stacks N whole inputs): both runtimes
+    then run one sample at a time (:func:`graph_passes.batch.run_samples`).
 
     Never raises for what OpenVINO cannot do: the status says it (``"unsupported"`` with the
     reason, ``"not installed"``, ``"failed"``)."""
@@ -227,9 +230,15 @@ def compare_with_onnxruntime(model: onnx.ModelProto, feeds: Mapping[str, np.ndar
     try:
         from graph_passes.ort_utils import make_session, run_batched
 
-        step = batch if batch is not None else RUN_BATCH
-        ort_out = run_batched(make_session(model, optimize=False), part, step)
-        ov_out = _run_chunks(session, part, step, n)
+        if whole:
+            from graph_passes.batch import run_samples
+
+            ort_out = run_samples(make_session(model, optimize=False), part, whole)
+            ov_out = run_samples(session, part, whole)
+        else:
+            step = batch if batch is not None else RUN_BATCH
+            ort_out = run_batched(make_session(model, optimize=False), part, step)
+            ov_out = _run_chunks(session, part, step, n)
     except Exception as exc:  # noqa: BLE001
         return RuntimeComparison("failed", version, reason=f"{type(exc).__name__}: {_openvino_message(exc)}")
     outputs = []
@@ -260,12 +269,13 @@ def _run_chunks(session: OpenVinoSession, feeds: Mapping[str, np.ndarray], step:
 
 
 def runtimes_report(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
-                    batch: int | None = None) -> dict[str, Any]:
-    """``report["runtimes"]``: onnxruntime (the gate's runtime) and OpenVINO's comparison with it."""
+                    batch: int | None = None, whole: Collection[str] = ()) -> dict[str, Any]:
+    """``report["runtimes"]``: onnxruntime (the gate's runtime) and OpenVINO's comparison with it
+    (``whole``: see :func:`compare_with_onnxruntime`)."""
     import onnxruntime as ort
 
     return {"onnxruntime": {"version": ort.__version__, "role": "the gate"},
-            "openvino": compare_with_onnxruntime(model, feeds, batch=batch).to_json()}
+            "openvino": compare_with_onnxruntime(model, feeds, batch=batch, whole=whole).to_json()}
 
 
 __all__ = ["COMPARE_SAMPLES", "INSTALL_HINT", "OpenVinoSession", "RuntimeComparison", "compare_with_onnxruntime",

@@ -3,7 +3,8 @@
 * a GRU with a state input h [2, 1, 12] and an hn output [2, 1, 12], compressed through the API:
   evaluated against its reference on N whole inputs ([N, 2, 1, 12]) via the CLI and the API;
 * a wrong-shaped whole input: one-line DataError (exit 10);
-* a model whose free dim 0 is time (CumSum over it) runs one sample at a time, as compress runs it.
+* a model whose free dim 0 is time (CumSum over it) runs one sample at a time, as compress runs it;
+* OpenVINO: the report's runtime comparison and ``evaluate --runtime openvino`` run per sample.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from plugin.api import CompressConfig, compress
 from plugin.cli import main
 from plugin.data import load_dataset
 from plugin.evaluate import evaluate, load_runnable
+from plugin.runtimes import openvino_available, runtimes_report
 from tests.test_batch_layouts import QUICK, _export, _gru_data, _GruNet
 
 import torch
@@ -31,7 +33,7 @@ import torch
 @pytest.fixture(scope="module")
 def gru_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The GRU (x [4,1,8], h [2,1,12] -> logits [1,3], hn [2,1,12]), its whole-input data with
-    labels, and the model compressed from it with a short run."""
+    labels, and the model compressed from it with a short run (no 2-bit widths: OpenVINO reads it)."""
     root = tmp_path_factory.mktemp("gru")
     model = _export(_GruNet(), (torch.zeros(4, 1, 8), torch.zeros(2, 1, 12)), ["x", "h"], ["logits", "hn"])
     onnx.save(model, str(root / "gru.onnx"))
@@ -39,7 +41,8 @@ def gru_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     labels = np.arange(24, dtype=np.int64) % 3
     np.savez(root / "gru.npz", **data, labels=labels)
     compress(str(root / "gru.onnx"), data, output=str(root / "small.onnx"),
-             config=CompressConfig(target="size=60%", **QUICK))
+             config=CompressConfig(target="size=60%", weight_precisions=(0, 4, 8), activation_precisions=(8,),
+                                   **QUICK))
     return {"original": root / "gru.onnx", "small": root / "small.onnx", "data": root / "gru.npz"}
 
 
@@ -104,6 +107,21 @@ def test_free_dim0_that_is_not_a_batch_runs_per_sample() -> None:
     x = np.random.default_rng(6).standard_normal((10, 8)).astype(np.float32)
     result = evaluate(runnable, load_dataset(x, runnable.specs), reference=single, batch_size=4)
     assert result.samples == 10 and result.max_rel_error == 0.0 and result.agreement == 1.0
+
+
+@pytest.mark.skipif(not openvino_available(), reason="the openvino extra is not installed")
+def test_openvino_runs_whole_inputs_per_sample(gru_files: dict[str, Path]) -> None:
+    model = onnx.load(str(gru_files["small"]))
+    data = _gru_data(24)
+    report = runtimes_report(model, data, batch=1, whole={"x", "h"})["openvino"]
+    assert report["status"] == "ok" and report["samples"] == 24, report
+    assert report["top1_agreement_with_onnxruntime"] >= 0.9 and report["max_abs_diff"] < 0.05
+    assert [o["name"] for o in report["outputs"]] == ["logits", "hn"]
+    result = CliRunner().invoke(main, ["evaluate", str(gru_files["small"]), "--data", str(gru_files["data"]),
+                                       "--reference", str(gru_files["small"]), "--runtime", "openvino", "--json"])
+    assert result.exit_code == 0, result.output
+    data_out = json.loads(result.stdout)
+    assert data_out["runtime"] == "openvino" and data_out["agreement"] >= 0.9
 
 
 logging.getLogger("graph_passes").setLevel(logging.WARNING)
