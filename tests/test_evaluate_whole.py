@@ -42,7 +42,7 @@ def gru_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     np.savez(root / "gru.npz", **data, labels=labels)
     compress(str(root / "gru.onnx"), data, output=str(root / "small.onnx"),
              config=CompressConfig(target="size=60%", weight_precisions=(0, 4, 8), activation_precisions=(8,),
-                                   **QUICK))
+                                   **{**QUICK, "compare_runtimes": openvino_available()}))
     return {"original": root / "gru.onnx", "small": root / "small.onnx", "data": root / "gru.npz"}
 
 
@@ -117,6 +117,8 @@ def test_openvino_runs_whole_inputs_per_sample(gru_files: dict[str, Path]) -> No
     assert report["status"] == "ok" and report["samples"] == 24, report
     assert report["top1_agreement_with_onnxruntime"] >= 0.9 and report["max_abs_diff"] < 0.05
     assert [o["name"] for o in report["outputs"]] == ["logits", "hn"]
+    written = json.loads(gru_files["small"].with_suffix(".report.json").read_text())["runtimes"]["openvino"]
+    assert written["status"] == "ok" and written["samples"] > 0, written  # compress's own report
     result = CliRunner().invoke(main, ["evaluate", str(gru_files["small"]), "--data", str(gru_files["data"]),
                                        "--reference", str(gru_files["small"]), "--runtime", "openvino", "--json"])
     assert result.exit_code == 0, result.output
