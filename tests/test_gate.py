@@ -299,6 +299,19 @@ def test_all_zero_reference():
     assert "reference is all zero" in text
 
 
+def test_reference_within_zero_atol_of_zero_takes_the_absolute_bound():
+    """A reference with no signal above zero_atol (PP-OCRv4 det's probability map on random inputs
+    peaks at ~1e-19): its SQNR is rounding noise; the output passes when it is as small."""
+    nodes = [helper.make_node("Mul", ["x", "k"], ["y"])]
+    f = feeds()
+    ref = [outputs_of(_model(nodes, {"k": np.full((1,), 1e-20, np.float32)}, [_out("y", ["N", 4])]), f)[0]]
+    tiny = _model(nodes, {"k": np.full((1,), 3e-20, np.float32)}, [_out("y", ["N", 4])])
+    assert gate(tiny, f, ref).plain[0].sqnr_db < 0  # relative figures say nothing here
+    big = _model(nodes, {"k": np.full((1,), 1e-3, np.float32)}, [_out("y", ["N", 4])])
+    text = _assert_one_line(refusal_of(big, f, ref))
+    assert "reference is zero within" in text
+
+
 def test_integer_output_element_agreement():
     nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"]),
              helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0)]
