@@ -156,29 +156,43 @@ def _entry(key: str):
     return pc.BY_KEY[key]
 
 
+def _killed(row: dict) -> bool:
+    """The child process was killed by SIGKILL (on Linux: the out-of-memory killer), not a traceback."""
+    return str(row.get("bug", "")).startswith("child exited -9")
+
+
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| model | package | producer | opset | load + analyse | weight layers | prunable share | bridge (parity) | compress (size vs input) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | package | producer | opset | load + analyse | weight layers | prunable share | bridge (parity) | compress (size vs input) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        commit = str(r.get("commit", ""))[:7]
         if "timeout" in r or "timed out" in r.get("bug", ""):
             entry = _entry(r["key"])
             lines.append(f"| {r['key']} | {entry.requirement} | {entry.producer} | | {r.get('timeout') or r['bug']} "
-                         "(this machine: 2 shared cores) | | | | |")
+                         f"(this machine: 2 shared cores) | | | | | {commit} |")
+            continue
+        if _killed(r):
+            entry = _entry(r["key"])
+            lines.append(f"| {r['key']} | {entry.requirement} | {entry.producer} | | killed by the system after "
+                         f"{r.get('seconds', '?')} s (SIGKILL: the kernel's out-of-memory killer on this 23 GB "
+                         f"machine) | | | | | {commit} |")
             continue
         if "bug" in r:
-            lines.append(f"| {r['key']} | | | | BUG: {r['bug'][:150]} | | | | |")
+            lines.append(f"| {r['key']} | | | | BUG: {r['bug'][:150]} | | | | | {commit} |")
             continue
         share = f"{100 * r['prunable_share']:.0f}%" if "prunable_share" in r else "-"
         lines.append(f"| {r['key']} | {r['package']} | {r['producer']} | {r['opset']} | {_status(r, 'analyse')} | "
-                     f"{r.get('weight_layers', '-')} | {share} | {_status(r, 'bridge')} | {_status(r, 'compress')} |")
+                     f"{r.get('weight_layers', '-')} | {share} | {_status(r, 'bridge')} | {_status(r, 'compress')} "
+                     f"| {commit} |")
     n = len(rows)
     count = lambda stage, ok=("ok",): sum(1 for r in rows if r.get(stage) in ok)  # noqa: E731
-    bugs = sum(1 for r in rows if "bug" in r and "timed out" not in r["bug"])
+    bugs = sum(1 for r in rows if "bug" in r and "timed out" not in r["bug"] and not _killed(r))
+    killed = sum(1 for r in rows if _killed(r))
     slow = sum(1 for r in rows if "timeout" in r or "timed out" in r.get("bug", ""))
     lines.append("")
     lines.append(f"{n} models: analysed {count('analyse')}, refused with one line {count('analyse', ('error',))}, "
-                 f"internal errors {bugs}, not finished in time {slow}; bridged with parity {count('bridge')}; "
-                 f"compressed smaller than the input {count('compress')}.")
+                 f"internal errors {bugs}, killed (out of memory) {killed}, not finished in time {slow}; "
+                 f"bridged with parity {count('bridge')}; compressed smaller than the input {count('compress')}.")
     return "\n".join(lines)
 
 
@@ -225,7 +239,10 @@ def main() -> None:
         fresh = {r["key"]: r for r in rows}
         previous = json.loads(args.out.with_suffix(".json").read_text())["rows"]
         rows = [fresh.pop(r["key"], r) for r in previous] + list(fresh.values())
-    result = {"command": "benchmarks/pypi_corpus.py" + (f" --only {' '.join(args.only)}" if args.only else ""),
+    command = "benchmarks/pypi_corpus.py" + (f" --only {' '.join(args.only)}" if args.only else "")
+    if args.merge:
+        command += " --merge (merged into rows of earlier runs: each row records the commit it ran at)"
+    result = {"command": command,
               "commit": commit(), "versions": versions(), "samples": SAMPLES, "target": TARGET,
               "compress_settings": "epochs=1 finetune_epochs=1 batch_size=8 max_steps_per_epoch=2, random inputs",
               "rows": rows}
