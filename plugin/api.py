@@ -88,6 +88,8 @@ class CompressConfig:
     #: inexact groups (a transformer's residual hidden width through LayerNorm / RMSNorm) are
     #: prunable: not exact, recovered by QAT; the engine computes the norms over the kept channels
     inexact_hidden_width: bool = False
+    #: lower the batch size to what the memory available can hold (plugin.memory); off: keep it
+    memory_guard: bool = True
 
     def precisions(self) -> Precisions:
         """The validated precisions (ConfigError naming the flag)."""
@@ -522,6 +524,12 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
             raise DataError(f"{dataset.source}: need at least 2 samples (some are held out for validation)")
         train, held = dataset.split(config.held_out, seed=config.seed)
     device = resolve_device(config.device)
+    from .memory import fit_batch_size
+
+    memory = fit_batch_size(prepared.model, 1 if dataset.per_sample else config.batch_size, device=device,
+                            enabled=config.memory_guard)
+    if memory.lowered:  # search, QAT and calibration all run at the batch that fits
+        config.batch_size = memory.batch_size
     from .space import SearchSpace
 
     space = SearchSpace(prepared.analysis, precisions, model_sha256=model_digest(prepared.original))
@@ -560,6 +568,7 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
                                                               config.min_top1_agreement)
     report = _report(prepared, space, plan, exported, gate_report, quality, timer, config, found.history,
                      asdict(dry))
+    report["memory"] = memory.to_json()
     if config.compare_runtimes:
         report["runtimes"] = _runtimes(exported.model, held, quality, timer)
     if output is not None:
