@@ -23,7 +23,6 @@ model is also run by onnxruntime at every graph optimisation level on the test i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -203,12 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         record = {"label": args.label, "command": provenance.command_line(), "commit": provenance.commit(),
                   "versions": provenance.versions(), "target": args.target, "rows": rows}
-        suffix = f"-{args.label}" if args.label else ""
-        (args.out / f"results{suffix}.json").write_text(json.dumps(record, indent=2, default=str))
-        (args.out / f"results{suffix}.md").write_text(text + f"\n\ncommit {record['commit']}\n")
+        provenance.write_results(args.out, args.label, record, text)
     return 0
 
 

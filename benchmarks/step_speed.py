@@ -211,13 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         record = {"label": args.label, "command": provenance.command_line(), "commit": provenance.commit(),
                   "versions": provenance.versions(), "load_average_before": load_before,
                   "load_average_after": load_after, "threads": args.threads, "rows": rows}
-        suffix = f"-{args.label}" if args.label else ""
-        (args.out / f"results{suffix}.json").write_text(json.dumps(record, indent=2))
-        (args.out / f"results{suffix}.md").write_text(text + f"\n\ncommit {record['commit']}\n")
+        provenance.write_results(args.out, args.label, record, text)
     return 0
 
 

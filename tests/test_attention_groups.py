@@ -139,10 +139,10 @@ def head_groups(analysis: ChannelAnalysis, n_heads: int):
             and all(len(m.positions) > g.size for m in g.members_of("producer"))]
 
 
-def check_heads_oracle(model, analysis, removal, rtol: float = 1e-4) -> onnx.ModelProto:
+def check_heads_oracle(model, analysis, removal, rtol: float = 1e-4, feeds: dict | None = None) -> onnx.ModelProto:
     pruned = prune_channels(model, analysis, removal)
     zeroed = zero_channels(model, analysis, removal)
-    feeds = _feeds(model)
+    feeds = _feeds(model) if feeds is None else feeds
     ref = make_session(zeroed).run(None, feeds)
     got = make_session(pruned).run(None, feeds)
     assert compare_outputs(got, ref).max_rel_error <= rtol

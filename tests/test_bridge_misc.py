@@ -14,18 +14,14 @@ from onnx import TensorProto, helper, numpy_helper
 from graph_passes.errors import DataError
 from graph_passes.ort_utils import make_session, run
 from plugin.bridge import check_parity, convert
+from tests.test_bridge_ops import _model as _parsed_model
 
 RTOL = 1e-6
 RNG = np.random.default_rng(0)
 
 
 def _model(opset: int, signature: str, body: str, inits: str = "") -> onnx.ModelProto:
-    text = f'<ir_version: 8, opset_import: ["" : {opset}]>\nagraph {signature} {inits} {{ {body} }}'
-    model = onnx.parser.parse_model(text)
-    for output in model.graph.output:  # "float y" parses as rank 0: leave the shape to inference
-        output.type.tensor_type.ClearField("shape")
-    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    return model
+    return _parsed_model(opset, signature, body, inits, ir_version=8)
 
 
 def _parity(model: onnx.ModelProto, feeds: dict | None = None) -> float:

@@ -16,8 +16,8 @@ RTOL = 1e-5
 RNG = np.random.default_rng(0)
 
 
-def _model(opset: int, signature: str, body: str, inits: str = "") -> onnx.ModelProto:
-    text = f'<ir_version: 10, opset_import: ["" : {opset}]>\nagraph {signature} {inits} {{ {body} }}'
+def _model(opset: int, signature: str, body: str, inits: str = "", ir_version: int = 10) -> onnx.ModelProto:
+    text = f'<ir_version: {ir_version}, opset_import: ["" : {opset}]>\nagraph {signature} {inits} {{ {body} }}'
     model = onnx.parser.parse_model(text)
     for output in model.graph.output:  # "float y" parses as rank 0: leave the shape to inference
         output.type.tensor_type.ClearField("shape")

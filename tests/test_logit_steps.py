@@ -11,37 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx.parser
 import pytest
 import torch
-from onnx import numpy_helper
 
-from graph_passes.channel_groups import analyse
-from graph_passes.normalise import normalise
-from plugin.bridge import convert
 from plugin.engine.config import SearchConfig, SearchConfigError
 from plugin.engine.supernet import SearchRunner, Supernet, run_search
-from plugin.space import Precisions, SearchSpace
+from tests.test_searchable import _data as _searchable_data, _searchable, _tiny_model
 
-MODEL = """
-<ir_version: 8, opset_import: ["" : 17]>
-steps (float[1,3,6,6] x) => (float[1,5] y) {
-    c1 = Conv <pads=[1, 1, 1, 1]> (x, w1, b1)
-    r1 = Relu (c1)
-    c2 = Conv <pads=[1, 1, 1, 1]> (r1, w2, b2)
-    s = Add (c1, c2)
-    rs = Relu (s)
-    dw = Conv <pads=[1, 1, 1, 1], group=8> (rs, wd, bd)
-    rd = Relu (dw)
-    c3 = Conv (rd, w3, b3)
-    r3 = Relu (c3)
-    p = GlobalAveragePool (r3)
-    f = Flatten (p)
-    y = Gemm <transB=1> (f, wg, bg)
-}
-"""
-SHAPES = {"w1": (8, 3, 3, 3), "b1": (8,), "w2": (8, 8, 3, 3), "b2": (8,), "wd": (8, 1, 3, 3), "bd": (8,),
-          "w3": (6, 8, 1, 1), "b3": (6,), "wg": (5, 6), "bg": (5,)}
+# the model of tests/test_searchable.py: c1, c2 (tied by the Add) and the depthwise dw form one
+# group of 8; c3 one of 6; the Gemm reaches the graph output (unprunable).
 # weights per channel of the c1 + c2 + dw group and of c3, their inputs from the group counted
 # at the initial keep probability 1 - theta_0 (softmax of (0, 2, 4, 8) / 8)
 KEEP = 1 - 1 / sum(np.exp(b / 8) for b in (0, 2, 4, 8))
@@ -51,23 +29,15 @@ NARROW = 8 * KEEP
 
 @pytest.fixture(scope="module")
 def model() -> onnx.ModelProto:
-    proto = onnx.parser.parse_model(MODEL)
-    rng = np.random.default_rng(0)
-    for name, shape in SHAPES.items():
-        proto.graph.initializer.append(numpy_helper.from_array((rng.standard_normal(shape) * 0.5).astype(np.float32),
-                                                               name))
-    return normalise(proto, verify=False).model
+    return _tiny_model(0)
 
 
 def _net(model: onnx.ModelProto, **config: object) -> Supernet:
-    cfg = SearchConfig(init_clip=4.0, progress=False, seed=0, **config)  # type: ignore[arg-type]
-    space = SearchSpace(analyse(model), Precisions(cfg.weight_precisions, cfg.site_precisions))
-    return Supernet(model, space, convert(model), cfg)
+    return _searchable(model, seed=0, **config)
 
 
 def _data() -> list[tuple[torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(4, 3, 6, 6, generator=g),) for _ in range(4)]
+    return _searchable_data(16, seed=1)
 
 
 def _alpha_of(net: Supernet, weight: str):
