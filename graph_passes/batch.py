@@ -251,7 +251,8 @@ def batch_independent(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.
     output's dim 0 the batch)? ``samples``: two feeds of batch 1 each."""
     a, b = samples[0], samples[1]
     try:
-        singles = [make_session(model).run(None, dict(f)) for f in (a, b)]
+        session = make_session(model)
+        singles = [session.run(None, dict(f)) for f in (a, b)]
     except Exception as exc:  # noqa: BLE001 - reported by the data check, with the data's name
         return False, f"the model does not run a sample ({type(exc).__name__})"
     if any(not np.asarray(o).ndim or np.asarray(o).shape[0] != 1 for o in singles[0]):
