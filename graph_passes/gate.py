@@ -78,7 +78,7 @@ import logging
 import math
 import time
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -127,7 +127,9 @@ class OutputFidelity:
 class GateReport:
     """The figures behind a passed gate: per output, the optimisations-off and the ORT_ENABLE_ALL
     run against the reference. ``dataclasses.asdict`` gives a dict; :meth:`to_json` one that
-    strict JSON accepts (infinities as the strings "inf" / "-inf")."""
+    strict JSON accepts (infinities as the strings "inf" / "-inf"). ``outputs`` holds the
+    model's outputs of both runs (``"plain"``, ``"optimized"``), for a caller that needs them on
+    the same inputs (not part of the JSON)."""
 
     samples: int
     batch: int | None           # chunk size the model was run in (None: all samples at once)
@@ -135,9 +137,12 @@ class GateReport:
     plain: list[OutputFidelity]
     optimized: list[OutputFidelity]
     thresholds: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self) -> dict:
-        return jsonable(asdict(self))
+        data = asdict(replace(self, outputs={}))
+        data.pop("outputs")
+        return jsonable(data)
 
 
 def gate(
@@ -207,7 +212,8 @@ def gate(
         plain=figures[PLAIN], optimized=figures[OPTIMIZED],
         thresholds={"min_sqnr_db": min_sqnr_db, "min_sqnr_db_optimized": min_sqnr_db_optimized,
                     "min_top1": min_top1, "min_top1_optimized": min_top1_optimized,
-                    "zero_atol": zero_atol})
+                    "zero_atol": zero_atol},
+        outputs={"plain": results[PLAIN], "optimized": results[OPTIMIZED]})
     logger.info("gate passed: %d outputs, %d samples, %.2f s; SQNR (off / all) %s", len(ref), n,
                 report.seconds, ", ".join(f"{f.name} {_db(f.sqnr_db)} / {_db(g.sqnr_db)}"
                                           for f, g in zip(report.plain, report.optimized)))

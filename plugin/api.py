@@ -686,8 +686,11 @@ def _export_and_gate(prepared: Any, engine: Any, plan: CompressionPlan, held: Da
     gate_report = gate(exported.model, {k: v[:n_gate] for k, v in feeds.items()}, [o[:n_gate] for o in fake_quant],
                        min_top1=min_top1, batch=None if restored else 1,
                        per_sample=held.per_sample, whole=held.whole)
-    compressed = _ort_outputs(exported.model, feeds, None if restored else 1, held=held)
-    optimized = _ort_outputs(exported.model, feeds, None if restored else 1, optimize=True, held=held)
+    if n_gate == len(held):  # the gate ran the exported model on every held-out sample already
+        compressed, optimized = gate_report.outputs["plain"], gate_report.outputs["optimized"]
+    else:
+        compressed = _ort_outputs(exported.model, feeds, None if restored else 1, held=held)
+        optimized = _ort_outputs(exported.model, feeds, None if restored else 1, optimize=True, held=held)
     original = _ort_outputs(prepared.original, feeds, 1, held=held)
     outputs = fidelity(compressed, original, names)
     classifier = fake_quant[0].ndim == 2 and fake_quant[0].shape[1] > 1
