@@ -92,15 +92,16 @@ def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def export_and_verify(model: nn.Module, model_path: Path, x_te: np.ndarray, y_te: np.ndarray,
-                      opset: int, max_rel_err: float) -> dict:
-    """Export, check (full checker, BatchNorm kept, onnxruntime == torch) and measure accuracy."""
+                      opset: int, max_rel_err: float, keep_batchnorm: bool = True) -> dict:
+    """Export, check (full checker, BatchNorm kept unless ``keep_batchnorm`` is False,
+    onnxruntime == torch within ``max_rel_err``) and measure accuracy."""
     with torch.no_grad():
         torch_te = model(torch.from_numpy(x_te)).numpy()
-    export(model, model_path, tuple(x_te.shape[1:]), opset)
+    export(model, model_path, tuple(x_te.shape[1:]), opset, keep_batchnorm=keep_batchnorm)
     onnx_model = onnx.load(str(model_path))
     onnx.checker.check_model(onnx_model, full_check=True)
     op_types = sorted({n.op_type for n in onnx_model.graph.node})
-    if "BatchNormalization" not in op_types:
+    if keep_batchnorm and "BatchNormalization" not in op_types:
         raise RuntimeError("expected BatchNormalization nodes in the exported graph")
     ort_te = ort_logits(model_path, x_te)
     rel_err = float(np.abs(ort_te - torch_te).max() / max(np.abs(torch_te).max(), 1e-12))

@@ -48,7 +48,7 @@ MAX_REL_ERR = 1e-4
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from sample_tools import export, seed_everything, train  # noqa: E402
+from sample_tools import export_and_verify, seed_everything, train  # noqa: E402
 
 
 class SequenceNet(nn.Module):
@@ -93,16 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     train(model, x_tr, y_tr, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, weight_decay=0.0, seed=SEED)
     train_s = time.perf_counter() - t0
     path = out / "model.onnx"
-    export(model, path, (SEQ_LEN, FEATURES), OPSET, keep_batchnorm=False)
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    with torch.no_grad():
-        torch_te = model(torch.from_numpy(x_te)).numpy()
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ort_te = sess.run(["logits"], {"input": x_te})[0]
-    rel_err = float(np.abs(ort_te - torch_te).max() / max(np.abs(torch_te).max(), 1e-12))
-    if rel_err > MAX_REL_ERR:
-        raise RuntimeError(f"onnxruntime/torch mismatch: max rel error {rel_err:.3e}")
-    acc = float((ort_te.argmax(1) == y_te).mean())
+    checked = export_and_verify(model, path, x_te, y_te, OPSET, MAX_REL_ERR, keep_batchnorm=False)
+    rel_err, acc = checked["rel_err"], checked["ort_acc"]
     np.savez_compressed(out / "train.npz", input=x_tr, labels=y_tr)
     np.savez_compressed(out / "test.npz", input=x_te, labels=y_te)
     meta = {
@@ -116,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_params": int(sum(p.numel() for p in model.parameters())),
         "model_size_bytes": path.stat().st_size,
         "model_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "onnx_ops": sorted({n.op_type for n in onnx.load(str(path)).graph.node}),
+        "onnx_ops": checked["op_types"],
         "opset": OPSET, "seed": SEED,
         "training": {"optimizer": "Adam", "lr": LR, "schedule": "OneCycleLR", "epochs": EPOCHS,
                      "batch_size": BATCH_SIZE, "seconds": round(train_s, 1)},

@@ -58,7 +58,7 @@ MAX_REL_ERR = 1e-4
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from sample_tools import export, seed_everything, train  # noqa: E402
+from sample_tools import export_and_verify, seed_everything, train  # noqa: E402
 
 
 class Block(nn.Module):
@@ -142,19 +142,8 @@ def main(argv: list[str] | None = None) -> int:
           seed=SEED, augment=shift_rows)
     train_s = time.perf_counter() - t0
     path = out / "model.onnx"
-    export(model, path, (TOKENS, FEATURES), OPSET, keep_batchnorm=False)
-    onnx_model = onnx.load(str(path))
-    onnx.checker.check_model(onnx_model, full_check=True)
-    with torch.no_grad():
-        torch_te = model(torch.from_numpy(x_te)).numpy()
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    ort_te = sess.run(["logits"], {"input": x_te})[0]
-    rel_err = float(np.abs(ort_te - torch_te).max() / max(np.abs(torch_te).max(), 1e-12))
-    if rel_err > MAX_REL_ERR:
-        raise RuntimeError(f"onnxruntime/torch mismatch: max rel error {rel_err:.3e}")
-    acc = float((ort_te.argmax(1) == y_te).mean())
+    checked = export_and_verify(model, path, x_te, y_te, OPSET, MAX_REL_ERR, keep_batchnorm=False)
+    rel_err, acc = checked["rel_err"], checked["ort_acc"]
     np.savez_compressed(out / "train.npz", input=x_tr, labels=y_tr)
     np.savez_compressed(out / "test.npz", input=x_te, labels=y_te)
     meta = {
@@ -170,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_params": int(sum(p.numel() for p in model.parameters())),
         "model_size_bytes": path.stat().st_size,
         "model_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "onnx_ops": sorted({n.op_type for n in onnx_model.graph.node}),
+        "onnx_ops": checked["op_types"],
         "opset": OPSET, "seed": SEED,
         "training": {"optimizer": "Adam", "lr": LR, "weight_decay": WEIGHT_DECAY, "schedule": "OneCycleLR",
                      "epochs": EPOCHS, "batch_size": BATCH_SIZE, "augment": "+-1 pixel shift",
