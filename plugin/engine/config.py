@@ -14,7 +14,8 @@ from graph_passes.errors import ConfigError
 from plugin.space import DEFAULT_ACTIVATION_PRECISIONS, DEFAULT_WEIGHT_PRECISIONS
 
 TASK_LOSSES = ("distill_kl", "distill_mse", "cross_entropy")
-DISCRETISATIONS = ("keep_first", "argmax")
+DISCRETISATIONS = ("keep_first", "argmax", "expected")
+PRUNE_INIT_SCORES = ("weight", "taylor")
 LOGIT_STEPS = ("sgd", "sgd_per_cost", "adam")
 
 
@@ -46,6 +47,21 @@ class SearchConfig:
     meaning): a column standing for many weights, e.g. an attention head or a group
     spanning several layers, then moves no faster than a one-layer channel of equal benefit per
     unit cost), or ``adam`` (Adam at ``alpha_lr``: per-parameter normalised steps).
+
+    Pruning where it pays (issue 15; all off by default until measured):
+    ``discretisation="expected"`` respects the search's expectation: in each group it prunes
+    ``round(sum_c theta_0)`` channels (those with the largest theta_0) and gives the others
+    widths in the expected counts ``round(sum_c theta_b)``, likeliest first (largest remainder;
+    ties within 1e-3 broken by a channel importance: the Taylor score when one was computed,
+    else the weight norm: the least important pruned first, the most important widest), instead
+    of thresholding each channel at ``theta_0 > 1/2`` (a group whose channels all sit at 0.4
+    keeps them all); ``prune_threshold`` does not apply. ``prune_init_score`` chooses the score
+    ``prune_init`` starts from: ``weight`` (the norm formula above) or ``taylor`` (first-order
+    Taylor ``|sum_w w dL/dw|`` per channel over ``importance_batches`` batches, L the cross-entropy
+    against the FP32 model's own argmax, so no labels are needed; the 0-bit logit starts at
+    ``prune_init * (1 - 2 p)``, p the channel's importance percentile in its group).
+    ``zero_logit_lr`` multiplies the 0-bit logits' gradient (a separate learning rate for
+    pruning; with ``logit_steps="adam"`` a constant factor has no effect).
     """
 
     weight_precisions: tuple[int, ...] = DEFAULT_WEIGHT_PRECISIONS
@@ -68,6 +84,9 @@ class SearchConfig:
     discretisation: str = "keep_first"
     logit_steps: str = "sgd"
     prune_init: float = 0.0
+    prune_init_score: str = "weight"
+    importance_batches: int = 4
+    zero_logit_lr: float = 1.0
     init_clip: float | None = None
     device: str = "cpu"
     seed: int = 0
@@ -86,7 +105,12 @@ class SearchConfig:
         if self.logit_steps not in LOGIT_STEPS:
             raise SearchConfigError(f"logit_steps {self.logit_steps!r} is unknown; use one of "
                                     f"{', '.join(LOGIT_STEPS)}")
-        for name in ("epochs", "batch_size"):
+        if self.prune_init_score not in PRUNE_INIT_SCORES:
+            raise SearchConfigError(f"prune_init_score {self.prune_init_score!r} is unknown; use one of "
+                                    f"{', '.join(PRUNE_INIT_SCORES)}")
+        if not (math.isfinite(self.zero_logit_lr) and self.zero_logit_lr > 0):
+            raise SearchConfigError(f"zero_logit_lr must be a finite number > 0, got {self.zero_logit_lr!r}")
+        for name in ("epochs", "batch_size", "importance_batches"):
             if int(getattr(self, name)) < 1:
                 raise SearchConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("lr", "alpha_lr", "temperature"):

@@ -77,7 +77,8 @@ class Supernet(FakeQuantModel):
                                              temperature=self._temperature)
 
     def _after_wrapping(self) -> None:
-        if self.config.prune_init > 0:
+        self._importance: list[Tensor] | None = None  # per alpha, per column (Taylor), once computed
+        if self.config.prune_init > 0 and self.config.prune_init_score == "weight":
             self._init_prune_logits(self.config.prune_init)
         self._rescale_initial()
         self.set_temperature(self._temperature)
@@ -141,6 +142,96 @@ class Supernet(FakeQuantModel):
             rel = torch.where(counts[index] > 0, sums[index] / counts[index].clamp_min(1), torch.ones(1))
             zero = alpha.precisions.index(0)
             alpha.alpha[zero] += (strength * (1 - rel)).clamp(-strength, strength).to(alpha.alpha.dtype)
+
+    @torch.no_grad()
+    def weight_scores(self) -> list[Tensor]:
+        """Per alpha, each column's mean |W| relative to its layer's mean, averaged over the
+        layers of the column (0 where no layer holds it): the network-slimming importance."""
+        sums = [torch.zeros(a.n_columns) for a in self.map.alphas]
+        counts = [torch.zeros(a.n_columns) for a in self.map.alphas]
+        for entry in self._layers.values():
+            module = self.net.get_submodule(entry.owner)
+            weight = module.parametrizations[entry.weight_attr].original.detach().float().cpu()
+            axis = entry.quantizer.ch_axis
+            norms = weight.abs().movedim(axis, 0).reshape(weight.shape[axis], -1).mean(dim=1)
+            mean = norms.mean()
+            if not torch.isfinite(mean) or mean <= 0:
+                continue
+            columns = torch.as_tensor(entry.info.columns)
+            index = entry.info.alpha_index
+            sums[index].index_add_(0, columns, norms / mean)
+            counts[index].index_add_(0, columns, torch.ones(len(columns)))
+        return [s / c.clamp_min(1) for s, c in zip(sums, counts)]
+
+    def taylor_scores(self, data: Any, batch_size: int, seed: int, max_batches: int = 4) -> list[Tensor]:
+        """Per alpha, each column's first-order Taylor importance over ``max_batches`` batches:
+        ``sum_batches |sum_{w in channel} w * dL/dw|`` (weights and bias of every layer of the
+        column), L the cross-entropy of the current model against the FP32 model's own argmax
+        (label-free; at the start the distillation loss has no gradient to speak of). An output
+        that is not ``[N, C>1, ...]`` gives the weight scores instead."""
+        entries = list(self._layers.values())
+        params: list[tuple[int, int, nn.Parameter]] = []  # (entry index, ch_axis, raw tensor)
+        for k, entry in enumerate(entries):
+            module = self.net.get_submodule(entry.owner)
+            params.append((k, entry.quantizer.ch_axis, module.parametrizations[entry.weight_attr].original))
+            if entry.bias_attr is not None:
+                params.append((k, 0, module.parametrizations[entry.bias_attr].original))
+        scores = [torch.zeros(a.n_columns) for a in self.map.alphas]
+        device = next(self.parameters()).device
+        used = 0
+        for inputs, _labels in iterate_batches(data, self.input_names, batch_size, seed, device, max_batches):
+            teacher = self.teacher_outputs(*inputs)
+            student = self(*inputs)
+            s0 = student[0] if isinstance(student, (tuple, list)) else student
+            t0 = teacher[0] if isinstance(teacher, (tuple, list)) else teacher
+            if not (isinstance(s0, Tensor) and s0.is_floating_point() and s0.ndim >= 2 and s0.shape[1] > 1):
+                logger.info("taylor scores: the output is not [N, C, ...]; weight scores instead")
+                return self.weight_scores()
+            loss = nn.functional.cross_entropy(s0, t0.detach().argmax(dim=1))
+            grads = torch.autograd.grad(loss, [p for _, _, p in params], allow_unused=True)
+            per_layer: dict[int, Tensor] = {}
+            for (k, axis, p), g in zip(params, grads):
+                if g is None:
+                    continue
+                prod = (p.detach() * g.detach()).movedim(axis % p.ndim, 0).reshape(p.shape[axis % p.ndim], -1)
+                per_layer[k] = per_layer.get(k, 0) + prod.sum(dim=1).float().cpu()
+            for k, value in per_layer.items():
+                info = entries[k].info
+                scores[info.alpha_index].index_add_(0, torch.as_tensor(info.columns), value.abs())
+            used += 1
+        if used == 0:
+            return self.weight_scores()
+        return scores
+
+    @torch.no_grad()
+    def init_prune_logits_from_scores(self, scores: list[Tensor], strength: float) -> None:
+        """Start each prunable column's 0-bit logit at ``strength * (1 - 2 p)``, ``p`` the column's
+        importance percentile in its group (0 the least important: likeliest pruned). The
+        initial rescale is redone, so the expected effective weights still equal the FP32 ones."""
+        self._rescale_initial(inverse=True)
+        for unit in self.map.units.values():
+            alpha = self.alphas[unit.alpha_index]
+            if 0 not in alpha.precisions or unit.size < 2:
+                continue
+            values = scores[unit.alpha_index][unit.offset:unit.offset + unit.size]
+            ranks = torch.empty(unit.size)
+            ranks[torch.argsort(values, stable=True)] = torch.arange(unit.size, dtype=torch.float32)
+            pct = ranks / (unit.size - 1)
+            zero = alpha.precisions.index(0)
+            cols = slice(unit.offset, unit.offset + unit.size)
+            alpha.alpha[zero, cols] += (strength * (1 - 2 * pct)).to(alpha.alpha.dtype).to(alpha.alpha.device)
+        self._rescale_initial()
+
+    def init_importance(self, data: Any, config: SearchConfig) -> None:
+        """The data-driven start (``prune_init_score="taylor"``): Taylor scores, kept as the
+        discretisation's tie-breaker, and the 0-bit logits started from them (once)."""
+        if self._importance is not None:
+            return
+        self._importance = self.taylor_scores(data, config.batch_size, config.seed, config.importance_batches)
+        if config.prune_init > 0:
+            self.init_prune_logits_from_scores(self._importance, config.prune_init)
+        logger.info("taylor importance over %d batches; 0-bit logits started from it (strength %g)",
+                    config.importance_batches, config.prune_init)
 
     @torch.no_grad()
     def _rescale_initial(self, inverse: bool = False) -> None:
@@ -317,7 +408,9 @@ class Supernet(FakeQuantModel):
             theta = theta.detach().cpu()
             precisions = torch.tensor(alpha.precisions)
             bits = precisions[theta.argmax(dim=0)]
-            if 0 in alpha.precisions and self.config.discretisation == "keep_first":
+            if 0 in alpha.precisions and self.config.discretisation == "expected":
+                bits = self._expected_bits(len(out), theta, precisions)
+            elif 0 in alpha.precisions and self.config.discretisation == "keep_first":
                 zero = alpha.precisions.index(0)
                 widths = theta.clone()
                 widths[zero] = -1.0
@@ -329,6 +422,56 @@ class Supernet(FakeQuantModel):
                 self._keep_one_per_unit(alpha_index=len(out), theta=theta, bits=bits, precisions=precisions)
             out.append(bits)
         return out
+
+    def _expected_bits(self, alpha_index: int, theta: Tensor, precisions: Tensor) -> Tensor:
+        """``discretisation="expected"``: per group, ``round(sum_c theta_0)`` channels pruned (at
+        least one kept), those with the largest theta_0; the kept ones get widths in the expected
+        counts ``sum_c theta_b`` (largest remainder over the kept number), in the order of their
+        expected width ``E[b | kept]``: the narrowest quota to the lowest. Ties (within 1e-3) go by
+        importance: the least important pruned first, the most important widest."""
+        bits = precisions[theta.argmax(dim=0)].clone()
+        zero = int((precisions == 0).nonzero()[0])
+        widths = [j for j in range(len(precisions)) if j != zero]
+        widths.sort(key=lambda j: int(precisions[j]))
+        importance = self._importance if self._importance is not None else self.weight_scores()
+        for unit in self.map.units.values():
+            if unit.alpha_index != alpha_index:
+                continue
+            n = unit.size
+            t = theta[:, unit.offset:unit.offset + n].double()
+            imp = importance[alpha_index][unit.offset:unit.offset + n].double()
+            t0 = t[zero]
+            n_prune = min(int(round(float(t0.sum()))), n - 1, int((t0 > 0).sum()))
+            # ascending importance, then stable descending rounded theta_0: ties by importance
+            order = torch.argsort(imp, stable=True)
+            order = order[torch.argsort(-(t0[order] * 1000).round(), stable=True)]
+            pruned = order[:n_prune]
+            kept = order[n_prune:]
+            bits[unit.offset + pruned] = 0
+            if len(kept) == 0:
+                continue
+            tw = t[widths][:, kept]
+            tw = tw / tw.sum(dim=0, keepdim=True).clamp_min(1e-12)
+            expected = tw.sum(dim=1)
+            quota = expected.floor().long()
+            short = len(kept) - int(quota.sum())
+            if short > 0:
+                quota[torch.argsort(expected - quota, descending=True, stable=True)[:short]] += 1
+            mean_bits = (tw * precisions[widths].double()[:, None]).sum(dim=0)
+            rank = torch.argsort(imp[kept], stable=True)
+            rank = rank[torch.argsort((mean_bits[rank] * 1000).round(), stable=True)]
+            start = 0
+            for j, count in zip(widths, quota.tolist()):
+                for k in rank[start:start + count].tolist():
+                    col = int(kept[k])
+                    if float(t[j, col]) > 0:
+                        bits[unit.offset + col] = precisions[j]
+                    else:  # a width this column may not take: its likeliest allowed one
+                        masked = t[:, col].clone()
+                        masked[zero] = -1.0
+                        bits[unit.offset + col] = precisions[int(masked.argmax())]
+                start += count
+        return bits
 
     def _keep_one_per_unit(self, alpha_index: int, theta: Tensor, bits: Tensor, precisions: Tensor) -> None:
         """Each group keeps at least round(C_out_eff) of its channels (and at least one).
@@ -481,6 +624,8 @@ class SearchRunner:
         self.searchable.to(self.device)
         if cfg.init_clip is None and not self.searchable.calibrated:
             self.searchable.calibrate(self.data, cfg.batch_size, max_batches=4)
+        if cfg.prune_init_score == "taylor":
+            self.searchable.init_importance(self.data, cfg)
         self.weight_opt = torch.optim.Adam(net_param_groups(self.searchable, cfg.weight_decay),
                                            lr=cfg.lr)
         self.alpha_opt = self._logit_optimizer()
@@ -495,8 +640,13 @@ class SearchRunner:
         ``alpha_opt.step()`` gets it)."""
         cfg, params = self.config, self.searchable.nas_parameters()
         if cfg.logit_steps == "adam":
-            return torch.optim.Adam(params, lr=cfg.alpha_lr)
-        opt = torch.optim.SGD(params, lr=cfg.alpha_lr, momentum=cfg.alpha_momentum)
+            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.alpha_lr)
+        else:
+            opt = torch.optim.SGD(params, lr=cfg.alpha_lr, momentum=cfg.alpha_momentum)
+        if cfg.zero_logit_lr != 1.0:
+            self._scale_zero_logits(opt, cfg.zero_logit_lr)
+        if cfg.logit_steps == "adam":
+            return opt
         if cfg.logit_steps == "sgd_per_cost":
             scales = {key: value.to(self.device)
                       for key, value in self.searchable.logit_step_scales(cfg.cost_model).items()}
@@ -514,6 +664,20 @@ class SearchRunner:
             logger.info("logit steps per cost: column costs %.3g..%.3g (%s)", float(costs.min()),
                         float(costs.max()), cfg.cost_model)
         return opt
+
+    def _scale_zero_logits(self, opt: torch.optim.Optimizer, factor: float) -> None:
+        """``zero_logit_lr``: the 0-bit rows' gradients times ``factor`` before every step (with
+        SGD that is a learning rate of ``factor * alpha_lr`` for pruning)."""
+        rows = {id(a.alpha): a.precisions.index(0) for a in self.searchable.alphas if 0 in a.precisions}
+
+        def scale_zero_rows(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    row = rows.get(id(p))
+                    if row is not None and p.grad is not None:
+                        p.grad[row].mul_(factor)
+
+        opt.register_step_pre_hook(scale_zero_rows)
 
     def _batches(self, epoch: int, max_steps: int | None = None) -> Iterator[Batch]:
         cfg = self.config

@@ -28,8 +28,15 @@ class GradientStrategy:
         "prune_init": StrategyOption("prune_init", float, 0.0,
                                      "start weak channels likelier to be pruned (0 = off, the paper's start)"),
         "discretisation": StrategyOption("discretisation", str, "keep_first",
-                                         "keep_first (prune when theta_0 > 1/2) or argmax (the paper's)",
-                                         choices=("keep_first", "argmax")),
+                                         "keep_first (prune when theta_0 > 1/2), argmax (the paper's) or "
+                                         "expected (per group, round(sum theta_b) channels at each width)",
+                                         choices=("keep_first", "argmax", "expected")),
+        "prune_init_score": StrategyOption("prune_init_score", str, "weight",
+                                           "the score prune_init starts from: weight (norms) or taylor "
+                                           "(|w dL/dw| per channel over a few batches, label-free)",
+                                           choices=("weight", "taylor")),
+        "zero_logit_lr": StrategyOption("zero_logit_lr", float, 1.0,
+                                        "multiplier of the 0-bit (pruning) logits' learning rate"),
         "logit_steps": StrategyOption("logit_steps", str, "sgd",
                                       "how the logits step: sgd (the paper's), sgd_per_cost (each channel's "
                                       "step divided by the cost it stands for: keeps attention heads) or adam",
@@ -43,7 +50,9 @@ class GradientStrategy:
         config = problem.search_config(lambda_ramp=bool(options["lambda_ramp"]),
                                        prune_init=float(options["prune_init"]),
                                        discretisation=str(options["discretisation"]),
-                                       logit_steps=str(options["logit_steps"]))
+                                       logit_steps=str(options["logit_steps"]),
+                                       prune_init_score=str(options["prune_init_score"]),
+                                       zero_logit_lr=float(options["zero_logit_lr"]))
         net = problem.supernet(config)
         target = problem.settings.target
         if target:
