@@ -8,7 +8,9 @@ On the tiny model of tests/test_searchable.py (c3: a 1x1 conv, its own group of 
 - ``prune_init_score="taylor"`` starts the least important channel (by ``|w dL/dw|``) likeliest
   pruned, at ``+prune_init``, the most important at ``-prune_init``, and the start still computes
   the FP32 function in expectation;
-- ``zero_logit_lr`` multiplies the 0-bit logits' step and only theirs.
+- ``zero_logit_lr`` multiplies the 0-bit logits' step and only theirs;
+- ``ordered_cost`` splits the cost's push within a group by importance rank (the weakest channel
+  hardest), at the same mean pressure.
 """
 
 from __future__ import annotations
@@ -130,6 +132,27 @@ def test_zero_logit_lr_scales_only_the_pruning_step() -> None:
     torch.testing.assert_close(moves[3.0][index][1:], moves[1.0][index][1:])
 
 
+def test_ordered_cost_pushes_the_least_important_channel_hardest() -> None:
+    model = _model_with_ranked_c3([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
+    moves, costs = {}, {}
+    for strength in (0.0, 0.5):
+        net = _searchable(model, seed=0, ordered_cost=strength)
+        runner = SearchRunner(net, _data(16, seed=1), net.config)
+        index = _c3_alpha(net)
+        before = net.alphas[index].alpha.detach().clone()
+        costs[strength] = float(net.cost().detach())
+        runner.alpha_opt.zero_grad(set_to_none=True)
+        (1000.0 * net.cost() * runner.cost_scale).backward()
+        runner.alpha_opt.step()
+        moves[strength] = (net.alphas[index].alpha.detach() - before)[W_PRECISIONS.index(8)]
+    assert costs[0.5] == pytest.approx(costs[0.0], rel=1e-6)  # equal thetas: the same mean pressure
+    plain, ordered = moves[0.0], moves[0.5]
+    assert torch.allclose(plain, plain[0].expand_as(plain))  # plain: every channel the same step
+    assert ordered.argmin() == 0 and ordered.argmax() == 5  # the weakest 8-bit logit falls fastest
+    ranks = torch.argsort(torch.argsort(net.weight_scores()[index], stable=True)).float()
+    torch.testing.assert_close(ordered, plain * (1 + 0.5 * (1 - 2 * ranks / 5)))
+
+
 def test_options_are_exposed_and_validated() -> None:
     options = GradientStrategy.options
     assert "expected" in options["discretisation"].choices
@@ -137,6 +160,8 @@ def test_options_are_exposed_and_validated() -> None:
     assert options["zero_logit_lr"].parse("2.5", "gradient") == 2.5
     with pytest.raises(ConfigError):
         options["prune_init_score"].parse("magic", "gradient")
-    for bad in ({"prune_init_score": "magic"}, {"zero_logit_lr": 0.0}, {"importance_batches": 0}):
+    assert options["ordered_cost"].parse("0.5", "gradient") == 0.5
+    for bad in ({"prune_init_score": "magic"}, {"zero_logit_lr": 0.0}, {"importance_batches": 0},
+                {"ordered_cost": 1.0}):
         with pytest.raises(SearchConfigError):
             SearchConfig(**bad)  # type: ignore[arg-type]

@@ -61,7 +61,10 @@ class SearchConfig:
     against the FP32 model's own argmax, so no labels are needed; the 0-bit logit starts at
     ``prune_init * (1 - 2 p)``, p the channel's importance percentile in its group).
     ``zero_logit_lr`` multiplies the 0-bit logits' gradient (a separate learning rate for
-    pruning; with ``logit_steps="adam"`` a constant factor has no effect).
+    pruning; with ``logit_steps="adam"`` a constant factor has no effect). ``ordered_cost`` in
+    [0, 1) weights each prunable channel's cost in the loss by ``1 + ordered_cost * (1 - 2 p)``
+    (p its importance percentile in its group, as above): the least important pushed hardest,
+    the same mean pressure; plans are still costed exactly.
     """
 
     weight_precisions: tuple[int, ...] = DEFAULT_WEIGHT_PRECISIONS
@@ -87,6 +90,7 @@ class SearchConfig:
     prune_init_score: str = "weight"
     importance_batches: int = 4
     zero_logit_lr: float = 1.0
+    ordered_cost: float = 0.0
     init_clip: float | None = None
     device: str = "cpu"
     seed: int = 0
@@ -110,6 +114,8 @@ class SearchConfig:
                                     f"{', '.join(PRUNE_INIT_SCORES)}")
         if not (math.isfinite(self.zero_logit_lr) and self.zero_logit_lr > 0):
             raise SearchConfigError(f"zero_logit_lr must be a finite number > 0, got {self.zero_logit_lr!r}")
+        if not 0 <= self.ordered_cost < 1:
+            raise SearchConfigError(f"ordered_cost must be in [0, 1), got {self.ordered_cost!r}")
         for name in ("epochs", "batch_size", "importance_batches"):
             if int(getattr(self, name)) < 1:
                 raise SearchConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")

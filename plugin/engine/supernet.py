@@ -222,6 +222,30 @@ class Supernet(FakeQuantModel):
             alpha.alpha[zero, cols] += (strength * (1 - 2 * pct)).to(alpha.alpha.dtype).to(alpha.alpha.device)
         self._rescale_initial()
 
+    def set_ordered_cost(self, strength: float) -> None:
+        """``ordered_cost``: each prunable column's cost in the search's loss times
+        ``1 + strength * (1 - 2 p)``, ``p`` its importance percentile in its group (the Taylor
+        score when computed, else the weight norm, at this moment): the same mean pressure, but
+        the least important channels pushed hardest, so a group prunes channel by channel instead
+        of all at once. Only the gradient's split changes; plans are costed exactly."""
+        if strength <= 0:
+            self._cost_weights = None
+            return
+        importance = self._importance if self._importance is not None else self.weight_scores()
+        weights: list[Tensor | None] = [None] * len(self.alphas)
+        for unit in self.map.units.values():
+            alpha = self.alphas[unit.alpha_index]
+            if 0 not in alpha.precisions or unit.size < 2:
+                continue
+            if weights[unit.alpha_index] is None:
+                weights[unit.alpha_index] = torch.ones(alpha.n_channels, device=alpha.alpha.device)
+            values = importance[unit.alpha_index][unit.offset:unit.offset + unit.size]
+            ranks = torch.empty(unit.size)
+            ranks[torch.argsort(values, stable=True)] = torch.arange(unit.size, dtype=torch.float32)
+            factor = 1 + strength * (1 - 2 * ranks / (unit.size - 1))
+            weights[unit.alpha_index][unit.offset:unit.offset + unit.size] = factor.to(alpha.alpha.device)
+        self._cost_weights = weights
+
     def init_importance(self, data: Any, config: SearchConfig) -> None:
         """The data-driven start (``prune_init_score="taylor"``): Taylor scores, kept as the
         discretisation's tie-breaker, and the 0-bit logits started from them (once)."""
@@ -306,9 +330,13 @@ class Supernet(FakeQuantModel):
         model = get_cost_model(name or self.config.cost_model)
         keep = self._keep_probabilities()
         pairs = []
+        weights = getattr(self, "_cost_weights", None)
         for entry in self._layers.values():
             site = self.sites[self._site_key[entry.info.layer.input]].quantizer
-            inputs = CostInputs(entry.quantizer.precisions, entry.quantizer.theta(), site.precisions,
+            w_theta = entry.quantizer.theta()
+            if weights is not None and weights[entry.info.alpha_index] is not None:
+                w_theta = w_theta * weights[entry.info.alpha_index][torch.as_tensor(entry.info.columns)].to(w_theta)
+            inputs = CostInputs(entry.quantizer.precisions, w_theta, site.precisions,
                                 site.theta(), self._c_in_eff(entry.info, keep))
             pairs.append((entry.info.spec, inputs))
         pairs.extend(self._product_pairs(keep))
@@ -626,6 +654,8 @@ class SearchRunner:
             self.searchable.calibrate(self.data, cfg.batch_size, max_batches=4)
         if cfg.prune_init_score == "taylor":
             self.searchable.init_importance(self.data, cfg)
+        if cfg.ordered_cost > 0 and getattr(self.searchable, "_cost_weights", None) is None:
+            self.searchable.set_ordered_cost(cfg.ordered_cost)
         self.weight_opt = torch.optim.Adam(net_param_groups(self.searchable, cfg.weight_decay),
                                            lr=cfg.lr)
         self.alpha_opt = self._logit_optimizer()

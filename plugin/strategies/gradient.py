@@ -37,6 +37,9 @@ class GradientStrategy:
                                            choices=("weight", "taylor")),
         "zero_logit_lr": StrategyOption("zero_logit_lr", float, 1.0,
                                         "multiplier of the 0-bit (pruning) logits' learning rate"),
+        "ordered_cost": StrategyOption("ordered_cost", float, 0.0,
+                                       "in [0, 1): each channel's cost in the loss weighted by its importance "
+                                       "rank in its group (the least important pushed hardest); 0 = off"),
         "logit_steps": StrategyOption("logit_steps", str, "sgd",
                                       "how the logits step: sgd (the paper's), sgd_per_cost (each channel's "
                                       "step divided by the cost it stands for: keeps attention heads) or adam",
@@ -52,7 +55,8 @@ class GradientStrategy:
                                        discretisation=str(options["discretisation"]),
                                        logit_steps=str(options["logit_steps"]),
                                        prune_init_score=str(options["prune_init_score"]),
-                                       zero_logit_lr=float(options["zero_logit_lr"]))
+                                       zero_logit_lr=float(options["zero_logit_lr"]),
+                                       ordered_cost=float(options["ordered_cost"]))
         net = problem.supernet(config)
         target = problem.settings.target
         if target:
