@@ -18,6 +18,15 @@ beside the original model's graph bytes (its file minus its initializers' payloa
 model is also run by onnxruntime at every graph optimisation level on the test inputs.
 
     python benchmarks/export_size.py --plans /tmp/export-plans --out benchmarks/results/export-size-cpu
+
+``--compare-permute`` also exports every plan with the mixed-width groups left in their channel
+order (``plugin.export.PERMUTE_BY_WIDTH`` off: one DequantizeLinear per width, Concat, Gather),
+a row ``NAME (gather)`` beside each row of the default (channels reordered by width: Concat, no
+Gather). ``--latency`` times the mixed plan's three layouts in onnxruntime (ENABLE_ALL, one
+thread, batch 1 and 32, interleaved rounds, process CPU time per batch): ``gather``, ``concat``
+(the default) and ``split`` (each mixed Conv split into one Conv per width, outputs
+concatenated: the alternative layout, built here from the ``concat`` model, not exported by
+prunequant). ``--no-permute`` exports the Gather layout only.
 """
 
 from __future__ import annotations
@@ -116,6 +125,109 @@ def run_levels(model: onnx.ModelProto, x: np.ndarray) -> dict:
     return out
 
 
+def split_convs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The ``split`` layout: each Conv reading ``Concat(DQ_a, DQ_b, ...)`` on axis 0 becomes one
+    Conv per part (the part's bias slice) and a Concat of their outputs on axis 1. A part below
+    8 bits reads its DequantizeLinear through the no-op Reshape guard (``graph_passes.qdq``)."""
+    from onnx import helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+    zeros = "split_zero_shape"
+    g.initializer.append(numpy_helper.from_array(np.zeros(4, np.int64), zeros))
+    new_nodes, drop = [], set()
+    k = 0
+    for n in list(g.node):
+        cat = producer.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
+        if cat is None or cat.op_type != "Concat" or not all(
+                producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in cat.input):
+            continue
+        bias = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] else None
+        offset, outs = 0, []
+        for part in cat.input:
+            dq = producer[part]
+            rows = inits[dq.input[0]].dims[0]
+            w = part
+            if inits[dq.input[0]].data_type != TensorProto.INT8:
+                w = f"split_guard_{k}"
+                new_nodes.append(helper.make_node("Reshape", [part, zeros], [w], name=w))
+            inputs = [n.input[0], w]
+            if bias is not None:
+                b = f"split_bias_{k}"
+                g.initializer.append(numpy_helper.from_array(bias[offset:offset + rows], b))
+                inputs.append(b)
+            y = f"split_out_{k}"
+            new_nodes.append(helper.make_node("Conv", inputs, [y], name=y, **{a.name: helper.get_attribute_value(a)
+                                                                             for a in n.attribute}))
+            outs.append(y)
+            offset += rows
+            k += 1
+        new_nodes.append(helper.make_node("Concat", outs, [n.output[0]], name=f"split_cat_{k}", axis=1))
+        drop |= {id(n), id(cat)}
+    keep = [n for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(keep + new_nodes)
+    from graph_passes.qdq import topological_sort
+
+    topological_sort(g)
+    used = {i for n in g.node for i in n.input}
+    alive = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(alive)
+    del taken
+    return out
+
+
+def latency(variants: dict[str, onnx.ModelProto], x: np.ndarray, batches=(1, 32), rounds: int = 7) -> dict:
+    """Per variant and batch: median over ``rounds`` interleaved rounds of the process CPU time
+    and the wall time of one run (ms), onnxruntime ENABLE_ALL with one intra-op thread."""
+    import os
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sessions = {k: ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+                for k, m in variants.items()}
+    name = next(iter(variants.values())).graph.input[0].name
+    out: dict = {"load_average_before": list(os.getloadavg())}
+    for batch in batches:
+        feed = {name: np.ascontiguousarray(np.resize(x, (batch,) + x.shape[1:]))}
+        runs = max(5, 400 // batch)
+        cpu = {k: [] for k in sessions}
+        wall = {k: [] for k in sessions}
+        for s in sessions.values():
+            for _ in range(10):
+                s.run(None, feed)
+        for _ in range(rounds):
+            for k, s in sessions.items():
+                c0, w0 = time.process_time(), time.perf_counter()
+                for _ in range(runs):
+                    s.run(None, feed)
+                cpu[k].append((time.process_time() - c0) / runs * 1e3)
+                wall[k].append((time.perf_counter() - w0) / runs * 1e3)
+        out[f"batch{batch}"] = {k: {"cpu_ms": float(np.median(cpu[k])), "wall_ms": float(np.median(wall[k])),
+                                    "runs_per_round": runs, "rounds": rounds} for k in sessions}
+    out["load_average_after"] = list(os.getloadavg())
+    return out
+
+
+def _levels_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        None, {model.graph.input[0].name: x})[0]
+
+
 def models(work: Path) -> list[tuple[str, Path, Path, Path]]:
     """(name, model, train npz, test npz)."""
     import bench_networks as bn
@@ -154,11 +266,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default="", help="a name for this run in the output (e.g. before, after)")
     ap.add_argument("--target", default="size=10%")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--no-permute", action="store_true", help="export the Gather layout only")
+    ap.add_argument("--compare-permute", action="store_true", help="a (gather) row beside each row")
+    ap.add_argument("--latency", action="store_true", help="time the mixed plan's layouts in onnxruntime")
     args = ap.parse_args(argv)
 
     import onnx as _onnx
 
+    import plugin.export as export_module
     from plugin.api import CompressConfig, apply_plan, compress
+
+    default_permute = not args.no_permute
+    layouts = [(default_permute, "")] + ([(False, " (gather)")] if args.compare_permute and default_permute else [])
+    timing = None
 
     args.plans.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -172,19 +292,36 @@ def main(argv: list[str] | None = None) -> int:
                                      seed=0, compare_runtimes=False)
                 res = compress(str(model), str(train), config=cfg)
                 res.plan.save(plan)
-            start = time.perf_counter()
-            applied = apply_plan(str(model), plan, data=str(test), progress=False)
-            seconds = time.perf_counter() - start
-            b = breakdown(applied.model)
-            o = original_graph(_onnx.load(str(model)))
-            base = b["packed_weights"] + b["scales_zp_index"] + b["float_kept"] + o["graph"]
             x = np.load(test)["input"]
-            rows.append({"model": name, "plan": plan.name, "plan_sha256": provenance.file_sha256(plan),
-                         **b, "original": o, "target_bytes": int(1.25 * base), "ratio_to_base": b["file"] / base,
-                         "meets_target": b["file"] <= 1.25 * base,
-                         "file_over_packed_plus_scales": b["file"] / (b["packed_weights"] + b["scales_zp_index"]),
-                         "gate": "passed",  # apply_plan raises when the gate refuses
-                         "ort_levels": run_levels(applied.model, x), "export_seconds": seconds})
+            applied_models = {}
+            for permute, suffix in layouts:
+                export_module.PERMUTE_BY_WIDTH = permute
+                try:
+                    start = time.perf_counter()
+                    applied = apply_plan(str(model), plan, data=str(test), progress=False)
+                    seconds = time.perf_counter() - start
+                finally:
+                    export_module.PERMUTE_BY_WIDTH = True
+                applied_models[permute] = applied.model
+                b = breakdown(applied.model)
+                o = original_graph(_onnx.load(str(model)))
+                base = b["packed_weights"] + b["scales_zp_index"] + b["float_kept"] + o["graph"]
+                rows.append({"model": name + suffix, "plan": plan.name, "plan_sha256": provenance.file_sha256(plan),
+                             "permute_by_width": permute,
+                             **b, "original": o, "target_bytes": int(1.25 * base), "ratio_to_base": b["file"] / base,
+                             "meets_target": b["file"] <= 1.25 * base,
+                             "file_over_packed_plus_scales": b["file"] / (b["packed_weights"] + b["scales_zp_index"]),
+                             "gate": "passed",  # apply_plan raises when the gate refuses
+                             "ort_levels": run_levels(applied.model, x), "export_seconds": seconds})
+            if args.latency and name.endswith("-mixed") and True in applied_models and False in applied_models:
+                split = split_convs(applied_models[True])
+                variants = {"gather": applied_models[False], "concat": applied_models[True], "split": split}
+                timing = {"model": name, "nodes": {k: len(m.graph.node) for k, m in variants.items()},
+                          "bytes": {k: len(m.SerializeToString()) for k, m in variants.items()},
+                          "split_ort_levels": run_levels(split, x),
+                          "split_vs_concat_max_abs_diff": float(np.abs(
+                              _levels_output(split, x) - _levels_output(applied_models[True], x)).max()),
+                          **latency(variants, x)}
     lines = [f"export size ({args.label or 'run'}), plans searched at {args.target}", "",
              "| model | file B | packed weights | scales/zp/index | float kept | graph | original graph | "
              "file / (packed+scales+float+orig graph) | nodes (orig) | meets <= 1.25 |",
@@ -199,11 +336,24 @@ def main(argv: list[str] | None = None) -> int:
         agree = min(v["top1_agreement"] for v in r["ort_levels"].values())
         lines.append(f"\n{r['model']}: ops {r['ops']}; every ORT level vs DISABLE_ALL: max |diff| {worst:.3g}, "
                      f"top-1 agreement >= {100 * agree:.1f}%")
+    if timing is not None:
+        lines += ["", f"{timing['model']}: onnxruntime ENABLE_ALL, 1 thread, median of {timing['batch1']['gather']['rounds']} "
+                  f"interleaved rounds (load average {timing['load_average_before'][0]:.2f} before, "
+                  f"{timing['load_average_after'][0]:.2f} after)", "",
+                  "| layout | nodes | file B | batch 1 CPU ms | batch 1 wall ms | batch 32 CPU ms | batch 32 wall ms |",
+                  "|---|---|---|---|---|---|---|"]
+        for k in ("gather", "concat", "split"):
+            lines.append(f"| {k} | {timing['nodes'][k]} | {timing['bytes'][k]:,} | {timing['batch1'][k]['cpu_ms']:.3f} | "
+                         f"{timing['batch1'][k]['wall_ms']:.3f} | {timing['batch32'][k]['cpu_ms']:.3f} | "
+                         f"{timing['batch32'][k]['wall_ms']:.3f} |")
+        worst = max(v["max_abs_diff"] for v in timing["split_ort_levels"].values())
+        lines.append(f"\nsplit layout: every ORT level vs DISABLE_ALL max |diff| {worst:.3g}; vs concat "
+                     f"max |diff| {timing['split_vs_concat_max_abs_diff']:.3g}")
     text = "\n".join(lines)
     print(text)
     if args.out:
         record = {"label": args.label, "command": provenance.command_line(), "commit": provenance.commit(),
-                  "versions": provenance.versions(), "target": args.target, "rows": rows}
+                  "versions": provenance.versions(), "target": args.target, "rows": rows, "latency": timing}
         provenance.write_results(args.out, args.label, record, text)
     return 0
 

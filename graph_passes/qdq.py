@@ -12,6 +12,12 @@ W / scale_c), -(2^(b-1) - 1), 2^(b-1) - 1)``, stored packed as INT8 / INT4 (2 pe
   with the inverse permutation, so the weight tensor the layer reads is in its original channel
   order. This improves on DESIGN.md's "one sub-layer per bit-width, permutation carried into the
   consumers": the layer stays one op and no consumer changes.
+* A mixed layer whose channels are already sorted by width, widest first (the export reorders
+  channel groups so: ``plugin.export``, ``graph_passes.permute``) is ``Concat(DQ_8, DQ_4, DQ_2)
+  -> layer``: no Gather, no index tensor. The Concat keeps onnxruntime's QDQ fusions away as the
+  Gather does (measured: every optimisation level agrees, tests/test_export_permute.py). One
+  Conv per width with its outputs concatenated was measured too and not chosen: more nodes and
+  bytes, and no faster (benchmarks/results/export-size-cpu/README.md).
 
 Activations: ``QuantizeLinear(scale, zp=0) -> DequantizeLinear`` with UINT-b (PACT) or INT-b
 (symmetric) zero points; every consumer of the tensor reads the dequantized value (graph
@@ -22,8 +28,8 @@ onnxruntime 1.32 pitfalls measured while writing this (ORT_ENABLE_ALL only):
 * its QDQ fusions (QLinearConv, QGemm, QLinearMatMul) accept INT2/UINT2 and (for Conv) INT4/UINT4
   operands they have no kernel for, and session creation fails ("Type 'tensor(int2)' ... of
   operator (QGemm) is invalid"). So when any bit-width below 8 is present, each weight reaches
-  its layer through a no-op ``Reshape`` (uniform) or the ``Gather`` (mixed), which no fusion
-  matches. All-8-bit models keep the plain fusable ``DQ -> layer`` pattern.
+  its layer through a no-op ``Reshape`` (uniform) or the ``Concat`` / ``Gather`` (mixed), which no
+  fusion matches. All-8-bit models keep the plain fusable ``DQ -> layer`` pattern.
 * it turns ``DQ(INT8, axis 1) -> MatMul`` (and Gemm with transB=0) whose input is *not*
   quantized into MatMulNBits with accuracy_level 4, which quantizes the activations to int8 on
   the fly (0.4% relative error on a tiny Gemm). So the plain ``DQ -> layer`` pattern is kept
@@ -31,7 +37,7 @@ onnxruntime 1.32 pitfalls measured while writing this (ORT_ENABLE_ALL only):
   are exact up to float rounding); every other weight goes through the no-op ``Reshape``.
 * it drops a ``Relu`` that feeds a signed INT4/INT2 QuantizeLinear with zero point 0 (wrong
   results, silently). Such a quantizer reads the Relu output through a no-op ``Reshape``.
-* it does *not* constant-fold ``DQ -> Concat -> Gather`` at session start (DQ nodes are
+* it does *not* constant-fold ``DQ -> Concat (-> Gather)`` at session start (DQ nodes are
   excluded from constant folding): the weights are dequantized on every run. Sub-8-bit weights
   buy size, not speed, on CPU.
 * it moves a QuantizeLinear backwards over data-movement ops and runs them on the quantized
@@ -330,11 +336,14 @@ def _quantize_tensor(node: onnx.NodeProto, index: int, quant: WeightQuant, axis:
         out = parts[0] if plain else _guard(parts[0], list(w.shape), ctx, acct)
         ctx.dequantized[key] = (parts[0], False)
     else:
-        cat = ctx.node("Concat", parts, f"{w_name}_concat", axis=axis)
         inverse = np.argsort(np.concatenate(order)).astype(np.int32)
-        idx_name = ctx.init(f"{w_name}_order", inverse)
-        acct.index_bytes += inverse.nbytes
-        out = ctx.node("Gather", [cat, idx_name], f"{w_name}_dq", axis=axis)
+        if np.array_equal(inverse, np.arange(inverse.size)):  # widths contiguous, widest first
+            out = ctx.node("Concat", parts, f"{w_name}_dq", axis=axis)
+        else:
+            cat = ctx.node("Concat", parts, f"{w_name}_concat", axis=axis)
+            idx_name = ctx.init(f"{w_name}_order", inverse)
+            acct.index_bytes += inverse.nbytes
+            out = ctx.node("Gather", [cat, idx_name], f"{w_name}_dq", axis=axis)
         ctx.dequantized[key] = (out, True)
     node.input[index] = out
     ctx.replaced.add(w_name)

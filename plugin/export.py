@@ -12,13 +12,23 @@ are set to 0 (stable order: the plan's rule), so the quantized integers there ar
 (``round(0 / scale) = 0``). Weights that come from the fake-quant engine carry those zeros
 already (it applies the same rule), so this step changes nothing for them; it makes the export
 of raw weights follow the plan too. The zeros are stored densely: the file does not shrink.
+
+Channel order (:func:`width_orders`, ``graph_passes.permute``): in every exact, prunable channel
+group whose layers have mixed per-channel widths, the kept channels are reordered by width
+(stable, widest first, by the widths most of the group's producing layers share) after pruning
+and sparsity, so each such layer's weight is one ``Concat`` of its per-width DequantizeLinears
+with no ``Gather`` (``graph_passes.qdq``). The order is recomputed from the plan at every export
+(the plan keeps the original channel order; ``export --plan`` is unchanged); a group that reaches
+a graph output or an op that cannot reorder its channels keeps its order and its Gathers, and so
+does a layer whose widths differ from the ones its group was sorted by. The model computes the
+same function (the group never reaches an output), up to float summation order.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -26,12 +36,17 @@ from onnx import numpy_helper
 
 from graph_passes.channel_groups import ChannelAnalysis
 from graph_passes.errors import PlanError
+from graph_passes.permute import permute_groups
 from graph_passes.prune import prune_channels
 from graph_passes.qdq import ActivationQuant, QdqResult, WeightQuant, compact, insert_qdq, weight_axis
 
 from .plan import CompressionPlan
 
 logger = logging.getLogger(__name__)
+
+#: reorder mixed-width groups' channels by width at export (see the module docstring);
+#: ``benchmarks/export_size.py --no-permute`` turns it off to measure the Gather layout
+PERMUTE_BY_WIDTH = True
 
 
 @dataclass
@@ -41,6 +56,8 @@ class ExportResult:
     removal: dict[str, list[int]]
     layer_channels: dict[str, tuple[int, int]]  # layer -> (channels before, after)
     layer_bits: dict[str, dict[int, int]]  # layer -> {bits: channels}
+    #: group -> its kept channels in the exported order (groups reordered by width only)
+    channel_orders: dict[str, list[int]] = field(default_factory=dict)
 
 
 def removal_of(plan: CompressionPlan, analysis: ChannelAnalysis) -> dict[str, list[int]]:
@@ -175,12 +192,43 @@ def joint_scales(model: onnx.ModelProto, plan: CompressionPlan, weights: dict[st
     return out
 
 
+def width_orders(plan: CompressionPlan, analysis: ChannelAnalysis) -> dict[str, list[int]]:
+    """Group -> its kept channels sorted by width (stable, widest first), for every exact,
+    prunable group with a producing layer of mixed widths whose channels are not sorted yet.
+    The widths are those most of the group's producing layers share (the first such layer's on
+    a tie); a layer with other widths keeps its Gather."""
+    orders = {}
+    for group in analysis.groups:
+        if not (group.prunable and group.exact):
+            continue
+        gp = plan.groups.get(group.id)
+        kept = sorted(set(gp.kept)) if gp is not None else list(range(group.size))
+        vectors: list[tuple[int, ...]] = []
+        for member in group.members_of("producer"):
+            lp = plan.layers.get(member.node or "")
+            if lp is None:
+                continue
+            by_channel = dict(zip(member.channels.tolist(), (int(lp.bits[p]) for p in member.positions.tolist())))
+            if all(c in by_channel for c in kept):
+                vectors.append(tuple(by_channel[c] for c in kept))
+        mixed = [v for v in vectors if len(set(v)) > 1]
+        if not mixed:
+            continue
+        counts = Counter(vectors)
+        widths = max(mixed, key=lambda v: counts[v])  # first of the most common on a tie
+        order = [c for _, c in sorted(zip(widths, kept), key=lambda bc: -bc[0])]  # stable
+        if order != kept:
+            orders[group.id] = order
+    return orders
+
+
 def export_plan(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: CompressionPlan, *,
-                lean: bool = True) -> ExportResult:
+                lean: bool = True, permute: bool | None = None) -> ExportResult:
     """``model``: the normalised model (with fine-tuned weights written back) that ``analysis``
     describes. Returns the compressed, not yet validated, model. ``lean``: the exact size
     reductions of ``graph_passes.qdq.compact`` (shared constants, short names, no weight zero
-    points), which leave the model's values unchanged."""
+    points), which leave the model's values unchanged. ``permute``: reorder mixed-width groups
+    by width (default :data:`PERMUTE_BY_WIDTH`)."""
     removal = removal_of(plan, analysis)
     pruned = prune_channels(model, analysis, removal) if removal else model
     if any(lp.sparsity for lp in plan.layers.values()):
@@ -190,6 +238,18 @@ def export_plan(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: Compres
         apply_sparsity(pruned, model, analysis, plan)
     weights, activations = quantization_of(plan, analysis, pruned)
     weights.update(joint_scales(model, plan, weights))
+    channel_orders: dict[str, list[int]] = {}
+    orders = width_orders(plan, analysis) if (PERMUTE_BY_WIDTH if permute is None else permute) else {}
+    if orders:
+        permuted = permute_groups(pruned, analysis, removal, orders)
+        pruned, channel_orders = permuted.model, permuted.permuted
+        outputs = {layer.name: layer.output for layer in analysis.layers}
+        for name, quant in list(weights.items()):
+            sigma = permuted.sigmas.get(outputs.get(name, ""))
+            if sigma is None:
+                continue
+            scales = None if quant.scales is None else tuple(quant.scales[i] for i in sigma.tolist())
+            weights[name] = WeightQuant(tuple(quant.bits[i] for i in sigma.tolist()), scales)
     layer_channels, layer_bits = {}, {}
     for layer in analysis.layers:
         lp = plan.layers.get(layer.name)
@@ -204,6 +264,6 @@ def export_plan(model: onnx.ModelProto, analysis: ChannelAnalysis, plan: Compres
     qdq = insert_qdq(pruned, weights, activations, embedding_quantization(analysis, pruned))
     if lean:
         qdq = compact(qdq)
-    logger.info("export: %d groups pruned, %d layers quantized, %d activation sites",
-                len(removal), len(weights), len(activations))
-    return ExportResult(qdq.model, qdq, removal, layer_channels, layer_bits)
+    logger.info("export: %d groups pruned, %d reordered by width, %d layers quantized, %d activation sites",
+                len(removal), len(channel_orders), len(weights), len(activations))
+    return ExportResult(qdq.model, qdq, removal, layer_channels, layer_bits, channel_orders)
