@@ -182,7 +182,7 @@ def split_convs(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def latency(variants: dict[str, onnx.ModelProto], x: np.ndarray, batches=(1, 32), rounds: int = 7) -> dict:
+def latency(variants: dict[str, onnx.ModelProto], x: np.ndarray, batches=(1, 32), rounds: int = 15) -> dict:
     """Per variant and batch: median over ``rounds`` interleaved rounds of the process CPU time
     and the wall time of one run (ms), onnxruntime ENABLE_ALL with one intra-op thread."""
     import os

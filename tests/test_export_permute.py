@@ -233,3 +233,20 @@ def test_mixed_linear_layers_export_without_gather_at_every_level(hidden, abits)
     ref = _run(before.model, feeds)[0]
     for level in LEVELS:
         assert np.allclose(_run(after.model, feeds, level)[0], ref, rtol=1e-4, atol=1e-4), level
+
+
+def test_layers_of_one_group_with_other_widths_keep_their_gather(digits) -> None:
+    prepared, _ = digits
+    space = SearchSpace(prepared.analysis, PRECISIONS, model_sha256=model_digest(prepared.original))
+    group = next(g for g in prepared.analysis.prunable_groups if len(g.producers) == 2)
+    first, second = group.producers
+    last = [layer.name for layer in prepared.analysis.layers if layer.output == "logits"]
+    bits = _mixed_bits(space, tuple(last))
+    bits[second] = [(2, 4, 8)[c % 3] for c in range(len(bits[second]))]  # disagrees with the first
+    plan = space.plan(layer_bits=bits, site_bits=8)
+    assert width_orders(plan, prepared.analysis)[group.id][:3] == [0, 3, 6]  # by the first producer's widths
+    exported = export_plan(prepared.model, prepared.analysis, plan)
+    assert _weight_gathers(exported.model) == 1  # the second producer's weight
+    x = np.load(DIGITS / "test.npz")["input"][:1]
+    ref = _run(export_plan(prepared.model, prepared.analysis, plan, permute=False).model, {"input": x})[0]
+    assert np.allclose(_run(exported.model, {"input": x})[0], ref, rtol=1e-5, atol=1e-5)
