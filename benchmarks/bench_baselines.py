@@ -10,6 +10,13 @@ test split (never seen in training or search).
   (``epochs`` + ``finetune_epochs``).
 * ``ort_static``  - onnxruntime ``quantize_static`` (QDQ, per-channel int8 weights, int8
   activations, MinMax calibration on 256 training samples): what most users try first.
+* ``onnxsim``     - onnxsim 0.8.1's post-training pipeline (``run_onnxsim``, one row per entry of
+  ``ONNXSIM_CONFIGS``): ``simplify`` (BatchNorm folded, opset 21), optionally structured pruning
+  (``apply_structured_wanda_pruning``, global ranking, calibrated, then ``apply_pruning_finetune``),
+  then either ``quantize_static`` (W8A8: per-channel int8 weights, uint8 MinMax activations) or
+  block-wise int4 weights (``quantize_weight_only_int4``, where the reduction size divides by 32)
+  with AdaRound (``apply_adaround``) and per-channel int8 weights elsewhere
+  (``quantize_weight_only``), float activations. Calibration: the compress training samples.
 * ``sequential``  - prunequant's ``sequential`` strategy: structured pruning alone (the gradient
   search with weight precisions {0, 8}) and QAT, then channel-wise mixed precision {2, 4, 8} with
   the pruned channels fixed, starting from the stage-1 weights (search + QAT). Two rows:
@@ -197,14 +204,17 @@ class _Calibration:
         return next(self.batches, None)
 
 
-def run_ort_static(ctx: Context, n_calib: int = 256) -> dict:
+def run_ort_static(ctx: Context, n_calib: int = 256, seed: int | None = None, suffix: str = "") -> dict:
+    """onnxruntime's quantize_static, calibrated on ``n_calib`` training samples drawn with
+    ``seed`` (default: the benchmark's seed)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(_Calibration, CalibrationDataReader):
         pass
 
-    row = _base_row(ctx, "ort_static", "ORT quantize_static int8")
-    rng = np.random.default_rng(ctx.cfg.seed)
+    seed = ctx.cfg.seed if seed is None else seed
+    row = _base_row(ctx, "ort_static", "ORT quantize_static int8" + suffix, seed=seed)
+    rng = np.random.default_rng(seed)
     x = ctx.x_train[np.sort(rng.choice(len(ctx.x_train), min(n_calib, len(ctx.x_train)), replace=False))]
     with tempfile.TemporaryDirectory(prefix="pq-bench-") as tmp:
         out = Path(tmp) / "ort_static.onnx"
@@ -218,6 +228,131 @@ def run_ort_static(ctx: Context, n_calib: int = 256) -> dict:
         row["file_bytes"] = os.path.getsize(out)
     if ctx.ref8:  # int8 weights and activations: the 8-bit figures of every cost model
         _costs_row(row, ctx.ref8)
+    return row
+
+
+#: onnxsim pipelines: key -> (structured sparsity or None, "int8" static W8A8 or "int4" weight-only)
+ONNXSIM_CONFIGS: dict[str, tuple[float | None, str]] = {
+    "int8": (None, "int8"),
+    "int4": (None, "int4"),
+    "prune25-int4": (0.25, "int4"),
+    "prune50-int4": (0.50, "int4"),
+    "prune75-int4": (0.75, "int4"),
+}
+
+#: ONNX tensor element types -> bits per stored weight (the size model of an onnxsim file)
+_ELEM_BITS = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16, onnx.TensorProto.INT8: 8,
+              onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
+
+
+def onnxsim_label(key: str) -> str:
+    sparsity, scheme = ONNXSIM_CONFIGS[key]
+    quant = "W8A8 PTQ" if scheme == "int8" else "W4 AdaRound (A fp32)"
+    return f"onnxsim {quant}" if sparsity is None else f"onnxsim prune {100 * sparsity:.0f}% {quant}"
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> int:
+    """Remove initializers no node reads (onnxsim's quantizers leave the float weights behind);
+    returns how many were removed."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    removed = len(model.graph.initializer) - len(keep)
+    if removed:
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return removed
+
+
+def weight_size_bytes(model: onnx.ModelProto) -> tuple[float, dict[int, int]]:
+    """The cost model's ``size`` of an exported file: every Conv / Gemm / MatMul weight at the
+    width it is stored with (traced back through DequantizeLinear / Reshape to its initializer),
+    biases excluded; and the weight element count per width."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    bits = 0
+    per_width: Counter = Counter()
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose") or len(node.input) < 2:
+            continue
+        name, hops = node.input[1], 0
+        while name not in inits and name in producer and hops < 8:
+            name, hops = producer[name].input[0], hops + 1
+        if name not in inits:
+            continue
+        t = inits[name]
+        n = int(np.prod(t.dims)) if t.dims else 1
+        width = _ELEM_BITS.get(t.data_type, 32)
+        bits += n * width
+        per_width[width] += n
+    return bits / 8, dict(sorted(per_width.items()))
+
+
+def _onnxsim_calibration(ctx: Context, seed: int, n_calib: int | None, batch: int = 64) -> list[dict]:
+    x = ctx.x_train
+    if n_calib is not None and n_calib < len(x):
+        rng = np.random.default_rng(seed)
+        x = x[np.sort(rng.choice(len(x), n_calib, replace=False))]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return [{"input": x[i:i + batch]} for i in range(0, len(x), batch)]
+
+
+def run_onnxsim(ctx: Context, key: str, seed: int | None = None, suffix: str = "",
+                n_calib: int | None = None) -> dict:
+    """One onnxsim 0.8.1 post-training pipeline (``ONNXSIM_CONFIGS[key]``) on the FP32 file,
+    calibrated on the compress training samples (all of them, or ``n_calib`` drawn with
+    ``seed``). A failure of onnxsim is a row with ``error``, never an exception."""
+    seed = ctx.cfg.seed if seed is None else seed
+    sparsity, scheme = ONNXSIM_CONFIGS[key]
+    row = _base_row(ctx, "onnxsim", onnxsim_label(key) + suffix, onnxsim_config=key, seed=seed,
+                    sparsity=sparsity, scheme=scheme)
+    start, cpu0 = time.perf_counter(), time.process_time()
+    step = "import"
+    try:
+        import onnxsim
+
+        row["onnxsim_version"] = getattr(onnxsim, "__version__", None)
+        calib = _onnxsim_calibration(ctx, seed, n_calib)
+        step = "simplify"
+        model, ok = onnxsim.simplify(onnx.load(str(ctx.model_path)), target_opset_version=21)
+        if not ok:
+            raise RuntimeError("onnxsim.simplify could not validate the simplified model")
+        base = model
+        if sparsity:
+            step = "apply_structured_wanda_pruning"
+            model = onnxsim.apply_structured_wanda_pruning(base, calibration_data=calib, sparsity=sparsity,
+                                                           global_sparsity=True, seed=seed)
+            step = "apply_pruning_finetune"
+            model = onnxsim.apply_pruning_finetune(base, model, calibration_data=calib, seed=seed)
+        if scheme == "int8":
+            step = "quantize_static"
+            model = onnxsim.quantize_static(model, calibration_data=calib, method="minmax", seed=seed)
+        else:
+            step = "quantize_weight_only_int4"
+            pruned = model
+            model = onnxsim.quantize_weight_only_int4(pruned)
+            step = "apply_adaround"
+            model = onnxsim.apply_adaround(pruned, model, calibration_data=calib, seed=seed)
+            step = "quantize_weight_only"
+            model = onnxsim.quantize_weight_only(model)  # int8 per channel where int4 blocks do not fit
+        row["unused_initializers_dropped"] = drop_unused_initializers(model)
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - an onnxsim failure is a result row, the benchmark goes on
+        row["error"] = f"onnxsim {step}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        row["wall_s"] = time.perf_counter() - start
+        logger.warning("%s failed: %s", row["label"], row["error"])
+        return row
+    row["train_s"] = row["search_s"] = row["wall_s"] = time.perf_counter() - start  # post-training: no QAT
+    row["cpu_s"] = time.process_time() - cpu0
+    row["finetune_s"] = 0.0
+    row["size_model_bytes"], widths = weight_size_bytes(model)
+    row["weight_elements_by_bits"] = widths
+    try:
+        with tempfile.TemporaryDirectory(prefix="pq-bench-") as tmp:
+            out = Path(tmp) / f"onnxsim_{key}.onnx"
+            onnx.save(model, str(out))
+            _measure(ctx, out, row)
+    except Exception as exc:  # noqa: BLE001 - e.g. onnxruntime refusing the file
+        row["error"] = f"onnxruntime on the onnxsim file: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     return row
 
 

@@ -105,6 +105,7 @@ MODES = {
         "experiments": [("digits", "dscnn", 0.25, 3, 600)],
         "epochs": 2, "finetune_epochs": 1, "latency_runs": 5,
         "lambdas": {"size": [10.0, 100.0]}, "sequential": [(10.0, 100.0)], "uniform_bits": (8, 4, 2),
+        "onnxsim": ("int8", "int4"),  # the unpruned pipelines (pruning a 3-epoch network is noise)
     },
 }
 
@@ -120,6 +121,7 @@ STYLE = {  # method -> (marker, colour, label)
     "fp32": ("*", "black", "FP32 original"),
     "uniform": ("s", "tab:blue", "uniform QAT wXa8"),
     "ort_static": ("D", "tab:gray", "ORT quantize_static int8"),
+    "onnxsim": ("d", "tab:brown", "onnxsim 0.8.1 post-training"),
     "prune-only": ("v", "tab:olive", "pruning only {0,8}"),
     "sequential": ("^", "tab:orange", "sequential prune -> MP"),
     "joint-size": ("o", "tab:red", "joint (size cost)"),
@@ -138,7 +140,7 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-METHODS = ("uniform", "fp32", "ort", "sequential", "joint")
+METHODS = ("uniform", "fp32", "ort", "onnxsim", "sequential", "joint")
 
 
 @dataclass
@@ -155,6 +157,8 @@ class RunOptions:
     cpus_per_job: float = 1.0  # --threads
     resume: bool = False
     progress: bool = True
+    labels: bool = True  # False (--no-labels): compress sees no labels (distillation from the FP32 model)
+    uniform_bits: tuple[int, ...] | None = None  # --uniform-bits: the uniform baselines' widths (default the mode's)
 
 
 def _method_of(strategy: str) -> str:
@@ -174,7 +178,7 @@ def compress_jobs(settings: dict, costs: list[str], methods: tuple[str, ...], ru
 
     for seed in run.seeds:
         if "uniform" in methods:
-            for bits in settings["uniform_bits"]:
+            for bits in run.uniform_bits or settings["uniform_bits"]:
                 add(f"uniform_w{bits}", "uniform", seed, {"weight_precisions": (bits,)},
                     {"method": "uniform", "label": f"W{bits}A8 QAT", "weight_bits": bits})
         if "sequential" in methods:
@@ -211,13 +215,23 @@ def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> str:
     return str(path)
 
 
+def _write_npz_unlabelled(path: Path, x: np.ndarray) -> str:
+    """The training inputs alone: compress then distils from the FP32 model (no labels)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, input=x)
+    os.replace(tmp, path)
+    return str(path)
+
+
 def run_compress_jobs(ctx: bb.Context, task, jobs: list[tuple[sweep.Job, dict]], cfg: bb.BenchConfig,
                       run: RunOptions, folder: Path, data_dir: Path) -> list[dict]:
     """The experiment's compress runs as one ``plugin.sweep`` (on Ray); one row per job."""
     if not jobs:
         return []
     key = f"{ctx.task_name}_{ctx.network}"
-    train = _write_npz(data_dir / f"{key}_train.npz", ctx.x_train, ctx.y_train)
+    train = (_write_npz(data_dir / f"{key}_train.npz", ctx.x_train, ctx.y_train) if run.labels
+             else _write_npz_unlabelled(data_dir / f"{key}_train_nolabels.npz", ctx.x_train))
     test = _write_npz(data_dir / f"{key}_test.npz", task.x_test, task.y_test)
     if folder.exists() and not run.resume:
         import shutil
@@ -286,6 +300,29 @@ def _safe(fn, ctx, label: str, *args):
     return rows
 
 
+def run_onnxsim_rows(ctx: bb.Context, seeds: tuple[int, ...], configs: tuple[str, ...] | None = None) -> list[dict]:
+    """Every ``bb.ONNXSIM_CONFIGS`` pipeline (or ``configs``) at every seed (the calibration's
+    seed); a failure is a row with ``error`` (``bb.run_onnxsim`` catches onnxsim's exceptions,
+    this anything else)."""
+    rows = []
+    for seed in seeds:
+        for key in configs or tuple(bb.ONNXSIM_CONFIGS):
+            suffix = f" s{seed}" if len(seeds) > 1 else ""
+            try:
+                row = bb.run_onnxsim(ctx, key, seed, suffix)
+            except Exception as exc:  # noqa: BLE001 - recorded, the benchmark goes on
+                row = {"task": ctx.task_name, "network": ctx.network, "method": "onnxsim", "seed": seed,
+                       "label": bb.onnxsim_label(key) + suffix, "onnxsim_config": key,
+                       "error": f"{type(exc).__name__}: {exc}"}
+            if "error" in row:
+                log(f"    {row['label']:<30} FAILED: {row['error'][:200]}")
+            else:
+                log(f"    {row['label']:<30} acc {100 * row['test_acc']:6.2f}%  size {row['size_model_bytes']:9,.0f} B  "
+                    f"file {row['file_bytes']:8,} B  {row['wall_s']:.1f}s")
+            rows.append(row)
+    return rows
+
+
 def run_experiment(task_name: str, network: str, width: float, fp32_epochs: int, n_compress: int | None,
                    mode: dict, cfg: bb.BenchConfig, costs: list[str], partial: Path | None = None,
                    overrides: dict | None = None, methods: tuple[str, ...] = METHODS,
@@ -309,13 +346,18 @@ def run_experiment(task_name: str, network: str, width: float, fp32_epochs: int,
     rows = run_compress_jobs(ctx, task, jobs, cfg, run, out / "sweeps" / key, out / "data")
     if "fp32" in methods:
         rows += _safe(bb.run_fp32, ctx, "FP32 original")
-    if "ort" in methods:
-        rows += _safe(bb.run_ort_static, ctx, "ORT quantize_static")
+    multi = len(run.seeds) > 1
+    if "ort" in methods:  # one calibration draw per seed (the same seed as the compress jobs')
+        for seed in run.seeds:
+            rows += _safe(bb.run_ort_static, ctx, "ORT quantize_static", 256, seed, f" s{seed}" if multi else "")
+    if "onnxsim" in methods:
+        rows += run_onnxsim_rows(ctx, run.seeds, mode.get("onnxsim"))
     info = {"task": task_name, "network": network, "width": width, "fp32_train": meta,
             "task_description": task.description, "n_compress": len(x), "n_test": len(task.x_test),
             "settings": settings, "epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs,
             "seeds": list(run.seeds), "strategies": list(run.strategies), "targets": list(run.targets),
-            "strategy_options": run.strategy_options, "sweep_folder": str(out / "sweeps" / key)}
+            "strategy_options": run.strategy_options, "sweep_folder": str(out / "sweeps" / key),
+            "labels": run.labels}
     result = finish_experiment(info, sorted(rows, key=_row_order), ctx.ref8, time.perf_counter() - start, True)
     if partial is not None:
         partial.parent.mkdir(parents=True, exist_ok=True)
@@ -343,7 +385,76 @@ def finish_experiment(info: dict, rows: list[dict], ref8: dict | None, seconds: 
               "headline": headline(rows, 0.5), "seconds": seconds, "complete": complete}
     if any(r.get("method") in STRATEGY_METHODS for r in rows):
         result["strategies_summary"] = strategy_summary(rows, 0.5)
+    if len({r.get("seed") for r in rows if r.get("seed") is not None}) > 1:
+        result["seed_summary"] = seed_summary(rows)
     return result
+
+
+def _config_label(row: dict) -> str:
+    """A row's label without its ``" s<seed>"`` suffix: the configuration its seeds share."""
+    label, seed = row["label"], row.get("seed")
+    return label[:-len(f" s{seed}")] if seed is not None and label.endswith(f" s{seed}") else label
+
+
+def seed_summary(rows: list[dict]) -> dict:
+    """Every configuration (label without the seed) over its seeds: mean and sd of test accuracy
+    (points), mean size (cost model, x W8), file bytes, training and CPU seconds; failed seeds
+    counted; and the issue's target, uniform W8A8 QAT at least as accurate as onnxruntime's
+    post-training int8 (means, and seed by seed where both ran)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_config_label(r), []).append(r)
+    configs = []
+    for label, group in groups.items():
+        ok = [r for r in group if "error" not in r and r.get("test_acc") is not None]
+        acc, sd = _mean_sd([100 * r["test_acc"] for r in ok])
+        configs.append({"config": label, "method": group[0].get("method"),
+                        "seeds": sorted(r.get("seed") for r in ok if r.get("seed") is not None),
+                        "failed": [f"s{r.get('seed')}: {r['error'][:160]}" for r in group if "error" in r],
+                        "test_acc_mean": acc, "test_acc_sd": sd,
+                        "size_bytes_mean": _mean_sd([r["size_model_bytes"] for r in ok
+                                                     if r.get("size_model_bytes") is not None])[0],
+                        "size_vs_w8_mean": _mean_sd([r["size_vs_w8"] for r in ok if r.get("size_vs_w8") is not None])[0],
+                        "file_bytes_mean": _mean_sd([r["file_bytes"] for r in ok if r.get("file_bytes")])[0],
+                        "train_s_mean": _mean_sd([r["train_s"] for r in ok if r.get("train_s") is not None])[0],
+                        "cpu_s_mean": _mean_sd([r["cpu_s"] for r in ok if r.get("cpu_s") is not None])[0]})
+    by = {c["config"]: c for c in configs}
+    target: dict = {}
+    w8, ort_ = by.get("W8A8 QAT"), by.get("ORT quantize_static int8")
+    if w8 and ort_ and w8["test_acc_mean"] is not None and ort_["test_acc_mean"] is not None:
+        acc_of = {(r["method"], r.get("seed")): r["test_acc"] for r in rows if "error" not in r
+                  and r.get("test_acc") is not None and (r["method"] == "ort_static"
+                                                        or (r["method"] == "uniform" and r.get("weight_bits") == 8))}
+        per_seed = {s: 100 * (acc_of[("uniform", s)] - acc_of[("ort_static", s)])
+                    for s in sorted({k[1] for k in acc_of}) if ("uniform", s) in acc_of and ("ort_static", s) in acc_of}
+        target = {"w8a8_qat_mean": w8["test_acc_mean"], "ort_int8_mean": ort_["test_acc_mean"],
+                  "holds_on_mean": w8["test_acc_mean"] >= ort_["test_acc_mean"],
+                  "margin_points_by_seed": per_seed, "holds_every_seed": all(v >= 0 for v in per_seed.values())}
+    return {"configs": configs, "w8a8_qat_vs_ort": target}
+
+
+def seed_markdown(summary: dict) -> list[str]:
+    """The mean +- sd table of ``seed_summary`` and the W8A8-QAT-vs-ORT target line."""
+    lines = ["Over seeds (mean +- sd of test accuracy; means of the rest; train s: search + QAT, or the "
+             "post-training pipeline's wall time; CPU s: its process CPU time):", "",
+             "| configuration | seeds | test acc | size (cost model) | x W8 | file | train s | CPU s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in summary["configs"]:
+        failed = f" ({len(c['failed'])} failed: {c['failed'][0]})" if c["failed"] else ""
+        if c["test_acc_mean"] is None:
+            lines.append(f"| {c['config']} | - | failed{failed} ||||||")
+            continue
+        lines.append(f"| {c['config']} | {','.join(map(str, c['seeds']))}{failed} "
+                     f"| {c['test_acc_mean']:.2f} +- {c['test_acc_sd']:.2f}% | {_fmt(c['size_bytes_mean'], ',.0f')} B "
+                     f"| {_fmt(c['size_vs_w8_mean'], '.3f')} | {_fmt(c['file_bytes_mean'], ',.0f')} B "
+                     f"| {_fmt(c['train_s_mean'], '.1f')} | {_fmt(c['cpu_s_mean'], '.1f')} |")
+    t = summary.get("w8a8_qat_vs_ort")
+    if t:
+        seeds = ", ".join(f"s{s} {v:+.2f}" for s, v in t["margin_points_by_seed"].items())
+        lines += ["", f"Target W8A8 QAT >= ORT int8: {t['w8a8_qat_mean']:.2f}% vs {t['ort_int8_mean']:.2f}% "
+                      f"({'holds' if t['holds_on_mean'] else 'fails'} on the mean; per seed, points: {seeds}; "
+                      f"{'holds' if t['holds_every_seed'] else 'fails'} on every seed)"]
+    return lines
 
 
 def sweep_labels(settings: dict) -> set[str]:
@@ -365,7 +476,8 @@ def merge_results(results: list[dict], settings: dict | None = None) -> dict:
     if settings:
         keep = sweep_labels(settings)
         rows = {k: r for k, r in rows.items()
-                if r.get("method") in ("uniform", "fp32", "ort_static", *STRATEGY_METHODS) or k in keep}
+                if r.get("method") in ("uniform", "fp32", "ort_static", "onnxsim", *STRATEGY_METHODS)
+                or k in keep}
     base = dict(results[-1])
     ref8 = next((r["ref_8bit"] for r in results if (r.get("ref_8bit") or {}).get("size")), None)
     info = {k: v for k, v in base.items() if k not in ("rows", "headline", "seconds", "complete", "ref_8bit")}
@@ -374,7 +486,7 @@ def merge_results(results: list[dict], settings: dict | None = None) -> dict:
                              sum(r.get("seconds", 0.0) for r in results), all(r.get("complete", True) for r in results))
 
 
-_METHOD_ORDER = ("uniform", "fp32", "ort_static", "prune-only", "sequential", "joint-size", "joint-mpic",
+_METHOD_ORDER = ("uniform", "fp32", "ort_static", "onnxsim", "prune-only", "sequential", "joint-size", "joint-mpic",
                  *STRATEGY_METHODS)
 
 
@@ -395,6 +507,10 @@ def _row_order(row: dict) -> tuple:
         return (_METHOD_ORDER.index(STRATEGY_METHODS[0]), _target_percent(row.get("target")), rank, seed)
     if method in ("prune-only", "sequential"):
         return (_METHOD_ORDER.index("prune-only"), row.get("lam_prune") or row.get("lam") or 0.0, rank, seed)
+    if method == "onnxsim":
+        keys = list(bb.ONNXSIM_CONFIGS)
+        cfg = row.get("onnxsim_config")
+        return (rank, keys.index(cfg) if cfg in keys else len(keys), 0.0, seed)
     return (rank, -(row.get("weight_bits") or 0), row.get("lam") or 0.0, seed)
 
 
@@ -408,7 +524,7 @@ def headline(rows: list[dict], tolerance_pt: float) -> dict:
     joint = [r for r in ok if r["method"].startswith("joint")]
     out: dict = {"tolerance_points": tolerance_pt}
     for r in ok:
-        if r["method"] in ("uniform", "ort_static", "sequential", "fp32"):
+        if r["method"] in ("uniform", "ort_static", "onnxsim", "sequential", "fp32"):
             iso = [j for j in joint if 100 * j["test_acc"] >= 100 * r["test_acc"] - tolerance_pt]
             entry: dict = {"baseline_acc": r["test_acc"], "baseline_size_bytes": r["size_model_bytes"]}
             if iso:
@@ -599,8 +715,9 @@ def markdown(results: list[dict], meta: dict) -> str:
         lines += ["", "Training times (train s) were measured with other jobs running: compare them only "
                       "as rough figures; a timing comparison needs a run alone on the machine."]
     for res in results:
+        seen = "labelled" if res.get("labels", True) else "unlabelled (distillation from the FP32 model)"
         lines += ["", f"**{res['task']} / {res['network']}** ({res['task_description']}; compress sees "
-                      f"{res['n_compress']} labelled samples, accuracy on {res['n_test']} test samples)", "",
+                      f"{res['n_compress']} {seen} samples, accuracy on {res['n_test']} test samples)", "",
                   "| method | test acc | size (cost model) | x W8 | file | MPIC cycles | ORT b1 / b32 ms "
                   "| train s | kept / total | weight bits |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
@@ -637,6 +754,17 @@ def markdown(results: list[dict], meta: dict) -> str:
                              f"{e['joint']} ({100 * e['joint_acc']:.2f}%, {e['joint_size_bytes']:,.0f} B, "
                              f"{e['joint_train_s'] or 0:.0f} s): training time x{e.get('time_ratio', 0):.2f} "
                              "(target <= 0.5)")
+        onnxsim_rows = [k for k, e in h.items() if k.startswith("onnxsim") and isinstance(e, dict)]
+        for name in onnxsim_rows:
+            e = h[name]
+            if e.get("joint") is None:
+                lines.append(f"- vs {name} ({100 * e['baseline_acc']:.2f}%): no joint plan that accurate")
+            else:
+                lines.append(f"- vs {name} ({100 * e['baseline_acc']:.2f}%, {e['baseline_size_bytes']:,.0f} B): "
+                             f"{e['joint']} ({100 * e['joint_acc']:.2f}%), size {-e['size_reduction_pct']:+.1f}%, "
+                             f"file {-e['file_reduction_pct']:+.1f}%")
+        if res.get("seed_summary"):
+            lines += ["", *seed_markdown(res["seed_summary"])]
         if res.get("strategies_summary"):
             lines += ["", *strategy_markdown(res["strategies_summary"])]
     return "\n".join(lines) + "\n"
@@ -826,6 +954,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="budgets of the --strategies runs (default size=50%%,35%%,25%%)")
     parser.add_argument("-S", "--strategy-option", dest="strategy_options", action="append", default=[],
                         metavar="STRATEGY.NAME=VALUE", help="an option of one strategy, e.g. -S rl.episodes=60")
+    parser.add_argument("--no-labels", action="store_true",
+                        help="compress jobs see the training inputs without labels (distillation from the FP32 model)")
+    parser.add_argument("--uniform-bits", help="comma-separated widths of the uniform baselines (default 8,4,2)")
     parser.add_argument("--act-bits", default="8", help="activation widths of every compress job (default 8: wXa8)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (Ray CPUs) per job (default 1)")
     parser.add_argument("--jobs", type=int, default=None,
@@ -861,7 +992,9 @@ def main(argv: list[str] | None = None) -> int:
                      strategy_options=sweep.parse_job_options(args.strategy_options, strategies),
                      act_bits=Precisions.parse(None, args.act_bits).activations,
                      address=args.address, num_cpus=None if args.address else args.jobs,
-                     cpus_per_job=float(args.threads), resume=args.resume, progress=not args.no_progress)
+                     cpus_per_job=float(args.threads), resume=args.resume, progress=not args.no_progress,
+                     labels=not args.no_labels,
+                     uniform_bits=tuple(int(b) for b in args.uniform_bits.split(",")) if args.uniform_bits else None)
     start = time.perf_counter()
     made_at = commit()  # the jobs record it too; taken before the run (others may commit meanwhile)
     results = [run_experiment(task_name, network, width, fp32_epochs, n, mode, cfg, costs,
@@ -876,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
             "strategy_options": run.strategy_options, "torch_threads": args.threads, "jobs": args.jobs,
             "device": args.device, "ray_address": args.address, "seconds": time.perf_counter() - start,
             "command": command_line(), "commit": made_at, "versions": versions("ray"),
-            "cpu_count": os.cpu_count(),
+            "cpu_count": os.cpu_count(), "labels": run.labels,
             "activations": f"act_bits={tuple(run.act_bits)} for every compress job"}
     paths = write_outputs(results, meta, args.out)
     log(f"\ntotal {meta['seconds']:.0f}s; wrote " + ", ".join(str(p) for p in paths.values()))

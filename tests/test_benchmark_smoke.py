@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"fp32", "uniform", "ort_static", "prune-only", "sequential", "joint-size"}
+METHODS = {"fp32", "uniform", "ort_static", "onnxsim", "prune-only", "sequential", "joint-size"}
 
 
 @pytest.mark.slow
