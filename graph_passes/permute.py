@@ -162,6 +162,9 @@ class _Walk:
         sigmas: dict[str, np.ndarray] = {}
         edits: list[tuple[str, int, int, np.ndarray]] = []  # (node, input index, axis, sigma)
         for node in self.model.graph.node:
+            inner = sorted(r for r in subgraph_references(node) if r in sigmas)
+            if inner:
+                raise _Refuse(inner, f"{node.op_type} node '{node.name}' reads '{inner[0]}' inside a subgraph")
             if node.name in self.layers:
                 self._weight_layer(node, sigmas, edits)
             else:
