@@ -3,18 +3,23 @@
 Both train the same bridged torch module (``plugin.bridge.convert`` of the normalised model) on
 the same batches (batch 64, CPU, torch threads ``--threads``, default 1 as compress uses for
 small models): the FP32 step is forward + cross-entropy + backward + Adam; the search step is
-``SearchRunner.run_epoch``'s step (the supernet's forward with every quantizer mixing its
-precisions, the distillation loss against the FP32 teacher (the default ``task_loss``), the cost,
-backward, Adam on the weights and SGD on the logits). Each is timed over ``--steps`` steps
-after ``--warmup`` steps, ``--repeats`` times (interleaved); the median per-step wall time and
-process CPU time (``time.process_time``: less sensitive to other processes on a shared machine,
-one thread) are reported, with the
-bytes of the tensors autograd saves for backward in one step (the training memory proper), the
-peak Python-heap memory (tracemalloc, over one timed pass) and the process's peak RSS
-(``resource.getrusage``, which only grows: the FP32 run comes first), and the 1-minute load
-average before and after (the machine is shared).
+``SearchRunner.train_step`` (the body of ``run_epoch``: the supernet's forward with every quantizer
+mixing its precisions, the distillation loss against the FP32 teacher (the default
+``task_loss``; from the second epoch on its outputs come from the runner's teacher cache, so the
+warm-up runs once over every timed batch first), the cost, backward, Adam on the weights and SGD
+on the logits; at a commit without ``train_step`` the same body inline); the QAT step is
+fine-tuning's step on a ``FakeQuantModel`` with the supernet's initial discretised plan frozen
+(teacher forward + distillation + backward + Adam). Each is timed over ``--steps`` steps,
+``--repeats`` times (interleaved); the median per-step wall time and process CPU time
+(``time.process_time``: less sensitive to other processes on a shared machine, one thread) are
+reported. Memory is measured in a separate pass (never in the timed ones, which tracemalloc would
+slow): the bytes of the tensors autograd saves for backward in one step, the peak resident set
+during one step above the resident set before it (``/proc/self/clear_refs`` resets the
+high-water mark, read from ``VmHWM``; the allocator may keep freed memory, so this is a lower
+bound on the step's transient memory), the peak Python-heap memory (tracemalloc) and the
+process's peak RSS; and the 1-minute load average before and after (the machine is shared).
 
-    python benchmarks/step_speed.py --out benchmarks/results/step-speed-cpu
+    python benchmarks/step_speed.py --out benchmarks/results/step-speed-cpu/LABEL
 """
 
 from __future__ import annotations
@@ -51,18 +56,47 @@ def _models() -> list[tuple[str, Path, np.ndarray, np.ndarray]]:
     return out
 
 
-def _timed(step, batches, warmup: int, steps: int) -> tuple[float, float, int]:
-    """(wall seconds, process CPU seconds) per step, and the tracemalloc peak (Python heap)."""
+def _timed(step, batches, warmup: int, steps: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per step."""
     for b in batches[:warmup]:
         step(b)
-    tracemalloc.start()
     start, cpu = time.perf_counter(), time.process_time()
     for b in batches[warmup:warmup + steps]:
         step(b)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-    _, peak = tracemalloc.get_traced_memory()
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def memory(step, batches) -> dict:
+    """One pass of ``batches`` (not timed): the Python-heap peak (tracemalloc) and, per step, the
+    resident-set high-water mark above the resident set before the step (max over the steps)."""
+    peak_above = 0
+    tracemalloc.start()
+    for b in batches:
+        before = _status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            resettable = True
+        except OSError:
+            resettable = False
+        step(b)
+        hwm = _status_kib("VmHWM")
+        if resettable and before is not None and hwm is not None:
+            peak_above = max(peak_above, hwm - before)
+    _, heap = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return seconds / steps, cpu_seconds / steps, peak
+    return {"python_heap_peak_kib": heap / 1024, "step_rss_peak_above_kib": peak_above if resettable else None}
 
 
 def saved_bytes(step, batch) -> int:
@@ -86,6 +120,7 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
     from plugin.data import Dataset
     from plugin.engine.batches import iterate_batches, task_loss
     from plugin.engine.config import SearchConfig
+    from plugin.engine.fakequant import FakeQuantModel
     from plugin.engine.supernet import SearchRunner, Supernet
     from plugin.space import Precisions, SearchSpace
 
@@ -94,7 +129,12 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
     config = SearchConfig(batch_size=64, progress=False, seed=0)
     space = SearchSpace(prepared.analysis, Precisions(config.weight_precisions, config.activation_precisions))
     n = args.warmup + args.steps
-    batches = list(iterate_batches(data, [prepared.model.graph.input[0].name], 64, 0, torch.device("cpu"), n))
+    names = [prepared.model.graph.input[0].name]
+    try:
+        from plugin.engine.batches import indexed_batches
+        batches = list(indexed_batches(data, names, 64, 0, torch.device("cpu"), n))
+    except ImportError:  # a commit before indexed_batches
+        batches = [(None, b) for b in iterate_batches(data, names, 64, 0, torch.device("cpu"), n)]
     while len(batches) < n:
         batches += batches[: n - len(batches)]
 
@@ -102,7 +142,7 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
     opt = torch.optim.Adam(fp32.parameters(), lr=1e-3)
 
     def fp32_step(batch) -> None:
-        inputs, labels = batch
+        _, (inputs, labels) = batch
         loss = task_loss("cross_entropy", fp32(*inputs), None, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -111,9 +151,12 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
     net = Supernet.build(prepared.model, config, space=space)
     runner = SearchRunner(net, data, config)
 
-    def search_step(batch) -> None:  # the body of SearchRunner.run_epoch
-        inputs, labels = batch
-        teacher = net.teacher_outputs(*inputs) if config.task_loss != "cross_entropy" else None
+    def search_step(batch) -> None:
+        indices, (inputs, labels) = batch
+        if hasattr(runner, "train_step"):
+            runner.train_step(inputs, labels, 1.0, indices)
+            return
+        teacher = net.teacher_outputs(*inputs) if config.task_loss != "cross_entropy" else None  # the old body
         loss = task_loss(config.task_loss, net(*inputs), teacher, labels) + 1.0 * net.cost(config.cost_model) * runner.cost_scale
         runner.weight_opt.zero_grad(set_to_none=True)
         runner.alpha_opt.zero_grad(set_to_none=True)
@@ -121,29 +164,46 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
         runner.weight_opt.step()
         runner.alpha_opt.step()
 
+    qat = FakeQuantModel.build(prepared.model, config, space=SearchSpace(
+        prepared.analysis, Precisions(config.weight_precisions, config.activation_precisions)))
+    qat.freeze(net.discretise())
+    qat_opt = torch.optim.Adam(qat.net_parameters(), lr=1e-4)
+
+    def qat_step(batch) -> None:  # plugin.engine.training's fine-tuning step
+        _, (inputs, labels) = batch
+        loss = task_loss(config.task_loss, qat(*inputs), qat.teacher_outputs(*inputs), labels)
+        qat_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        qat_opt.step()
+
+    for b in batches:  # the teacher cache holds every timed batch: epoch 2 onwards of a search
+        search_step(b)
     if args.ab_forward:
         return _ab_forward(name, search_step, batches, args)
-    rows: dict[str, list] = {"fp32": [], "search": []}
-    cpu: dict[str, list] = {"fp32": [], "search": []}
-    peaks: dict[str, int] = {}
-    rss: dict[str, int] = {}
-    for _ in range(args.repeats):  # interleaved, so load changes hit both
-        for kind, step in (("fp32", fp32_step), ("search", search_step)):
-            t, c, peak = _timed(step, batches, args.warmup, args.steps)
+    kinds = {"fp32": fp32_step, "search": search_step, "qat": qat_step}
+    rows: dict[str, list] = {k: [] for k in kinds}
+    cpu: dict[str, list] = {k: [] for k in kinds}
+    for _ in range(args.repeats):  # interleaved, so load changes hit all three
+        for kind, step in kinds.items():
+            t, c = _timed(step, batches, args.warmup, args.steps)
             rows[kind].append(t)
             cpu[kind].append(c)
-            peaks[kind] = max(peaks.get(kind, 0), peak)
-            rss[kind] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    saved = {"fp32": saved_bytes(fp32_step, batches[0]), "search": saved_bytes(search_step, batches[0])}
-    fp32_s, search_s = statistics.median(rows["fp32"]), statistics.median(rows["search"])
-    fp32_c, search_c = statistics.median(cpu["fp32"]), statistics.median(cpu["search"])
-    return {"model": name, "fp32_step_ms": 1000 * fp32_s, "search_step_ms": 1000 * search_s,
-            "ratio": search_s / fp32_s, "fp32_step_cpu_ms": 1000 * fp32_c, "search_step_cpu_ms": 1000 * search_c,
-            "cpu_ratio": search_c / fp32_c, "fp32_cpu_runs_ms": [1000 * t for t in cpu["fp32"]],
-            "search_cpu_runs_ms": [1000 * t for t in cpu["search"]], "fp32_runs_ms": [1000 * t for t in rows["fp32"]],
-            "search_runs_ms": [1000 * t for t in rows["search"]],
-            "tracemalloc_peak_kib": {k: v / 1024 for k, v in peaks.items()},
-            "maxrss_kib_after": rss, "autograd_saved_kib": {k: v / 1024 for k, v in saved.items()}, "task_loss": config.task_loss}
+    mem = {kind: memory(step, batches[: args.warmup + min(args.steps, 5)]) for kind, step in kinds.items()}
+    saved = {kind: saved_bytes(step, batches[0]) for kind, step in kinds.items()}
+    wall = {k: statistics.median(v) for k, v in rows.items()}
+    cpus = {k: statistics.median(v) for k, v in cpu.items()}
+    out = {"model": name, "task_loss": config.task_loss, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    for kind in kinds:
+        out[f"{kind}_step_ms"] = 1000 * wall[kind]
+        out[f"{kind}_step_cpu_ms"] = 1000 * cpus[kind]
+        out[f"{kind}_runs_ms"] = [1000 * t for t in rows[kind]]
+        out[f"{kind}_cpu_runs_ms"] = [1000 * t for t in cpu[kind]]
+    out["ratio"], out["cpu_ratio"] = wall["search"] / wall["fp32"], cpus["search"] / cpus["fp32"]
+    out["qat_ratio"], out["qat_cpu_ratio"] = wall["qat"] / wall["fp32"], cpus["qat"] / cpus["fp32"]
+    out["autograd_saved_kib"] = {k: v / 1024 for k, v in saved.items()}
+    out["tracemalloc_peak_kib"] = {k: v["python_heap_peak_kib"] for k, v in mem.items()}
+    out["step_rss_peak_above_kib"] = {k: v["step_rss_peak_above_kib"] for k, v in mem.items()}
+    return out
 
 
 def _ab_forward(name: str, search_step, batches, args) -> dict:
@@ -199,15 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"step speed ({args.label or 'run'}): batch 64, CPU, {args.threads} thread(s), median of "
              f"{args.repeats} x {args.steps} steps; load average (1/5/15 min) before "
              f"{'/'.join(f'{v:.2f}' for v in load_before)}, after {'/'.join(f'{v:.2f}' for v in load_after)}", "",
-             "| model | FP32 step ms (CPU ms) | search step ms (CPU ms) | ratio wall (CPU) | "
-             "autograd-saved KiB (fp32 / search) | Python-heap peak KiB (fp32 / search) | max RSS MiB |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | FP32 step ms (CPU ms) | search step ms (CPU ms) | search / FP32 wall (CPU) | "
+             "QAT step ms (CPU ms) | QAT / FP32 (CPU) | autograd-saved KiB (fp32 / search / QAT) | "
+             "step peak RSS above start KiB (fp32 / search / QAT) | Python-heap peak KiB (fp32 / search / QAT) | "
+             "max RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def three(d: dict) -> str:
+        return " / ".join("-" if d.get(k) is None else f"{d[k]:.0f}" for k in ("fp32", "search", "qat"))
+
     for r in rows:
         lines.append(f"| {r['model']} | {r['fp32_step_ms']:.1f} ({r['fp32_step_cpu_ms']:.1f}) | "
                      f"{r['search_step_ms']:.1f} ({r['search_step_cpu_ms']:.1f}) | {r['ratio']:.2f}x ({r['cpu_ratio']:.2f}x) | "
-                     f"{r['autograd_saved_kib']['fp32']:.0f} / {r['autograd_saved_kib']['search']:.0f} | "
-                     f"{r['tracemalloc_peak_kib']['fp32']:.0f} / {r['tracemalloc_peak_kib']['search']:.0f} | "
-                     f"{r['maxrss_kib_after']['search'] / 1024:.0f} |")
+                     f"{r['qat_step_ms']:.1f} ({r['qat_step_cpu_ms']:.1f}) | {r['qat_ratio']:.2f}x ({r['qat_cpu_ratio']:.2f}x) | "
+                     f"{three(r['autograd_saved_kib'])} | {three(r['step_rss_peak_above_kib'])} | "
+                     f"{three(r['tracemalloc_peak_kib'])} | {r['maxrss_kib'] / 1024:.0f} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

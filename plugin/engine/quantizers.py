@@ -38,11 +38,14 @@ Searchable quantizers' ``forward`` returns a plain tensor (usable with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -122,6 +125,51 @@ class _SymmetricRoundSTE(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (inside,) = ctx.saved_tensors
         return grad * inside, None, None
+
+
+class _WeightMixtureSTE(torch.autograd.Function):
+    """``sum_k theta_k * Q_k(w)`` of the searchable weight quantizer in one node: ``theta``,
+    ``scale`` ``[K, *channel view]``, ``qmax`` ``[K, 1, ...]``, the widths widest first.
+
+    The same operations as the per-width graph (``w.unsqueeze(0)`` through
+    :class:`_SymmetricRoundSTE`, times theta, the K slices summed narrowest first), in place into
+    one buffer, and a backward that computes what autograd computed for that graph in the same
+    order: ``y`` and the gradients of ``w`` and ``theta`` are the same bits. The clip mask is made
+    only when a rounded value lies outside its range (the largest weight sits on the grid, so
+    normally none does: then the clamp and the mask are identities)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, theta: Tensor, scale: Tensor, qmax: Tensor) -> Tensor:  # type: ignore[override]
+        k = scale.shape[0]
+        stacked = torch.div(w.unsqueeze(0), scale)  # [K, *w.shape]
+        stacked.round_()
+        dims = tuple(range(1, stacked.ndim))
+        inside = None
+        if bool((stacked.abs().amax(dim=dims) > qmax.reshape(-1)).any()):
+            inside = stacked.abs() <= qmax
+            stacked = torch.clamp(stacked, -qmax, qmax)
+        stacked.mul_(scale)
+        y = stacked[k - 1] * theta[k - 1]
+        term = None
+        for j in range(k - 2, -1, -1):
+            term = torch.mul(stacked[j], theta[j], out=term) if term is not None else stacked[j] * theta[j]
+            y.add_(term)
+        ctx.save_for_backward(stacked, theta, inside)
+        ctx.theta_dims = [d for d in range(stacked.ndim) if theta.shape[d] == 1 and stacked.shape[d] != 1]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
+        stacked, theta, inside = ctx.saved_tensors
+        spread = grad.unsqueeze(0).expand_as(stacked)
+        grad_q = spread * theta
+        if inside is not None:
+            grad_q = grad_q * inside
+        grad_w = grad_q.sum(dim=0)
+        grad_theta = spread * stacked
+        if ctx.theta_dims:
+            grad_theta = grad_theta.sum(dim=ctx.theta_dims, keepdim=True)
+        return grad_w, grad_theta, None, None
 
 
 def _channel_view_shape(ndim: int, ch_axis: int, n_channels: int) -> list[int]:
@@ -217,11 +265,60 @@ class SharedAlpha(nn.Module):
         self.logit_mask = mask
 
     def theta(self, temperature: float) -> Tensor:
-        """``softmax(alpha / T)`` over precisions, shape ``[len(precisions), n_channels]``."""
+        """``softmax(alpha / T)`` over precisions, shape ``[len(precisions), n_channels]``.
+
+        Inside :func:`theta_cache` computed once per step: every reader (the layers of the group,
+        their bias gates, the cost) gets the same tensor while the logits are unchanged."""
+        memo = getattr(_THETA_MEMO, "store", None)
+        if memo is None:
+            return self._theta(temperature)
+        mask = self.logit_mask
+        key = (float(temperature), self.alpha._version, torch.is_grad_enabled(),
+               None if mask is None else (id(mask), mask._version))
+        hit = memo.get(id(self))
+        if hit is not None and hit[0] == key and hit[1] is self:
+            return hit[2]
+        out = self._theta(temperature)
+        memo[id(self)] = (key, self, out)
+        return out
+
+    def _theta(self, temperature: float) -> Tensor:
         logits = self.alpha / temperature
         if self.logit_mask is not None:
             logits = logits + self.logit_mask
         return torch.softmax(logits, dim=0)
+
+
+_THETA_MEMO = threading.local()
+
+
+@contextlib.contextmanager
+def theta_cache() -> Iterator[None]:
+    """Within the block, each :class:`SharedAlpha`'s theta (and each searchable quantizer's
+    columns of it) is computed once per logits version, temperature and grad mode, and shared by
+    every reader: one softmax per group per training step instead of one per reader. The values
+    are the same bits; the logits' gradient is the same sum, accumulated in another order (one
+    softmax backward of the summed readers' gradients). Enter it around one step (forward,
+    backward, optimiser step): a tensor kept past the step would hold a freed graph."""
+    previous = getattr(_THETA_MEMO, "store", None)
+    _THETA_MEMO.store = {}
+    try:
+        yield
+    finally:
+        _THETA_MEMO.store = previous
+
+
+def _memo_columns(owner: nn.Module, base: Tensor, make: Callable[[Tensor], Tensor]) -> Tensor:
+    """``make(base)``, once per ``base`` tensor inside :func:`theta_cache` (else every call)."""
+    memo = getattr(_THETA_MEMO, "store", None)
+    if memo is None:
+        return make(base)
+    hit = memo.get(id(owner))
+    if hit is not None and hit[0] is base and hit[1] is owner:
+        return hit[2]
+    out = make(base)
+    memo[id(owner)] = (base, owner, out)
+    return out
 
 
 class _SearchableBase(nn.Module):
@@ -305,7 +402,8 @@ class SearchableWeightQuantizer(_SearchableBase):
 
     def theta(self) -> Tensor:
         """``softmax(alpha / T)`` per output channel, shape ``[len(precisions), c_out]``."""
-        return self.alpha.theta(self._temperature)[:, self.channel_to_group_index]
+        return _memo_columns(self, self.alpha.theta(self._temperature),
+                             lambda theta: theta[:, self.channel_to_group_index])
 
     def c_out_eff(self) -> Tensor:
         """Expected kept channels ``C_out - sum_c theta[0, c]`` (differentiable, 0-d)."""
@@ -371,20 +469,17 @@ class SearchableWeightQuantizer(_SearchableBase):
         In a whole model the alpha gradients, shared with bias gates and the cost, are summed
         in another order, so training differs from the per-width version by float rounding.
         Measured alone on 2 cores: 5-20% less training time per search (benchmarks/README.md).
+        The rounding, clipping and weighted sum are one autograd node (:class:`_WeightMixtureSTE`:
+        the same values and gradients bit for bit as the per-width graph it replaces).
         """
         theta = self.theta().to(w.dtype)
         ch = self.ch_axis % w.ndim
-        kept = sorted((j for j, b in enumerate(self.precisions) if b != 0), key=lambda j: -self.precisions[j])
-        qmax = w.new_tensor([2 ** (self.precisions[j] - 1) - 1 for j in kept])  # [K]
+        kept, qmax = self._kept_widths(w)
         scale = _per_channel_absmax(w, ch)[None, :] / qmax[:, None]  # [K, C]
         scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
         view = [len(kept), *_channel_view_shape(w.ndim, ch, self.c_out)]
-        q = _SymmetricRoundSTE.apply(w.unsqueeze(0), scale.reshape(view),
-                                     qmax.reshape([len(kept)] + [1] * w.ndim))  # [K, *w.shape]
-        weighted = theta[kept].reshape(view) * q
-        y = weighted[-1]
-        for k in range(len(kept) - 2, -1, -1):
-            y = y + weighted[k]
+        y = _WeightMixtureSTE.apply(w, theta[kept].reshape(view), scale.reshape(view),
+                                    qmax.reshape([len(kept)] + [1] * w.ndim))
         if y_only:  # forward(): the scale, zero point and expected width below are not used
             return QuantOutput(y, None, None, None)  # type: ignore[arg-type]
         best = theta.detach().argmax(dim=0)
@@ -393,6 +488,17 @@ class SearchableWeightQuantizer(_SearchableBase):
         scale_best = scales.gather(0, best[None]).squeeze(0)
         zero_point = torch.zeros(self.c_out, dtype=torch.int32, device=w.device)
         return QuantOutput(y, scale_best, zero_point, self.expected_bit_width())
+
+    def _kept_widths(self, w: Tensor) -> tuple[list[int], Tensor]:
+        """The non-zero widths' indices, widest first, and their top integers (cached per dtype and
+        device: no tensor made from a list every step)."""
+        key = (w.dtype, w.device)
+        cached = self.__dict__.get("_kept_cache")
+        if cached is None or cached[0] != key or cached[1] != self.precisions:
+            kept = sorted((j for j, b in enumerate(self.precisions) if b != 0), key=lambda j: -self.precisions[j])
+            cached = (key, self.precisions, kept, w.new_tensor([2 ** (self.precisions[j] - 1) - 1 for j in kept]))
+            self.__dict__["_kept_cache"] = cached
+        return cached[2], cached[3]
 
     def forward(self, w: Tensor) -> Tensor:
         if self.frozen_bits is None and w.shape[self.ch_axis] == self.c_out:
@@ -441,45 +547,90 @@ class _ActivationMixtureSTE(torch.autograd.Function):
     """``sum_j theta_j * Q_j(x)`` of the searchable activation quantizer in one node.
 
     The widths share one clip, so the pass-through and clip masks of every ``Q_j`` (PACT or
-    symmetric clip, as :class:`_PactSTE` / :class:`_SymmetricClipSTE`) are the same tensors: they
-    are made and saved once instead of once per width, and the backward needs no per-width
-    products. ``y`` is the same value, bit for bit, as the per-width sum (the same operations in
-    the same order); the gradients are the same sums taken in another order (measured: 1e-7
-    relative on x, the clip and the logits' gradient to float32 reduction rounding), at about
-    half the CPU time of the per-width autograd graph (benchmarks/results/pypi-corpus-stages-cpu.md).
+    symmetric clip, as :class:`_PactSTE` / :class:`_SymmetricClipSTE`) are the same: they are
+    made once, and the backward needs no per-width products. ``y`` is the same value, bit for
+    bit, as the per-width sum (the same operations in the same order, in place into one buffer);
+    the gradients are the same sums taken in another order (measured: 1e-7 relative on x, the
+    clip and the logits' gradient to float32 reduction rounding).
+
+    On CPU no boolean mask is made or saved (a comparison into a bool tensor costs about five
+    float passes there): the backward masks the gradient against ``x`` itself (saved; often the
+    producer's ReLU saves that tensor already) with :func:`_masked_gradients`, which selects
+    exactly the elements the masks select. Elsewhere the boolean masks are saved.
     ``levels``: the top integer of each width (``2^b - 1`` unsigned, ``2^(b-1) - 1`` signed)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, clip: Tensor, theta: Tensor, levels: tuple[int, ...],  # type: ignore[override]
                 signed: bool) -> Tensor:
-        above = x >= clip
-        below = x <= -clip if signed else None
         stacked = x.new_empty((len(levels), *x.shape))  # every Q_j(x): the logits' gradient
-        y = None
+        y = term = None
         for j, n in enumerate(levels):
             scale = clip / n
-            torch.mul(torch.clamp(torch.round(x / scale), -n if signed else 0, n), scale, out=stacked[j])
-            term = theta[j] * stacked[j]
-            y = term if y is None else y + term
-        if signed:
-            ctx.save_for_backward(~(above | below), above, below, stacked, theta)
-        else:
-            ctx.save_for_backward((x >= 0) & ~above, above, stacked, theta)
+            q = stacked[j]
+            torch.div(x, scale, out=q)
+            q.round_().clamp_(-n if signed else 0, n).mul_(scale)
+            if y is None:
+                y = q * theta[j]
+            else:
+                term = torch.mul(q, theta[j], out=term) if term is not None else q * theta[j]
+                y.add_(term)
         ctx.signed = signed
         ctx.clip_shape = clip.shape
+        ctx.fast = x.device.type == "cpu" and _FLOAT_MASKS_ON_CPU
+        if ctx.fast:
+            ctx.clip_value = float(clip)
+            ctx.save_for_backward(x, stacked, theta)
+        elif signed:
+            above, below = x >= clip, x <= -clip
+            ctx.save_for_backward(~(above | below), above, below, stacked, theta)
+        else:
+            above = x >= clip
+            ctx.save_for_backward((x >= 0) & ~above, above, stacked, theta)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
-        if ctx.signed:
-            inside, above, below, stacked, theta = ctx.saved_tensors
+        if ctx.fast:
+            x, stacked, theta = ctx.saved_tensors
+            inside, edge = _masked_gradients(grad, x, ctx.clip_value, ctx.signed)
+        elif ctx.signed:
+            inside_mask, above, below, stacked, theta = ctx.saved_tensors
             edge = (grad * above).sum() - (grad * below).sum()
+            inside = grad * inside_mask
         else:
-            inside, above, stacked, theta = ctx.saved_tensors
+            inside_mask, above, stacked, theta = ctx.saved_tensors
             edge = (grad * above).sum()
+            inside = grad * inside_mask
         total = theta.sum()  # d y / d x = sum_j theta_j inside the clip range
         grad_theta = stacked.reshape(len(stacked), -1) @ grad.reshape(-1).to(stacked.dtype)
-        return grad * inside * total, (edge * total).reshape(ctx.clip_shape), grad_theta, None, None
+        return inside * total, (edge * total).reshape(ctx.clip_shape), grad_theta, None, None
+
+
+_FLOAT_MASKS_ON_CPU = True  # False: the boolean masks on CPU too (tests compare the two)
+
+
+def _masked_gradients(grad: Tensor, x: Tensor, clip: float, signed: bool) -> tuple[Tensor, Tensor]:
+    """The clip quantizers' straight-through masks applied with float kernels only:
+    ``(grad where it passes, sum of grad where x >= clip, minus where x <= -clip if signed)``;
+    unsigned passes ``0 <= x < clip``, signed ``-clip < x < clip``. ``threshold_backward(g, x, t)``
+    is ``x <= t ? 0 : g`` and ``hardtanh_backward(g, x, lo, hi)`` is ``x <= lo or x >= hi ? 0 : g``;
+    ``x >= clip`` is ``x > nextafter(clip, -inf)`` and ``x >= 0`` is ``x > -(smallest subnormal)``
+    (unless denormals are flushed: then ``x < 0`` is taken out as ``-x > 0``). NaN inputs pass."""
+    aten = torch.ops.aten
+    info = torch.finfo(x.dtype)
+    below_clip = math.nextafter(clip, -math.inf) if x.dtype == torch.float64 else \
+        float(np.nextafter(np.float32(clip), np.float32(-np.inf))) if x.dtype == torch.float32 else \
+        float(torch.nextafter(torch.tensor(clip, dtype=x.dtype), torch.tensor(-math.inf, dtype=x.dtype)))
+    edge = aten.threshold_backward(grad, x, below_clip).sum()  # x >= clip
+    if signed:
+        edge = edge - aten.threshold_backward(grad, x.neg(), below_clip).sum()  # x <= -clip
+        return aten.hardtanh_backward(grad, x, -clip, clip), edge
+    lowest = -float(info.tiny) * float(info.eps)  # minus the smallest subnormal
+    probe = aten.hardtanh_backward(torch.ones(1, dtype=x.dtype), torch.zeros(1, dtype=x.dtype), lowest, 1.0)
+    if bool(probe[0] == 1):
+        return aten.hardtanh_backward(grad, x, lowest, clip), edge
+    # denormals flushed (torch.set_flush_denormal): the three parts are disjoint, the subtraction exact
+    return grad - aten.threshold_backward(grad, x, below_clip) - aten.threshold_backward(grad, x.neg(), 0.0), edge
 
 
 def _zero_point(x: Tensor) -> Tensor:
@@ -586,7 +737,7 @@ class SearchableActivationQuantizer(_SearchableBase, _ClipHolder):
 
     def theta(self) -> Tensor:
         """``softmax(alpha / T)``, shape ``[len(precisions)]``."""
-        return self.alpha.theta(self._temperature)[:, 0]
+        return _memo_columns(self, self.alpha.theta(self._temperature), lambda theta: theta[:, 0])
 
     def expected_bit_width(self) -> Tensor:
         theta = self.theta()

@@ -40,8 +40,9 @@ from plugin.engine.quantizers import (
     SharedAlpha,
     nas_parameters as _nas_parameters,
     set_temperature as _set_temperature,
+    theta_cache,
 )
-from plugin.engine.batches import Batch, count_batches, iterate_batches, task_loss
+from plugin.engine.batches import Batch, TeacherCache, count_batches, indexed_batches, iterate_batches, task_loss
 from plugin.plan import CompressionPlan
 from plugin.space import LayerInfo
 
@@ -437,7 +438,7 @@ class Supernet(FakeQuantModel):
             precisions = torch.tensor(alpha.precisions)
             bits = precisions[theta.argmax(dim=0)]
             if 0 in alpha.precisions and self.config.discretisation == "expected":
-                bits = self._expected_bits(len(out), theta, precisions)
+                bits = self._expected_bits(len(out), theta, precisions, prune_threshold)
             elif 0 in alpha.precisions and self.config.discretisation == "keep_first":
                 zero = alpha.precisions.index(0)
                 widths = theta.clone()
@@ -451,9 +452,12 @@ class Supernet(FakeQuantModel):
             out.append(bits)
         return out
 
-    def _expected_bits(self, alpha_index: int, theta: Tensor, precisions: Tensor) -> Tensor:
+    def _expected_bits(self, alpha_index: int, theta: Tensor, precisions: Tensor,
+                       prune_threshold: float = 0.5) -> Tensor:
         """``discretisation="expected"``: per group, ``round(sum_c theta_0)`` channels pruned (at
-        least one kept), those with the largest theta_0; the kept ones get widths in the expected
+        least one kept), those with the largest theta_0 (a ``prune_threshold`` t above 1/2 prunes
+        ``round(2 (1 - t) sum_c theta_0)``: the budget's give-back when a plan undershoots it,
+        ``budget._loosest_threshold``); the kept ones get widths in the expected
         counts ``sum_c theta_b`` (largest remainder over the kept number), in the order of their
         expected width ``E[b | kept]``: the narrowest quota to the lowest. Ties (within 1e-3) go by
         importance: the least important pruned first, the most important widest."""
@@ -469,7 +473,8 @@ class Supernet(FakeQuantModel):
             t = theta[:, unit.offset:unit.offset + n].double()
             imp = importance[alpha_index][unit.offset:unit.offset + n].double()
             t0 = t[zero]
-            n_prune = min(int(round(float(t0.sum()))), n - 1, int((t0 > 0).sum()))
+            share = min(1.0, 2 * (1 - prune_threshold)) if prune_threshold > 0.5 else 1.0
+            n_prune = min(int(round(share * float(t0.sum()))), n - 1, int((t0 > 0).sum()))
             # ascending importance, then stable descending rounded theta_0: ties by importance
             order = torch.argsort(imp, stable=True)
             order = order[torch.argsort(-(t0[order] * 1000).round(), stable=True)]
@@ -715,6 +720,33 @@ class SearchRunner:
         return iterate_batches(self.data, self.searchable.input_names, cfg.batch_size,
                                cfg.seed + epoch, self.device, steps)
 
+    def teacher_targets(self, inputs: Sequence[Tensor], indices: np.ndarray | None = None) -> Any:
+        """The distillation targets of a batch: the FP32 teacher's outputs, read from the
+        runner's :class:`~plugin.engine.batches.TeacherCache` when ``indices`` (the batch's
+        sample indices into ``data``) were seen before (the teacher and the data are fixed)."""
+        cache = getattr(self, "_teacher_cache", None)
+        if cache is None:
+            cache = self._teacher_cache = TeacherCache.for_data(self.searchable.teacher_outputs, self.data)
+        return cache(indices, inputs)
+
+    def train_step(self, inputs: Sequence[Tensor], labels: Tensor | None, lam: float,
+                   indices: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
+        """One search step (forward, task loss + ``lam`` * normalised cost, backward, Adam on the
+        weights, the logits' step); returns the detached task loss and normalised cost. Each
+        group's theta is computed once in the step (:func:`~plugin.engine.quantizers.theta_cache`)."""
+        cfg, model = self.config, self.searchable
+        with theta_cache():
+            teacher = self.teacher_targets(inputs, indices) if cfg.task_loss != "cross_entropy" else None
+            loss_task = task_loss(cfg.task_loss, model(*inputs), teacher, labels)
+            cost = model.cost(cfg.cost_model) * self.cost_scale
+            loss = loss_task + lam * cost
+            self.weight_opt.zero_grad(set_to_none=True)
+            self.alpha_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.weight_opt.step()
+            self.alpha_opt.step()
+        return loss_task.detach(), cost.detach()
+
     def run_epoch(self, lam: float, should_stop: Callable[[], bool] | None = None,
                   check_every: int = 1) -> EpochStats:
         """One epoch at ``lam``, then the temperature decays.
@@ -725,21 +757,14 @@ class SearchRunner:
         cfg, model = self.config, self.searchable
         epoch = len(self.history)
         total = count_batches(self.data, cfg.batch_size, cfg.max_steps_per_epoch)
-        bar = tqdm(self._batches(epoch), total=total, desc=f"search {epoch + 1}", leave=False,
-                   disable=not cfg.progress)
+        steps = indexed_batches(self.data, model.input_names, cfg.batch_size, cfg.seed + epoch, self.device,
+                                cfg.max_steps_per_epoch)
+        bar = tqdm(steps, total=total, desc=f"search {epoch + 1}", leave=False, disable=not cfg.progress)
         losses, cost_value = [], float("nan")
-        for inputs, labels in bar:
-            teacher = model.teacher_outputs(*inputs) if cfg.task_loss != "cross_entropy" else None
-            loss_task = task_loss(cfg.task_loss, model(*inputs), teacher, labels)
-            cost = model.cost(cfg.cost_model) * self.cost_scale
-            loss = loss_task + lam * cost
-            self.weight_opt.zero_grad(set_to_none=True)
-            self.alpha_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.weight_opt.step()
-            self.alpha_opt.step()
-            losses.append(float(loss_task.detach()))
-            cost_value = float(cost.detach())
+        for indices, (inputs, labels) in bar:
+            loss_task, cost = self.train_step(inputs, labels, lam, indices)
+            losses.append(float(loss_task))
+            cost_value = float(cost)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", cost=f"{cost_value:.4f}")
             if should_stop is not None and len(losses) % check_every == 0 and should_stop():
                 bar.close()

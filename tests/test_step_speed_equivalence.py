@@ -1,0 +1,226 @@
+"""The search step's speed-ups (issue 15) keep the search's numbers.
+
+- the weight mixture in one autograd node (quantizers._WeightMixtureSTE) and the activation
+  mixture's float-kernel masks on CPU: the same y and gradients, bit for bit, as the graphs they
+  replace (written out here);
+- theta once per step (quantizers.theta_cache): the same values, gradients within float rounding;
+- the teacher's outputs cached per sample (batches.TeacherCache): the same targets as the
+  teacher's forward, the bound and the fallbacks;
+- a digits-sample search (2 epochs on 256 samples) with every change against one without them:
+  the same per-epoch losses (rtol 1e-5) and the same plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from plugin.engine import quantizers as q
+from plugin.engine.batches import TeacherCache, indexed_batches, iterate_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _per_width_weight_mixture(w, theta, scale, qmax):
+    """The graph before _WeightMixtureSTE: the STE over all widths, times theta, summed narrowest first."""
+    weighted = theta * q._SymmetricRoundSTE.apply(w.unsqueeze(0), scale, qmax)
+    y = weighted[-1]
+    for k in range(weighted.shape[0] - 2, -1, -1):
+        y = y + weighted[k]
+    return y
+
+
+def _grads(fn, *leaves):
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    y = fn(*leaves)
+    (y * torch.linspace(-1, 2, y.numel()).reshape(y.shape)).sum().backward()
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+@pytest.mark.parametrize("shape", [(6, 5, 3, 3), (7, 4)])
+def test_weight_node_is_bit_identical(shape, clipped) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(*shape)
+    c, k = shape[0], 3
+    qmax = torch.tensor([127.0, 7.0, 1.0])
+    view = [k, c] + [1] * (len(shape) - 1)
+    scale = (w.abs().reshape(c, -1).amax(1)[None, :] / qmax[:, None])
+    if clipped:  # scales too small: some rounded values fall outside their range
+        scale = scale * 0.6
+    scale = scale.reshape(view)
+    theta = torch.softmax(torch.randn(k, c), 0).reshape(view)
+    q5 = qmax.reshape([k] + [1] * len(shape))
+    new = _grads(lambda a, t: q._WeightMixtureSTE.apply(a, t, scale, q5), w, theta)
+    old = _grads(lambda a, t: _per_width_weight_mixture(a, t, scale, q5), w, theta)
+    for a, b in zip(new, old):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_activation_float_masks_are_bit_identical(signed, monkeypatch) -> None:
+    torch.manual_seed(3)
+    quant = q.SearchableActivationQuantizer((2, 4, 8), signed=signed, init_clip=1.3, temperature=0.7)
+    with torch.no_grad():
+        quant.alpha.alpha.normal_()
+    x = torch.randn(4, 5, 6, 6) * 2
+    x[0, 0, 0, :6] = torch.tensor([1.3, -1.3, 0.0, -0.0, 1.2999999, -1.3000001])  # the edges
+
+    def run():
+        for p in quant.parameters():
+            p.grad = None
+        out = _grads(quant, x)
+        return out + [p.grad.clone() for p in quant.parameters()]
+
+    fast = run()
+    monkeypatch.setattr(q, "_FLOAT_MASKS_ON_CPU", False)
+    masks = run()
+    assert len(fast) == len(masks) == 4  # y, x, alpha, clip
+    for a, b in zip(fast, masks):
+        assert torch.equal(a, b)
+    if torch.set_flush_denormal(True):  # denormals flushed: the fallback selection, same numbers
+        try:
+            monkeypatch.setattr(q, "_FLOAT_MASKS_ON_CPU", True)
+            flushed = run()
+        finally:
+            torch.set_flush_denormal(False)
+        for a, b in zip(flushed, masks):
+            assert torch.equal(a, b)
+
+
+def test_theta_cache_shares_one_tensor_per_step() -> None:
+    torch.manual_seed(0)
+    alpha = q.SharedAlpha((0, 2, 4, 8), 5)
+    w1 = q.SearchableWeightQuantizer(5, (0, 2, 4, 8), alpha=alpha)
+    w2 = q.SearchableWeightQuantizer(5, (0, 2, 4, 8), alpha=alpha, channel_to_group_index=torch.tensor([4, 3, 2, 1, 0]))
+    with torch.no_grad():
+        alpha.alpha.normal_()
+    x = torch.randn(5, 3)
+
+    def loss():
+        return (w1(x) * 2).sum() + (w2(x) ** 2).sum() + w1.expected_bit_width().sum()
+
+    plain = torch.autograd.grad(loss(), alpha.alpha)[0]
+    with q.theta_cache():
+        assert alpha.theta(1.0) is alpha.theta(1.0)
+        assert w1.theta() is w1.theta()
+        assert alpha.theta(0.5) is not alpha.theta(1.0)
+        cached = torch.autograd.grad(loss(), alpha.alpha)[0]
+        with torch.no_grad():
+            alpha.alpha.add_(0.1)  # a step: the next theta is new
+        assert torch.equal(alpha.theta(1.0), alpha._theta(1.0)) and alpha.theta(1.0) is alpha.theta(1.0)
+    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-6)  # float32 summation order
+    assert alpha.theta(1.0) is not alpha.theta(1.0)  # outside the block: computed every call
+
+
+# ----------------------------------------------------------------------------- teacher cache
+
+
+class _Data:
+    """A minimal Dataset: arrays, labels, batch_indices, len."""
+
+    def __init__(self, n: int, per_sample: bool = False) -> None:
+        self.arrays = {"x": np.random.default_rng(0).standard_normal((n, 3)).astype(np.float32)}
+        self.labels = None
+        self.per_sample = per_sample
+
+    def __len__(self) -> int:
+        return len(self.arrays["x"])
+
+    def batch_indices(self, batch_size, shuffle=False, seed=0):
+        order = np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size]
+
+
+def test_teacher_cache_reads_back_what_the_teacher_computed() -> None:
+    data = _Data(50)
+    layer = torch.nn.Linear(3, 4)
+    calls = []
+
+    def teacher(x):
+        calls.append(len(x))
+        with torch.no_grad():
+            return layer(x), layer(x).sum(1, keepdim=True)
+
+    cache = TeacherCache.for_data(teacher, data)
+    for epoch in range(3):
+        batches = list(indexed_batches(data, ["x"], 16, epoch, torch.device("cpu")))
+        plain = [b for b in iterate_batches(data, ["x"], 16, epoch, torch.device("cpu"))]
+        for (indices, (inputs, _)), (inputs2, _) in zip(batches, plain):
+            assert torch.equal(inputs[0], inputs2[0])
+            got = cache(indices, inputs)
+            want = teacher(*inputs)
+            assert isinstance(got, tuple) and len(got) == 2
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    assert cache.misses == 4 and cache.hits == 8  # 4 batches per epoch, computed in the first only
+    assert cache.nbytes == 50 * 5 * 4
+
+
+def test_teacher_cache_bound_and_fallbacks(monkeypatch) -> None:
+    data = _Data(20)
+    teacher = lambda x: x * 2  # noqa: E731
+    small = TeacherCache.for_data(teacher, data, max_bytes=100)  # 20 x 3 floats do not fit
+    for _ in range(2):
+        for indices, (inputs, _) in indexed_batches(data, ["x"], 8, 0, torch.device("cpu")):
+            assert torch.equal(small(indices, inputs), inputs[0] * 2)
+    assert not small.enabled and small.hits == 0
+    monkeypatch.setenv("PRUNEQUANT_TEACHER_CACHE_MB", "0")
+    assert not TeacherCache.for_data(teacher, data).enabled
+    sequence = [np.ones((4, 3), np.float32)]
+    off = TeacherCache.for_data(teacher, sequence)
+    (indices, (inputs, _)), = indexed_batches(sequence, ["x"], 4, 0, torch.device("cpu"))
+    assert indices is None and torch.equal(off(indices, inputs), inputs[0] * 2)
+    per = TeacherCache.for_data(teacher, _Data(3, per_sample=True), max_bytes=1 << 20)
+    x = torch.ones(1, 3)
+    first = per(np.array([1]), (x,))
+    assert per(np.array([1]), (x * 5,)) is first and per.hits == 1
+
+
+# ----------------------------------------------------------------------------- a digits search
+
+
+def _digits_search(fast: bool, monkeypatch) -> tuple[list[float], dict]:
+    from graph_passes.prepare import prepare_model
+    from plugin.data import Dataset
+    from plugin.engine import supernet as sn
+    from plugin.engine.config import SearchConfig
+    from plugin.space import Precisions, SearchSpace
+
+    with monkeypatch.context() as m:
+        if not fast:  # every speed-up off: per-width weight graph, bool masks, no caches
+            m.setattr(q, "_FLOAT_MASKS_ON_CPU", False)
+            m.setattr(q._WeightMixtureSTE, "apply", staticmethod(_per_width_weight_mixture))
+            m.setattr(sn, "theta_cache", contextlib.nullcontext)
+            m.setenv("PRUNEQUANT_TEACHER_CACHE_MB", "0")
+        torch.manual_seed(0)
+        prepared = prepare_model(str(ROOT / "samples/digits/model.onnx"))
+        z = np.load(ROOT / "samples/digits/train.npz")
+        name = prepared.model.graph.input[0].name
+        data = Dataset({name: z["input"][:256].astype(np.float32)}, None)
+        config = SearchConfig(batch_size=64, progress=False, seed=0, lam=300.0, epochs=2)
+        space = SearchSpace(prepared.analysis, Precisions(config.weight_precisions, config.activation_precisions))
+        net = sn.Supernet.build(prepared.model, config, space=space)
+        runner = sn.SearchRunner(net, data, config)
+        losses = [runner.run_epoch(config.lam).task_loss for _ in range(config.epochs)]
+        cache = getattr(runner, "_teacher_cache", None)
+        assert (cache is not None and cache.hits == 4) == fast  # epoch 2 read every target back
+        plan = net.discretise(with_scales=False)
+    return losses, {k: tuple(v.bits) for k, v in plan.layers.items()} | {
+        k: v.bits for k, v in plan.activations.items()}
+
+
+def test_digits_search_same_losses_and_plan(monkeypatch) -> None:
+    torch.set_num_threads(1)
+    fast_losses, fast_plan = _digits_search(True, monkeypatch)
+    slow_losses, slow_plan = _digits_search(False, monkeypatch)
+    np.testing.assert_allclose(fast_losses, slow_losses, rtol=1e-5)
+    assert fast_plan == slow_plan
