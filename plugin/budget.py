@@ -223,8 +223,13 @@ def _loosest_threshold(searchable: Supernet, name: str, absolute: float) -> floa
     budget can undershoot it by a lot (a residual group pruned to one channel). Raising the
     threshold restores the columns with the smallest theta_0 first; the plan cost only grows
     with the threshold, so a binary search over the candidate values finds the loosest one.
+    With ``discretisation="expected"`` a threshold t prunes ``round(2 (1 - t) sum theta_0)``
+    channels per group (t = 1: none), searched over a grid of 64 steps.
     """
-    candidates = sorted({p for p in searchable.prune_probabilities() if p > 0.5})
+    if searchable.config.discretisation == "expected":  # t prunes round(2 (1 - t) sum theta_0) per group
+        candidates = [0.5 + 0.5 * k / 64 for k in range(1, 65)]
+    else:
+        candidates = sorted({p for p in searchable.prune_probabilities() if p > 0.5})
     lo, hi, best = 0, len(candidates) - 1, 0.5
     while lo <= hi:
         mid = (lo + hi) // 2

@@ -71,6 +71,9 @@ def test_expected_discretisation_prunes_the_expected_number_least_important_firs
     assert (bits.count(2), bits.count(4), bits.count(8)) == (2, 1, 1)
     assert bits[0] == bits[1] == 0  # the two weakest channels pruned
     assert bits[5] == 8  # the strongest at the widest width
+    given_back = expected.discretise(cost_models=["size"], with_scales=False, prune_threshold=0.75)
+    layer = next(n for n, e in expected._layers.items() if e.info.layer.weight == "w3")
+    assert given_back.layers[layer].bits.count(0) == round(0.5 * 6 * 0.3) == 1  # the budget's give-back
     plan_first = first.discretise(cost_models=["size"], with_scales=False)
     plan_expected = expected.discretise(cost_models=["size"], with_scales=False)
     assert expected.cost_of_plan(plan_expected, "size") < first.cost_of_plan(plan_first, "size")
