@@ -159,6 +159,7 @@ class RunOptions:
     progress: bool = True
     labels: bool = True  # False (--no-labels): compress sees no labels (distillation from the FP32 model)
     uniform_bits: tuple[int, ...] | None = None  # --uniform-bits: the uniform baselines' widths (default the mode's)
+    sequential_configs: int | None = None  # --sequential-configs N: only the first N sequential pairs of each task
 
 
 def _method_of(strategy: str) -> str:
@@ -181,11 +182,12 @@ def compress_jobs(settings: dict, costs: list[str], methods: tuple[str, ...], ru
             for bits in run.uniform_bits or settings["uniform_bits"]:
                 add(f"uniform_w{bits}", "uniform", seed, {"weight_precisions": (bits,)},
                     {"method": "uniform", "label": f"W{bits}A8 QAT", "weight_bits": bits})
+        pairs = settings["sequential"][:run.sequential_configs] if run.sequential_configs else settings["sequential"]
         if "sequential" in methods:
-            for p in dict.fromkeys(p for p, _m in settings["sequential"]):
+            for p in dict.fromkeys(p for p, _m in pairs):
                 add(f"pruneonly_lam{p:g}", "gradient", seed, {"lam": p, "weight_precisions": (0, 8)},
                     {"method": "prune-only", "label": f"prune-only lam={p:g}", "lam": p, "cost_model": "size"})
-            for p, m in settings["sequential"]:
+            for p, m in pairs:
                 add(f"sequential_lam{p:g}-{m:g}", "sequential", seed,
                     {"lam": m, "weight_precisions": (0, 2, 4, 8), "strategy_options": {"prune_lambda": p}},
                     {"method": "sequential", "label": f"sequential lam={p:g}/{m:g}", "lam": m, "lam_prune": p,
@@ -957,6 +959,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-labels", action="store_true",
                         help="compress jobs see the training inputs without labels (distillation from the FP32 model)")
     parser.add_argument("--uniform-bits", help="comma-separated widths of the uniform baselines (default 8,4,2)")
+    parser.add_argument("--sequential-configs", type=int, help="run only the first N sequential pairs of each task")
     parser.add_argument("--act-bits", default="8", help="activation widths of every compress job (default 8: wXa8)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (Ray CPUs) per job (default 1)")
     parser.add_argument("--jobs", type=int, default=None,
@@ -993,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
                      act_bits=Precisions.parse(None, args.act_bits).activations,
                      address=args.address, num_cpus=None if args.address else args.jobs,
                      cpus_per_job=float(args.threads), resume=args.resume, progress=not args.no_progress,
-                     labels=not args.no_labels,
+                     labels=not args.no_labels, sequential_configs=args.sequential_configs,
                      uniform_bits=tuple(int(b) for b in args.uniform_bits.split(",")) if args.uniform_bits else None)
     start = time.perf_counter()
     made_at = commit()  # the jobs record it too; taken before the run (others may commit meanwhile)
