@@ -340,7 +340,8 @@ def run_experiment(task_name: str, network: str, width: float, fp32_epochs: int,
     path, meta = bn.get_model(task, network, width, fp32_epochs, cfg.seed, log=log)
     x, y = task.compress_subset(n_compress, cfg.seed)
     ctx = bb.make_context(task, network, path, x, y, cfg)
-    log(f"[{task_name} / {network}] {task.description}; compress sees {len(x)} labelled training samples "
+    log(f"[{task_name} / {network}] {task.description}; compress sees {len(x)} "
+        f"{'labelled' if run.labels else 'unlabelled (distillation)'} training samples "
         f"(80% train / 20% its own validation); test {len(task.x_test)}")
     jobs = compress_jobs(settings, costs, methods, run)
     log(f"    {len(jobs)} compress jobs on Ray ({'cluster ' + run.address if run.address else 'local'})")
