@@ -180,6 +180,8 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
         search_step(b)
     if args.ab_forward:
         return _ab_forward(name, search_step, batches, args)
+    if args.ab_speedups:
+        return _ab_speedups(name, runner, search_step, batches, args)
     kinds = {"fp32": fp32_step, "search": search_step, "qat": qat_step}
     rows: dict[str, list] = {k: [] for k in kinds}
     cpu: dict[str, list] = {k: [] for k in kinds}
@@ -226,6 +228,57 @@ def _ab_forward(name: str, search_step, batches, args) -> dict:
     return {"model": name, "quant_y_cpu_ms": old, "forward_cpu_ms": now, "less": 1 - now / old, "runs_ms": runs}
 
 
+def _per_width_weight_mixture(w, theta, scale, qmax):
+    """The weight mixture's graph before ``_WeightMixtureSTE`` (the same numbers, bit for bit)."""
+    from plugin.engine.quantizers import _SymmetricRoundSTE
+
+    weighted = theta * _SymmetricRoundSTE.apply(w.unsqueeze(0), scale, qmax)
+    y = weighted[-1]
+    for k in range(weighted.shape[0] - 2, -1, -1):
+        y = y + weighted[k]
+    return y
+
+
+def _ab_speedups(name: str, runner, search_step, batches, args) -> dict:
+    """The search step with issue 15's step speed-ups off (the per-width weight graph, the
+    activation mixture's boolean masks, theta per reader, the teacher every step) and on,
+    interleaved in one process: CPU ms per step, median of ``--repeats``. Both use the in-place
+    forward of the activation mixture and the cached top integers of the weight widths, so "off"
+    is a little faster than the code before."""
+    import contextlib
+
+    from plugin.engine import quantizers as q
+    from plugin.engine import supernet as sn
+    from plugin.engine.batches import TeacherCache
+
+    on_cache = runner._teacher_cache
+    off_cache = TeacherCache.for_data(runner.searchable.teacher_outputs, runner.data, max_bytes=0)
+    saved = (q._FLOAT_MASKS_ON_CPU, sn.theta_cache)
+
+    def restore() -> None:
+        q._FLOAT_MASKS_ON_CPU, sn.theta_cache = saved
+        if "apply" in q._WeightMixtureSTE.__dict__:
+            delattr(q._WeightMixtureSTE, "apply")
+        runner._teacher_cache = on_cache
+
+    runs: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for _ in range(args.repeats):
+            for kind in runs:
+                if kind == "off":
+                    q._FLOAT_MASKS_ON_CPU = False
+                    q._WeightMixtureSTE.apply = staticmethod(_per_width_weight_mixture)
+                    sn.theta_cache = contextlib.nullcontext
+                    runner._teacher_cache = off_cache
+                else:
+                    restore()
+                runs[kind].append(1000 * _timed(search_step, batches, args.warmup, args.steps)[1])
+    finally:
+        restore()
+    off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+    return {"model": name, "off_cpu_ms": off, "on_cpu_ms": on, "less": 1 - on / off, "runs_ms": runs}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -236,11 +289,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ab-forward", action="store_true",
                     help="only the search step, old quantizer forward (quant(x).y) vs the current one, interleaved")
+    ap.add_argument("--ab-speedups", action="store_true",
+                    help="only the search step, issue 15's step speed-ups off vs on, interleaved in one process")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     rows = [measure(*m, args) for m in _models()]
     load_after = os.getloadavg()
+    if args.ab_speedups:
+        text = "\n".join([f"search step CPU ms, issue 15's speed-ups off vs on (one process, interleaved), median of "
+                          f"{args.repeats} x {args.steps} steps; load average before "
+                          f"{'/'.join(f'{v:.2f}' for v in load_before)}, after "
+                          f"{'/'.join(f'{v:.2f}' for v in load_after)}", ""]
+                         + [f"- {r['model']}: {r['off_cpu_ms']:.1f} -> {r['on_cpu_ms']:.1f} ms ({100 * r['less']:.1f}% less); "
+                            f"runs off {', '.join(f'{t:.1f}' for t in r['runs_ms']['off'])}, on "
+                            f"{', '.join(f'{t:.1f}' for t in r['runs_ms']['on'])}" for r in rows])
+        print(text)
+        if args.out:
+            record = {"label": args.label, "command": provenance.command_line(), "commit": provenance.commit(),
+                      "versions": provenance.versions(), "load_average_before": load_before,
+                      "load_average_after": load_after, "rows": rows}
+            provenance.write_results(args.out, args.label or "ab-speedups", record, text)
+        return 0
     if args.ab_forward:
         text = "\n".join([f"search step CPU ms, quantizer forward as quant(x).y vs now, median of {args.repeats} x "
                           f"{args.steps} steps; load average before {'/'.join(f'{v:.2f}' for v in load_before)}, "
