@@ -1,8 +1,8 @@
 """The search step's speed-ups (issue 15) keep the search's numbers.
 
 - the weight mixture in one autograd node (quantizers._WeightMixtureSTE) and the activation
-  mixture's float-kernel masks on CPU: the same y and gradients, bit for bit, as the graphs they
-  replace (written out here);
+  quantizers' float-kernel masks on CPU (the mixture's and QAT's PACT / symmetric clip): the same
+  y and gradients, bit for bit, as the graphs they replace (written out here);
 - theta once per step (quantizers.theta_cache): the same values, gradients within float rounding;
 - the teacher's outputs cached per sample (batches.TeacherCache): the same targets as the
   teacher's forward, the bound and the fallbacks;
@@ -93,6 +93,23 @@ def test_activation_float_masks_are_bit_identical(signed, monkeypatch) -> None:
             torch.set_flush_denormal(False)
         for a, b in zip(flushed, masks):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_frozen_activation_float_masks_are_bit_identical(signed, monkeypatch) -> None:
+    """The QAT quantizers (PACT / symmetric clip at one width): the same y and gradients."""
+    quant = q.FrozenActivationQuantizer(4, signed=signed, init_clip=1.3)
+    x = torch.randn(4, 5, 6, 6) * 2
+    x[0, 0, 0, :4] = torch.tensor([1.3, -1.3, 0.0, -0.0])
+
+    def run():
+        quant.clip.grad = None
+        return _grads(quant, x) + [quant.clip.grad.clone()]
+
+    fast = run()
+    monkeypatch.setattr(q, "_FLOAT_MASKS_ON_CPU", False)
+    for a, b in zip(fast, run()):
+        assert torch.equal(a, b)
 
 
 def test_theta_cache_shares_one_tensor_per_step() -> None:

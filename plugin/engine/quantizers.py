@@ -510,34 +510,55 @@ class SearchableWeightQuantizer(_SearchableBase):
 
 
 class _PactSTE(torch.autograd.Function):
-    """PACT forward ``clamp(round(x / s), 0, n) * s`` with ``s = clip / n``."""
+    """PACT forward ``clamp(round(x / s), 0, n) * s`` with ``s = clip / n``. On CPU the
+    backward's masks come from :func:`_masked_gradients` against the saved ``x`` (the same
+    gradients, no bool tensors); elsewhere the bool masks are saved."""
 
     @staticmethod
     def forward(ctx, x: Tensor, clip: Tensor, n_levels: int) -> Tensor:  # type: ignore[override]
-        above = x >= clip
-        ctx.save_for_backward((x >= 0) & ~above, above)  # bool masks: 1 byte per element
         ctx.clip_shape = clip.shape
+        ctx.fast = x.device.type == "cpu" and _FLOAT_MASKS_ON_CPU
+        if ctx.fast:
+            ctx.clip_value = float(clip)
+            ctx.save_for_backward(x)
+        else:
+            above = x >= clip
+            ctx.save_for_backward((x >= 0) & ~above, above)  # bool masks: 1 byte per element
         scale = clip / n_levels
-        return torch.clamp(torch.round(x / scale), 0, n_levels) * scale
+        return torch.div(x, scale).round_().clamp_(0, n_levels).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        if ctx.fast:
+            (x,) = ctx.saved_tensors
+            inside, edge = _masked_gradients(grad, x, ctx.clip_value, False)
+            return inside, edge.reshape(ctx.clip_shape), None
         inside, above = ctx.saved_tensors
         return grad * inside, (grad * above).sum().reshape(ctx.clip_shape), None
 
 
 class _SymmetricClipSTE(torch.autograd.Function):
-    """Forward ``clamp(round(x / s), -q, q) * s`` with ``s = clip / q``, ``q = 2^(b-1) - 1``."""
+    """Forward ``clamp(round(x / s), -q, q) * s`` with ``s = clip / q``, ``q = 2^(b-1) - 1``; the
+    backward's masks as :class:`_PactSTE`'s."""
 
     @staticmethod
     def forward(ctx, x: Tensor, clip: Tensor, qmax: int) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x >= clip, x <= -clip)  # bool masks: 1 byte per element
         ctx.clip_shape = clip.shape
+        ctx.fast = x.device.type == "cpu" and _FLOAT_MASKS_ON_CPU
+        if ctx.fast:
+            ctx.clip_value = float(clip)
+            ctx.save_for_backward(x)
+        else:
+            ctx.save_for_backward(x >= clip, x <= -clip)  # bool masks: 1 byte per element
         scale = clip / qmax
-        return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+        return torch.div(x, scale).round_().clamp_(-qmax, qmax).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        if ctx.fast:
+            (x,) = ctx.saved_tensors
+            inside, edge = _masked_gradients(grad, x, ctx.clip_value, True)
+            return inside, edge.reshape(ctx.clip_shape), None
         above, below = ctx.saved_tensors
         grad_clip = (grad * above).sum() - (grad * below).sum()
         return grad * ~(above | below), grad_clip.reshape(ctx.clip_shape), None
