@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from plugin.engine.batches import count_batches, iterate_batches, task_loss
+from plugin.engine.batches import TeacherCache, count_batches, indexed_batches, iterate_batches, task_loss
 from plugin.engine.config import TASK_LOSSES, SearchConfigError
 from plugin.engine.quantizers import net_param_groups
 from plugin.plan import CompressionPlan
@@ -117,7 +117,7 @@ def finetune(model: FakeQuantModel, plan: CompressionPlan, data: Any,
 
     def observe(epoch: int) -> None:
         nonlocal best
-        figure = validation_score(model, validation, config.batch_size)
+        figure = validation_score(model, validation, config.batch_size, teacher=val_teachers)
         figures.append({"epoch": epoch, **figure})
         # with labels: accuracy, then the labels' cross-entropy (the training objective); without:
         # the distillation loss against the FP32 original
@@ -126,10 +126,13 @@ def finetune(model: FakeQuantModel, plan: CompressionPlan, data: Any,
         if best is None or key > best[0]:
             best = (key, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
 
+    # the FP32 teacher and the data are fixed: its outputs are computed once per sample
+    teachers = TeacherCache.for_data(model.teacher_outputs, data)
+    val_teachers = TeacherCache.for_data(model.teacher_outputs, validation) if track else None
     if track:
         observe(0)
     for epoch in range(config.epochs):
-        losses.append(_epoch(model, data, config, optimiser, epoch, device))
+        losses.append(_epoch(model, data, config, optimiser, epoch, device, teachers))
         logger.info("fine-tune epoch %d/%d: task loss %.4f", epoch + 1, config.epochs, losses[-1])
         if track:
             observe(epoch + 1)
@@ -149,21 +152,23 @@ def finetune(model: FakeQuantModel, plan: CompressionPlan, data: Any,
 
 
 @torch.no_grad()
-def validation_score(model: FakeQuantModel, data: Any, batch_size: int = 256) -> dict[str, float | None]:
+def validation_score(model: FakeQuantModel, data: Any, batch_size: int = 256,
+                     teacher: TeacherCache | None = None) -> dict[str, float | None]:
     """``accuracy`` and ``label_loss`` (top-1 and cross-entropy of the first output against the
     labels; None without labels) and ``distill_loss`` (the distillation loss against the FP32
-    original: KL for class outputs, MSE otherwise), averaged over the samples of ``data``."""
+    original: KL for class outputs, MSE otherwise), averaged over the samples of ``data``.
+    ``teacher``: a :class:`~plugin.engine.batches.TeacherCache` of ``data`` reused across calls."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()
     correct = count = 0
     loss_sum = label_sum = 0.0
     has_labels = False
-    for inputs, labels in iterate_batches(data, model.input_names, batch_size, 0, device):
+    for indices, (inputs, labels) in indexed_batches(data, model.input_names, batch_size, 0, device):
         out = model(*inputs)
-        teacher = model.teacher_outputs(*inputs)
+        reference = teacher(indices, inputs) if teacher is not None else model.teacher_outputs(*inputs)
         n = int(inputs[0].shape[0])
-        loss_sum += float(task_loss("distill_kl", out, teacher, None)) * n
+        loss_sum += float(task_loss("distill_kl", out, reference, None)) * n
         count += n
         first = out[0] if isinstance(out, (tuple, list)) else out
         if labels is not None and first.ndim == 2:
@@ -177,14 +182,16 @@ def validation_score(model: FakeQuantModel, data: Any, batch_size: int = 256) ->
 
 
 def _epoch(model: FakeQuantModel, data: Any, config: FinetuneConfig, optimiser: torch.optim.Optimizer,
-           epoch: int, device: torch.device) -> float:
-    batches = iterate_batches(data, model.input_names, config.batch_size, config.seed + 1000 + epoch,
+           epoch: int, device: torch.device, teachers: TeacherCache | None = None) -> float:
+    batches = indexed_batches(data, model.input_names, config.batch_size, config.seed + 1000 + epoch,
                               device, config.max_steps_per_epoch)
     total = count_batches(data, config.batch_size, config.max_steps_per_epoch)
     bar = tqdm(batches, total=total, desc=f"fine-tune {epoch + 1}", leave=False, disable=not config.progress)
     losses = []
-    for inputs, labels in bar:
-        teacher = model.teacher_outputs(*inputs) if config.task_loss != "cross_entropy" else None
+    for indices, (inputs, labels) in bar:
+        teacher = None
+        if config.task_loss != "cross_entropy":
+            teacher = teachers(indices, inputs) if teachers is not None else model.teacher_outputs(*inputs)
         loss = task_loss(config.task_loss, model(*inputs), teacher, labels)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
