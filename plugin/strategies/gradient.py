@@ -27,9 +27,9 @@ class GradientStrategy:
                                       "ramp lambda from lambda/100 over the first half of the search"),
         "prune_init": StrategyOption("prune_init", float, 0.0,
                                      "start weak channels likelier to be pruned (0 = off, the paper's start)"),
-        "discretisation": StrategyOption("discretisation", str, "expected",
-                                         "expected (per group, round(sum theta_b) channels at each width: "
-                                         "the default), keep_first (prune when theta_0 > 1/2) or argmax "
+        "discretisation": StrategyOption("discretisation", str, "keep_first",
+                                         "keep_first (prune when theta_0 > 1/2: the default), expected "
+                                         "(per group, round(sum theta_b) channels at each width) or argmax "
                                          "(the paper's)",
                                          choices=("keep_first", "argmax", "expected")),
         "prune_init_score": StrategyOption("prune_init_score", str, "weight",
