@@ -382,6 +382,18 @@ class _Search:
             if other.state == TrialState.RUNNING and other.number < trial.number:
                 rec["duplicate_of"] = other.number
                 raise optuna.TrialPruned(f"trial {other.number} is evaluating the same plan")
+        # A worker that checked before this trial's key was written may be evaluating the same
+        # plan already: claim the plan, then look again; a trial that finds another claim yields.
+        # Of two claims, the later one's look sees the earlier, so at most one trial evaluates a
+        # plan (both may yield when they claim at once: the plan is then sampled again later).
+        trial.set_user_attr("evaluating", True)
+        for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+            if other.number == trial.number or _attrs(other).get("key") != key:
+                continue
+            if (other.state == TrialState.RUNNING and _attrs(other).get("evaluating")) or (
+                    other.state == TrialState.COMPLETE and _attrs(other).get("evaluated")):
+                rec["duplicate_of"] = other.number
+                raise optuna.TrialPruned(f"trial {other.number} evaluates the same plan")
         assert self.evaluator is not None
         evaluation = self.evaluator.evaluate(plan)
         for attr, value in (("score", evaluation.score), ("accuracy", evaluation.accuracy),
