@@ -164,8 +164,14 @@ def test_ctrl_c_during_a_trial_keeps_completed_trials(tmp_path: Path, monkeypatc
 
 
 _WORKER = """
-import sys
+import os, sys, time
 from plugin import api
+# start together: on a loaded machine one worker's imports can outlast the other's whole study
+ready = sys.argv[5]
+open(os.path.join(ready, f"ready-{os.getpid()}"), "w").close()
+deadline = time.time() + 180
+while len(os.listdir(ready)) < 2 and time.time() < deadline:
+    time.sleep(0.05)
 api.compress(sys.argv[1], sys.argv[2], config=api.CompressConfig(
     strategy="bayesian", target="size=60%", epochs=1, finetune_epochs=0, max_steps_per_epoch=1, progress=False,
     strategy_options={"trials": int(sys.argv[4]), "storage": sys.argv[3], "study": "shared", "resume": True}))
@@ -178,7 +184,9 @@ def test_two_workers_share_one_study_without_evaluating_a_trial_twice(tmp_path: 
     data = tmp_path / "data.npz"
     np.savez(data, input=DATA["input"], labels=LABELS)
     n = 10
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, DIGITS, str(data), journal, str(n)], cwd=REPO,
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, DIGITS, str(data), journal, str(n), str(ready)], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for proc in procs:
         _out, err = proc.communicate(timeout=240)
