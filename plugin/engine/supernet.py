@@ -121,22 +121,7 @@ class Supernet(FakeQuantModel):
         pruned, strong ones less. Weights are rescaled afterwards, so the expected effective
         weights still equal the FP32 ones at the start.
         """
-        sums = [torch.zeros(a.n_columns) for a in self.map.alphas]
-        counts = [torch.zeros(a.n_columns) for a in self.map.alphas]
-        for entry in self._layers.values():
-            index = entry.info.alpha_index
-            if 0 not in self.map.alphas[index].precisions:
-                continue
-            module = self.net.get_submodule(entry.owner)
-            weight = module.parametrizations[entry.weight_attr].original.detach().float().cpu()
-            axis = entry.quantizer.ch_axis
-            norms = weight.abs().movedim(axis, 0).reshape(weight.shape[axis], -1).mean(dim=1)
-            mean = norms.mean()
-            if not torch.isfinite(mean) or mean <= 0:
-                continue
-            columns = torch.as_tensor(entry.info.columns)
-            sums[index].index_add_(0, columns, norms / mean)
-            counts[index].index_add_(0, columns, torch.ones(len(columns)))
+        sums, counts = self._weight_norm_sums()
         for index, alpha in enumerate(self.alphas):
             if 0 not in alpha.precisions or not bool((counts[index] > 0).any()):
                 continue
@@ -145,9 +130,10 @@ class Supernet(FakeQuantModel):
             alpha.alpha[zero] += (strength * (1 - rel)).clamp(-strength, strength).to(alpha.alpha.dtype)
 
     @torch.no_grad()
-    def weight_scores(self) -> list[Tensor]:
-        """Per alpha, each column's mean |W| relative to its layer's mean, averaged over the
-        layers of the column (0 where no layer holds it): the network-slimming importance."""
+    def _weight_norm_sums(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Per alpha and column, the sum over the column's layers of its mean |W| relative to
+        its layer's mean, and how many layers contributed (a layer whose mean is not finite and
+        positive contributes nothing)."""
         sums = [torch.zeros(a.n_columns) for a in self.map.alphas]
         counts = [torch.zeros(a.n_columns) for a in self.map.alphas]
         for entry in self._layers.values():
@@ -162,6 +148,13 @@ class Supernet(FakeQuantModel):
             index = entry.info.alpha_index
             sums[index].index_add_(0, columns, norms / mean)
             counts[index].index_add_(0, columns, torch.ones(len(columns)))
+        return sums, counts
+
+    @torch.no_grad()
+    def weight_scores(self) -> list[Tensor]:
+        """Per alpha, each column's mean |W| relative to its layer's mean, averaged over the
+        layers of the column (0 where no layer holds it): the network-slimming importance."""
+        sums, counts = self._weight_norm_sums()
         return [s / c.clamp_min(1) for s, c in zip(sums, counts)]
 
     def taylor_scores(self, data: Any, batch_size: int, seed: int, max_batches: int = 4) -> list[Tensor]:
