@@ -113,6 +113,16 @@ def search_to_budget(searchable: Supernet, data: Any, target: str | Budget,
                         stats.epoch, lam, format_cost(name, trace[-1]["plan_cost"]) if trace else "-",
                         format_cost(name, absolute))
             if met or check():
+                if config.budget_settle and len(runner.history) < config.epochs:
+                    lam = _settle(runner, searchable, name, absolute, lam, controller, trace)
+                    if _plan_cost(searchable, name) > absolute:
+                        completed = complete_to_budget(searchable, name, absolute)
+                        if completed is not None:
+                            mu, lowered, cost = completed
+                            logger.info("settled plan above the budget: %d channels lowered to meet it (mu %.3g)",
+                                        lowered, mu)
+                            return _result(searchable, runner, budget, absolute, lam, trace,
+                                           completion=(mu, lowered, trace[-1]["plan_cost"]))
                 threshold = _loosest_threshold(searchable, name, absolute)
                 return _result(searchable, runner, budget, absolute, lam, trace, threshold)
     best = min((t["plan_cost"] for t in trace), default=float("nan"))
@@ -131,6 +141,29 @@ def search_to_budget(searchable: Supernet, data: Any, target: str | Budget,
         f"(lambda up to {lam:.3g}); the cheapest plan reached {format_cost(name, best)}, and with every kept "
         "channel at its narrowest width it stays above the budget; raise max_rounds or lam_factor, or relax "
         "the budget")
+
+
+def _settle(runner: SearchRunner, searchable: Supernet, name: str, absolute: float, lam: float,
+            controller: BudgetConfig, trace: list[dict[str, float]]) -> float:
+    """``budget_settle``: search the rest of ``config.epochs`` with lambda steered by the
+    discretised plan's cost (after each epoch ``lam *= clip((cost / target) ** 4, 1/2, 2)``:
+    above the budget it rises, well below it falls so bits can come back), the temperature
+    annealed geometrically to ``settle_temperature`` when one is set. Returns the last lambda."""
+    config = runner.config
+    remaining = config.epochs - len(runner.history)
+    start_t, final_t = runner.temperature, config.settle_temperature
+    logger.info("budget met after %d epochs; settling for %d more (lambda %.3g%s)", len(runner.history), remaining,
+                lam, f", temperature {start_t:.3g} -> {final_t:.3g}" if final_t is not None else "")
+    for k in range(remaining):
+        if final_t is not None:
+            runner.set_temperature(start_t * (final_t / start_t) ** ((k + 1) / remaining))
+        stats = runner.run_epoch(lam)
+        cost = _plan_cost(searchable, name)
+        trace.append({"epoch": float(stats.epoch), "lambda": lam, "plan_cost": cost, "settle": 1.0})
+        logger.info("settle epoch %d: lambda %.3g, plan %s (target %s)", stats.epoch, lam, format_cost(name, cost),
+                    format_cost(name, absolute))
+        lam *= min(2.0, max(0.5, (cost / absolute) ** 4))
+    return lam
 
 
 def _column_costs(searchable: Supernet, name: str) -> tuple[list, float]:

@@ -105,8 +105,36 @@ def test_relative_budget_is_met_then_finetuned(digits: PreparedModel, train: Dat
     assert metrics["agreement"] == pytest.approx(float((predicted == teacher).mean()))
 
 
+def test_budget_settle_searches_every_epoch_and_meets_the_budget(digits: PreparedModel, train: Dataset) -> None:
+    """settle: after the budget is first met the search goes on for the rest of the epochs,
+    lambda fed back from the plan's cost, the temperature annealed to settle_temperature; the
+    returned plan still meets the budget."""
+    sm = _searchable(digits, seed=1, epochs=5, budget_settle=True, settle_temperature=0.2)
+    result = search_to_budget(sm, train, "size=40%", sm.config,
+                              BudgetConfig(lam_start=1000.0, lam_factor=2.0, check_every=1, max_rounds=6))
+    history = result.plan.metadata["history"]
+    assert result.epochs == len(history) == 5
+    settled = [t for t in result.trace if t.get("settle")]
+    assert settled and [t["epoch"] for t in settled] == [float(e) for e in range(6 - len(settled), 6)]
+    assert history[-1]["temperature"] == pytest.approx(0.2)
+    assert result.plan.cost_after["size"] <= result.target
+    # lambda follows the plan's cost: it falls after an epoch well under the budget, rises above it
+    for before, after in zip(settled, settled[1:]):
+        ratio = before["plan_cost"] / result.target
+        assert after["lambda"] == pytest.approx(before["lambda"] * min(2.0, max(0.5, ratio ** 4)))
+
+
+def test_budget_without_settle_hands_the_unused_epochs_back(digits: PreparedModel, train: Dataset) -> None:
+    sm = _searchable(digits, seed=1, epochs=5)
+    result = search_to_budget(sm, train, "size=40%", sm.config,
+                              BudgetConfig(lam_start=1000.0, lam_factor=2.0, check_every=1, max_rounds=6))
+    assert result.epochs < 5 and not any(t.get("settle") for t in result.trace)
+
+
 def test_config_errors() -> None:
     with pytest.raises(SearchConfigError, match="task_loss"):
         SearchConfig(task_loss="hinge")
     with pytest.raises(SearchConfigError, match="discretisation"):
         SearchConfig(discretisation="round")
+    with pytest.raises(SearchConfigError, match="settle_temperature"):
+        SearchConfig(settle_temperature=0.0)

@@ -65,6 +65,15 @@ class SearchConfig:
     [0, 1) weights each prunable channel's cost in the loss by ``1 + ordered_cost * (1 - 2 p)``
     (p its importance percentile in its group, as above): the least important pushed hardest,
     the same mean pressure; plans are still costed exactly.
+
+    Budget mode (``plugin.budget``): ``budget_settle`` keeps searching after the first plan that
+    meets the budget, for the rest of ``epochs``, with lambda steered by feedback on the
+    discretised plan's cost, instead of handing the unused epochs to QAT: the first such plan
+    can come after one or two epochs, while the mixture is still soft (temperature ~1) and the
+    logits have barely moved, so its per-channel choices are mostly the start's.
+    ``settle_temperature`` (with ``budget_settle``): the temperature the settling phase anneals
+    to by its last epoch (geometrically), so the weights train under a nearly hard mixture, the
+    one the plan discretises; None keeps the ``temperature_decay`` schedule.
     """
 
     weight_precisions: tuple[int, ...] = DEFAULT_WEIGHT_PRECISIONS
@@ -91,6 +100,8 @@ class SearchConfig:
     importance_batches: int = 4
     zero_logit_lr: float = 1.0
     ordered_cost: float = 0.0
+    budget_settle: bool = False
+    settle_temperature: float | None = None
     init_clip: float | None = None
     device: str = "cpu"
     seed: int = 0
@@ -122,6 +133,9 @@ class SearchConfig:
         for name in ("lr", "alpha_lr", "temperature"):
             if not float(getattr(self, name)) > 0:
                 raise SearchConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.settle_temperature is not None and not (math.isfinite(self.settle_temperature)
+                                                        and self.settle_temperature > 0):
+            raise SearchConfigError(f"settle_temperature must be a finite number > 0, got {self.settle_temperature!r}")
         if not (math.isfinite(self.lam) and self.lam >= 0):
             raise SearchConfigError(f"lam (lambda) must be a finite number >= 0, got {self.lam!r}")
 

@@ -771,6 +771,11 @@ class SearchRunner:
                     stats.epoch, stats.task_loss, stats.cost, lam, stats.temperature)
         return stats
 
+    def set_temperature(self, temperature: float) -> None:
+        """Set the temperature the next epoch runs at (a schedule other than ``temperature_decay``)."""
+        self.temperature = float(temperature)
+        self.searchable.set_temperature(self.temperature)
+
     def lam_at(self, epoch: int) -> float:
         """lambda for ``epoch`` (0-based): ramped from lam/100 over the first half if asked."""
         cfg = self.config

@@ -41,6 +41,12 @@ class GradientStrategy:
         "ordered_cost": StrategyOption("ordered_cost", float, 0.0,
                                        "in [0, 1): each channel's cost in the loss weighted by its importance "
                                        "rank in its group (the least important pushed hardest); 0 = off"),
+        "settle": StrategyOption("settle", bool, False,
+                                 "with --target: after the first plan that meets the budget, search the rest of "
+                                 "--epochs with lambda steered to the budget (off: the unused epochs go to QAT)"),
+        "settle_temperature": StrategyOption("settle_temperature", float, 0.0,
+                                             "with settle: anneal the temperature to this by the last epoch "
+                                             "(0 = keep the usual decay)"),
         "logit_steps": StrategyOption("logit_steps", str, "sgd",
                                       "how the logits step: sgd (the paper's), sgd_per_cost (each channel's "
                                       "step divided by the cost it stands for: keeps attention heads) or adam",
@@ -57,7 +63,9 @@ class GradientStrategy:
                                        logit_steps=str(options["logit_steps"]),
                                        prune_init_score=str(options["prune_init_score"]),
                                        zero_logit_lr=float(options["zero_logit_lr"]),
-                                       ordered_cost=float(options["ordered_cost"]))
+                                       ordered_cost=float(options["ordered_cost"]),
+                                       budget_settle=bool(options["settle"]),
+                                       settle_temperature=float(options["settle_temperature"]) or None)
         net = problem.supernet(config)
         target = problem.settings.target
         if target:
