@@ -115,13 +115,15 @@ def test_budget_settle_searches_every_epoch_and_meets_the_budget(digits: Prepare
     history = result.plan.metadata["history"]
     assert result.epochs == len(history) == 5
     settled = [t for t in result.trace if t.get("settle")]
-    assert settled and [t["epoch"] for t in settled] == [float(e) for e in range(6 - len(settled), 6)]
+    first = next(i for i, h in enumerate(history) if h["epoch"] == settled[0]["epoch"])
+    assert settled and settled[-1]["epoch"] == 5 and first < 4
     assert history[-1]["temperature"] == pytest.approx(0.2)
     assert result.plan.cost_after["size"] <= result.target
-    # lambda follows the plan's cost: it falls after an epoch well under the budget, rises above it
+    # lambda follows the plan's cost at every check: it falls under the budget and rises above it
     for before, after in zip(settled, settled[1:]):
         ratio = before["plan_cost"] / result.target
-        assert after["lambda"] == pytest.approx(before["lambda"] * min(2.0, max(0.5, ratio ** 4)))
+        assert after["lambda"] == pytest.approx(before["lambda"] * min(2.0, max(0.5, ratio ** 2)))
+    assert any(t["plan_cost"] < result.target for t in settled)
 
 
 def test_budget_without_settle_hands_the_unused_epochs_back(digits: PreparedModel, train: Dataset) -> None:

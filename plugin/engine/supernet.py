@@ -281,6 +281,10 @@ class Supernet(FakeQuantModel):
     def nas_parameters(self) -> list[nn.Parameter]:
         return _nas_parameters(self)
 
+    def reset_logit_momentum(self) -> None:
+        """Forget the logits' optimiser state (momentum), e.g. when lambda's regime changes."""
+        self.alpha_opt.state.clear()
+
     def set_temperature(self, temperature: float) -> None:
         self._temperature = float(temperature)
         _set_temperature(self, temperature)
@@ -740,12 +744,14 @@ class SearchRunner:
             self.alpha_opt.step()
         return loss_task.detach(), cost.detach()
 
-    def run_epoch(self, lam: float, should_stop: Callable[[], bool] | None = None,
+    def run_epoch(self, lam: float | Callable[[], float], should_stop: Callable[[], bool] | None = None,
                   check_every: int = 1) -> EpochStats:
         """One epoch at ``lam``, then the temperature decays.
 
-        ``should_stop`` is asked every ``check_every`` steps; True ends the epoch early (the
-        budget controller checks the discretised plan this way).
+        ``lam`` may be a callable, asked before every step (the budget controller's settling
+        phase steers lambda within an epoch). ``should_stop`` is asked every ``check_every``
+        steps; True ends the epoch early (the budget controller checks the discretised plan this
+        way).
         """
         cfg, model = self.config, self.searchable
         epoch = len(self.history)
@@ -754,22 +760,28 @@ class SearchRunner:
                                 cfg.max_steps_per_epoch)
         bar = tqdm(steps, total=total, desc=f"search {epoch + 1}", leave=False, disable=not cfg.progress)
         losses, cost_value = [], float("nan")
+        current = lam() if callable(lam) else lam
         for indices, (inputs, labels) in bar:
-            loss_task, cost = self.train_step(inputs, labels, lam, indices)
+            current = lam() if callable(lam) else lam
+            loss_task, cost = self.train_step(inputs, labels, current, indices)
             losses.append(float(loss_task))
             cost_value = float(cost)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", cost=f"{cost_value:.4f}")
             if should_stop is not None and len(losses) % check_every == 0 and should_stop():
                 bar.close()
                 break
-        stats = EpochStats(epoch + 1, float(np.mean(losses)) if losses else float("nan"), cost_value, lam,
-                           self.temperature)
+        stats = EpochStats(epoch + 1, float(np.mean(losses)) if losses else float("nan"), cost_value,
+                           float(current), self.temperature)
         self.history.append(stats)
         self.temperature *= math.exp(-cfg.temperature_decay)
         model.set_temperature(self.temperature)
         logger.info("search epoch %d: task loss %.4f, cost %.4f, lambda %.3g, T %.3f",
                     stats.epoch, stats.task_loss, stats.cost, lam, stats.temperature)
         return stats
+
+    def reset_logit_momentum(self) -> None:
+        """Forget the logits' optimiser state (momentum), e.g. when lambda's regime changes."""
+        self.alpha_opt.state.clear()
 
     def set_temperature(self, temperature: float) -> None:
         """Set the temperature the next epoch runs at (a schedule other than ``temperature_decay``)."""
