@@ -140,3 +140,39 @@ def test_config_errors() -> None:
         SearchConfig(discretisation="round")
     with pytest.raises(SearchConfigError, match="settle_temperature"):
         SearchConfig(settle_temperature=0.0)
+
+
+def test_start_at_width_starts_near_that_uniform_plan(digits: PreparedModel, train: Dataset) -> None:
+    """start=4: the discretised starting plan is uniform 4-bit, and the starting mixture is
+    closer to the FP32 model than the default start's."""
+    from plugin.engine.search_start import start_at_width, widest_width_within
+
+    default, started = _searchable(digits), _searchable(digits)
+    before = started.cost_before("size")
+    assert widest_width_within(started, "size", 0.5 * before) == 4
+    assert widest_width_within(started, "size", 0.3 * before) == 2
+    assert widest_width_within(started, "size", 0.1 * before) == 2  # none fits: the narrowest (pruning on top)
+    assert start_at_width(started, 4, 2.0) == len(started.alphas)
+    plan = started.discretise(cost_models=["size"])
+    assert {b for layer in plan.layers.values() for b in layer.bits} == {4}
+    x = torch.as_tensor(train.arrays["input"][:128])
+    default.eval(), started.eval()
+    with torch.no_grad():
+        teacher = default.teacher_outputs(x)
+        error = [float((net(x) - teacher).abs().mean()) for net in (default, started)]
+    assert error[1] < error[0]
+
+
+def test_start_option_needs_a_budget_or_a_width() -> None:
+    from graph_passes.errors import ConfigError
+    from plugin.strategies.gradient import _start
+
+    class Net:
+        alphas = [type("A", (), {"precisions": (0, 2, 4, 8)})()]
+
+    with pytest.raises(ConfigError, match="needs a --target"):
+        _start(Net(), "budget", 2.0, None)
+    with pytest.raises(ConfigError, match="not a searched weight width"):
+        _start(Net(), "3", 2.0, None)
+    with pytest.raises(ConfigError, match="use default, budget or a weight width"):
+        _start(Net(), "wide", 2.0, None)

@@ -47,6 +47,12 @@ class GradientStrategy:
         "settle_temperature": StrategyOption("settle_temperature", float, 0.0,
                                              "with settle: anneal the temperature to this by the last epoch "
                                              "(0 = keep the usual decay)"),
+        "start": StrategyOption("start", str, "default",
+                                "where the logits start: default (alpha_b = b / max b, the paper's), budget (near "
+                                "the widest uniform width that meets --target) or a width such as 4",
+                                ),
+        "start_logit": StrategyOption("start_logit", float, 2.0,
+                                      "with start: how far that width's logit is raised at the start"),
         "logit_steps": StrategyOption("logit_steps", str, "sgd",
                                       "how the logits step: sgd (the paper's), sgd_per_cost (each channel's "
                                       "step divided by the cost it stands for: keeps attention heads) or adam",
@@ -68,9 +74,36 @@ class GradientStrategy:
                                        settle_temperature=float(options["settle_temperature"]) or None)
         net = problem.supernet(config)
         target = problem.settings.target
+        _start(net, str(options["start"]), float(options["start_logit"]), target)
         if target:
             budget = search_to_budget(net, problem.train, target, config)
             plan, epochs = budget.plan, budget.epochs
         else:
             plan, epochs = run_search(net, problem.train, config), config.epochs
         return StrategyResult(plan, list(plan.metadata.get("history", [])), engine=net, epochs_used=epochs)
+
+
+def _start(net: Any, start: str, strength: float, target: str | None) -> None:
+    """The ``start`` option: the logits raised toward one width (``plugin.engine.search_start``)."""
+    from graph_passes.errors import ConfigError
+    from plugin.budget import check_reachable
+    from plugin.engine.search_start import start_at_width, widest_width_within
+    from plugin.targets import parse_target
+
+    if start == "default":
+        return
+    if start == "budget":
+        if not target:
+            raise ConfigError("-S gradient.start=budget needs a --target budget; give one, or a width "
+                              "(e.g. -S gradient.start=4)")
+        budget = parse_target(target)
+        bits = widest_width_within(net, budget.cost_model, check_reachable(net, budget))
+    else:
+        try:
+            bits = int(start)
+        except ValueError:
+            raise ConfigError(f"-S gradient.start={start!r}: use default, budget or a weight width such as 4") from None
+        widths = sorted({b for alpha in net.alphas for b in alpha.precisions if b > 0})
+        if bits not in widths:
+            raise ConfigError(f"-S gradient.start={bits}: not a searched weight width ({', '.join(map(str, widths))})")
+    start_at_width(net, bits, strength)
