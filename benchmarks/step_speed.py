@@ -20,6 +20,10 @@ bound on the step's transient memory), the peak Python-heap memory (tracemalloc)
 process's peak RSS; and the 1-minute load average before and after (the machine is shared).
 
     python benchmarks/step_speed.py --out benchmarks/results/step-speed-cpu/LABEL
+
+``--act-bits 8`` searches with fixed 8-bit activations (the pareto benchmark's ``act_bits=(8,)``;
+default: the SearchConfig default, searched 2/4/8). ``--ab-speedups`` / ``--ab-cost-acts`` time
+only the search step with earlier speed-ups off and on, interleaved in one process.
 """
 
 from __future__ import annotations
@@ -126,8 +130,10 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
 
     prepared = prepare_model(str(path))
     data = Dataset({prepared.model.graph.input[0].name: x.astype(np.float32)}, y.astype(np.int64))
-    config = SearchConfig(batch_size=64, progress=False, seed=0)
-    space = SearchSpace(prepared.analysis, Precisions(config.weight_precisions, config.activation_precisions))
+    act_bits = None if args.act_bits is None else tuple(int(b) for b in args.act_bits.split(","))
+    config = SearchConfig(batch_size=64, progress=False, seed=0, **({} if act_bits is None else {"act_bits": act_bits}))
+    sites = config.site_precisions if hasattr(config, "site_precisions") else config.activation_precisions
+    space = SearchSpace(prepared.analysis, Precisions(config.weight_precisions, sites))
     n = args.warmup + args.steps
     names = [prepared.model.graph.input[0].name]
     try:
@@ -165,7 +171,7 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
         runner.alpha_opt.step()
 
     qat = FakeQuantModel.build(prepared.model, config, space=SearchSpace(
-        prepared.analysis, Precisions(config.weight_precisions, config.activation_precisions)))
+        prepared.analysis, Precisions(config.weight_precisions, sites)))
     qat.freeze(net.discretise())
     qat_opt = torch.optim.Adam(qat.net_parameters(), lr=1e-4)
 
@@ -182,6 +188,8 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
         return _ab_forward(name, search_step, batches, args)
     if args.ab_speedups:
         return _ab_speedups(name, runner, search_step, batches, args)
+    if args.ab_cost_acts:
+        return _ab_cost_acts(name, runner, search_step, batches, args)
     kinds = {"fp32": fp32_step, "search": search_step, "qat": qat_step}
     rows: dict[str, list] = {k: [] for k in kinds}
     cpu: dict[str, list] = {k: [] for k in kinds}
@@ -279,6 +287,51 @@ def _ab_speedups(name: str, runner, search_step, batches, args) -> dict:
     return {"model": name, "off_cpu_ms": off, "on_cpu_ms": on, "less": 1 - on / off, "runs_ms": runs}
 
 
+_AB_VARIANTS = ("off", "acts", "acts+cost")
+
+
+def _ab_cost_acts(name: str, runner, search_step, batches, args) -> dict:
+    """The search step with the one-width activation shortcut and the batched size cost off
+    (``off``), the shortcut only (``acts``) and both (``acts+cost``), interleaved in one process:
+    CPU ms per step (median of ``--repeats`` rounds, and the median over rounds of each variant's
+    time over ``off``'s in the same round), and the CPU ms of the cost's forward + backward alone,
+    per-layer vs batched. Many short rounds (``--repeats 30 --steps 5``) pair best on a loaded
+    machine."""
+    from plugin.engine import quantizers as q
+    from plugin.engine import supernet as sn
+
+    saved = (q._SINGLE_WIDTH_SHORTCUT, getattr(sn, "_VECTORISED_SIZE_COST", None))
+    net, config = runner.searchable, runner.config
+
+    def set_variant(kind: str) -> None:
+        q._SINGLE_WIDTH_SHORTCUT = kind != "off"
+        sn._VECTORISED_SIZE_COST = kind == "acts+cost"
+
+    def cost_step(batch) -> None:
+        with q.theta_cache():
+            (net.cost(config.cost_model) * runner.cost_scale).backward()
+
+    runs: dict[str, list[float]] = {k: [] for k in _AB_VARIANTS}
+    cost_runs: dict[str, list[float]] = {"per_layer": [], "batched": []}
+    try:
+        for _ in range(args.repeats):
+            for kind in _AB_VARIANTS:
+                set_variant(kind)
+                runs[kind].append(1000 * _timed(search_step, batches, args.warmup, args.steps)[1])
+            for kind in cost_runs:
+                sn._VECTORISED_SIZE_COST = kind == "batched"
+                cost_runs[kind].append(1000 * _timed(cost_step, batches, args.warmup, args.steps)[1])
+    finally:
+        q._SINGLE_WIDTH_SHORTCUT, sn._VECTORISED_SIZE_COST = saved
+        net.zero_grad(set_to_none=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    cost_med = {k: statistics.median(v) for k, v in cost_runs.items()}
+    # per round, each variant against "off" timed just before it: less sensitive to load drifting
+    paired = {k: statistics.median(a / b for a, b in zip(runs[k], runs["off"])) for k in _AB_VARIANTS}
+    return {"model": name, "act_bits": list(config.site_precisions), "cpu_ms": med, "runs_ms": runs,
+            "paired_ratio_to_off": paired, "cost_cpu_ms": cost_med, "cost_runs_ms": cost_runs}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -291,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the search step, old quantizer forward (quant(x).y) vs the current one, interleaved")
     ap.add_argument("--ab-speedups", action="store_true",
                     help="only the search step, issue 15's step speed-ups off vs on, interleaved in one process")
+    ap.add_argument("--ab-cost-acts", action="store_true",
+                    help="only the search step: the one-width activation shortcut and the batched size cost "
+                         "off / shortcut only / both, interleaved in one process (and the cost alone)")
+    ap.add_argument("--act-bits", default=None,
+                    help="activation precisions of the search, e.g. 8 (the pareto benchmark's act_bits=(8,)) "
+                         "or 2,4,8; default the SearchConfig default")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -311,6 +370,28 @@ def main(argv: list[str] | None = None) -> int:
                       "load_average_after": load_after, "rows": rows}
             provenance.write_results(args.out, args.label or "ab-speedups", record, text)
         return 0
+    if args.ab_cost_acts:
+        text = "\n".join([f"search step CPU ms: one-width activation shortcut and batched size cost off / shortcut "
+                          f"only / both (one process, interleaved), median of {args.repeats} x {args.steps} steps; "
+                          f"activations {args.act_bits or 'SearchConfig default'}; load average before "
+                          f"{'/'.join(f'{v:.2f}' for v in load_before)}, after "
+                          f"{'/'.join(f'{v:.2f}' for v in load_after)}", ""]
+                         + [f"- {r['model']} (act bits {','.join(map(str, r['act_bits']))}): "
+                            + " -> ".join(f"{k} {r['cpu_ms'][k]:.1f}" for k in _AB_VARIANTS)
+                            + f" ms (medians); per-round ratio to off (median): "
+                            + ", ".join(f"{k} {r['paired_ratio_to_off'][k]:.3f}" for k in _AB_VARIANTS[1:])
+                            + "; cost "
+                            f"forward+backward alone {r['cost_cpu_ms']['per_layer']:.2f} -> "
+                            f"{r['cost_cpu_ms']['batched']:.2f} ms; runs "
+                            + "; ".join(f"{k} {', '.join(f'{t:.1f}' for t in v)}" for k, v in r["runs_ms"].items())
+                            for r in rows])
+        print(text)
+        if args.out:
+            record = {"label": args.label, "command": provenance.command_line(), "commit": provenance.commit(),
+                      "versions": provenance.versions(), "load_average_before": load_before,
+                      "load_average_after": load_after, "rows": rows}
+            provenance.write_results(args.out, args.label or "ab-cost-acts", record, text)
+        return 0
     if args.ab_forward:
         text = "\n".join([f"search step CPU ms, quantizer forward as quant(x).y vs now, median of {args.repeats} x "
                           f"{args.steps} steps; load average before {'/'.join(f'{v:.2f}' for v in load_before)}, "
@@ -326,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / "ab-forward.json").write_text(json.dumps(record, indent=2))
             (args.out / "ab-forward.md").write_text(text + f"\n\ncommit {record['commit']}\n")
         return 0
-    lines = [f"step speed ({args.label or 'run'}): batch 64, CPU, {args.threads} thread(s), median of "
+    lines = [f"step speed ({args.label or 'run'}): batch 64, CPU, {args.threads} thread(s), activations "
+             f"{args.act_bits or 'SearchConfig default'}, median of "
              f"{args.repeats} x {args.steps} steps; load average (1/5/15 min) before "
              f"{'/'.join(f'{v:.2f}' for v in load_before)}, after {'/'.join(f'{v:.2f}' for v in load_after)}", "",
              "| model | FP32 step ms (CPU ms) | search step ms (CPU ms) | search / FP32 wall (CPU) | "

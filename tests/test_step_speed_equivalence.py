@@ -6,8 +6,11 @@
 - theta once per step (quantizers.theta_cache): the same values, gradients within float rounding;
 - the teacher's outputs cached per sample (batches.TeacherCache): the same targets as the
   teacher's forward, the bound and the fallbacks;
+- a one-width activation site (``act_bits=(8,)``) runs that width's quantizer instead of the
+  mixture node: the same y and gradients, bit for bit (the logit's gradient exactly 0 in both);
 - a digits-sample search (2 epochs on 256 samples) with every change against one without them:
-  the same per-epoch losses (rtol 1e-5) and the same plan.
+  the same per-epoch losses (rtol 1e-5) and the same plan, with searched and with fixed 8-bit
+  activations.
 """
 
 from __future__ import annotations
@@ -112,6 +115,31 @@ def test_frozen_activation_float_masks_are_bit_identical(signed, monkeypatch) ->
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("bits", [8, 2])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("float_masks", [True, False])
+def test_single_width_activation_is_the_mixture_bit_for_bit(signed, bits, float_masks, monkeypatch) -> None:
+    monkeypatch.setattr(q, "_FLOAT_MASKS_ON_CPU", float_masks)
+    torch.manual_seed(4)
+    quant = q.SearchableActivationQuantizer((bits,), signed=signed, init_clip=1.3, temperature=0.7)
+    x = torch.randn(4, 5, 6, 6) * 2
+    x[0, 0, 0, :6] = torch.tensor([1.3, -1.3, 0.0, -0.0, 1.2999999, -1.3000001])
+
+    def run(shortcut: bool):
+        monkeypatch.setattr(q, "_SINGLE_WIDTH_SHORTCUT", shortcut)
+        for p in quant.parameters():
+            p.grad = None
+        out = _grads(quant, x)
+        return out, quant.clip.grad.clone(), quant.alpha.alpha.grad
+
+    (y, gx), gclip, galpha = run(True)
+    (y0, gx0), gclip0, galpha0 = run(False)
+    assert torch.equal(y, y0) and torch.equal(gx, gx0) and torch.equal(gclip, gclip0)
+    assert torch.equal(galpha0, torch.zeros_like(galpha0)) and torch.equal(galpha, galpha0)
+    assert torch.equal(quant.quant(x).y, y)  # quant() runs the same path
+    assert torch.equal(y, q._activation_quantize(x, quant.clip, bits, signed).y)  # the frozen quantizer's y
+
+
 def test_theta_cache_shares_one_tensor_per_step() -> None:
     torch.manual_seed(0)
     alpha = q.SharedAlpha((0, 2, 4, 8), 5)
@@ -205,7 +233,7 @@ def test_teacher_cache_bound_and_fallbacks(monkeypatch) -> None:
 # ----------------------------------------------------------------------------- a digits search
 
 
-def _digits_search(fast: bool, monkeypatch) -> tuple[list[float], dict]:
+def _digits_search(fast: bool, monkeypatch, act_bits=None) -> tuple[list[float], dict]:
     from graph_passes.prepare import prepare_model
     from plugin.data import Dataset
     from plugin.engine import supernet as sn
@@ -218,13 +246,14 @@ def _digits_search(fast: bool, monkeypatch) -> tuple[list[float], dict]:
             m.setattr(q._WeightMixtureSTE, "apply", staticmethod(_per_width_weight_mixture))
             m.setattr(sn, "theta_cache", contextlib.nullcontext)
             m.setenv("PRUNEQUANT_TEACHER_CACHE_MB", "0")
+            m.setattr(q, "_SINGLE_WIDTH_SHORTCUT", False)
         torch.manual_seed(0)
         prepared = prepare_model(str(ROOT / "samples/digits/model.onnx"))
         z = np.load(ROOT / "samples/digits/train.npz")
         name = prepared.model.graph.input[0].name
         data = Dataset({name: z["input"][:256].astype(np.float32)}, None)
-        config = SearchConfig(batch_size=64, progress=False, seed=0, lam=300.0, epochs=2)
-        space = SearchSpace(prepared.analysis, Precisions(config.weight_precisions, config.activation_precisions))
+        config = SearchConfig(batch_size=64, progress=False, seed=0, lam=300.0, epochs=2, act_bits=act_bits)
+        space = SearchSpace(prepared.analysis, Precisions(config.weight_precisions, config.site_precisions))
         net = sn.Supernet.build(prepared.model, config, space=space)
         runner = sn.SearchRunner(net, data, config)
         losses = [runner.run_epoch(config.lam).task_loss for _ in range(config.epochs)]
@@ -235,9 +264,10 @@ def _digits_search(fast: bool, monkeypatch) -> tuple[list[float], dict]:
         k: v.bits for k, v in plan.activations.items()}
 
 
-def test_digits_search_same_losses_and_plan(monkeypatch) -> None:
+@pytest.mark.parametrize("act_bits", [None, (8,)])
+def test_digits_search_same_losses_and_plan(act_bits, monkeypatch) -> None:
     torch.set_num_threads(1)
-    fast_losses, fast_plan = _digits_search(True, monkeypatch)
-    slow_losses, slow_plan = _digits_search(False, monkeypatch)
+    fast_losses, fast_plan = _digits_search(True, monkeypatch, act_bits)
+    slow_losses, slow_plan = _digits_search(False, monkeypatch, act_bits)
     np.testing.assert_allclose(fast_losses, slow_losses, rtol=1e-5)
     assert fast_plan == slow_plan

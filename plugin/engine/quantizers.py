@@ -627,7 +627,29 @@ class _ActivationMixtureSTE(torch.autograd.Function):
         return inside * total, (edge * total).reshape(ctx.clip_shape), grad_theta, None, None
 
 
+class _OneWidthMixtureSTE(torch.autograd.Function):
+    """The activation mixture over one width: theta is the softmax of one logit, exactly 1, so
+    ``theta_0 * Q(x)`` is ``Q(x)`` and the node is :class:`_PactSTE` / :class:`_SymmetricClipSTE`
+    (the same y and gradients of ``x`` and the clip, bit for bit, as :class:`_ActivationMixtureSTE`
+    with one width). theta's gradient, which a one-element softmax maps to exactly 0 whatever it
+    is, is returned as zeros: the logit still gets its (zero) gradient, without the
+    ``Q(x) . grad`` reduction, the ``theta * Q(x)`` pass and the stacked buffer of the mixture."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, clip: Tensor, theta: Tensor, n: int, signed: bool) -> Tensor:  # type: ignore[override]
+        ctx.one_width = _SymmetricClipSTE if signed else _PactSTE
+        ctx.theta_like = (theta.shape, theta.dtype, theta.device)
+        return ctx.one_width.forward(ctx, x, clip, n)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
+        grad_x, grad_clip, _ = ctx.one_width.backward(ctx, grad)
+        shape, dtype, device = ctx.theta_like
+        return grad_x, grad_clip, torch.zeros(shape, dtype=dtype, device=device), None, None
+
+
 _FLOAT_MASKS_ON_CPU = True  # False: the boolean masks on CPU too (tests compare the two)
+_SINGLE_WIDTH_SHORTCUT = True  # False: a one-width activation site runs the mixture node too (tests, benchmarks)
 
 
 def _masked_gradients(grad: Tensor, x: Tensor, clip: float, signed: bool) -> tuple[Tensor, Tensor]:
@@ -790,6 +812,12 @@ class SearchableActivationQuantizer(_SearchableBase, _ClipHolder):
 
     def _mixture_y(self, x: Tensor) -> Tensor:
         theta = self.theta().to(x.dtype)
+        if len(self.precisions) == 1 and _SINGLE_WIDTH_SHORTCUT:
+            # one width (``act_bits=(8,)``): theta is softmax of one logit, exactly 1, so the
+            # mixture is that width's quantizer, bit for bit (:class:`_OneWidthMixtureSTE`)
+            bits = self.precisions[0]
+            n = 2 ** (bits - 1) - 1 if self.signed else 2 ** bits - 1
+            return _OneWidthMixtureSTE.apply(x, _positive_clip(self.clip).to(x.dtype), theta, n, self.signed)
         levels = tuple(2 ** (_check_bits(b, minimum=2, what="symmetric clip quantizer") - 1) - 1 if self.signed
                        else 2 ** _check_bits(b, minimum=1, what="PACT") - 1 for b in self.precisions)
         return _ActivationMixtureSTE.apply(x, _positive_clip(self.clip).to(x.dtype), theta, levels, self.signed)
