@@ -8,6 +8,8 @@
   teacher's forward, the bound and the fallbacks;
 - a one-width activation site (``act_bits=(8,)``) runs that width's quantizer instead of the
   mixture node: the same y and gradients, bit for bit (the logit's gradient exactly 0 in both);
+- the ``size`` cost in one batched pass (Supernet._size_cost) against the per-layer cost on every
+  sample: the same value and logit gradients within float32 summation order;
 - a digits-sample search (2 epochs on 256 samples) with every change against one without them:
   the same per-epoch losses (rtol 1e-5) and the same plan, with searched and with fixed 8-bit
   activations.
@@ -140,6 +142,62 @@ def test_single_width_activation_is_the_mixture_bit_for_bit(signed, bits, float_
     assert torch.equal(y, q._activation_quantize(x, quant.clip, bits, signed).y)  # the frozen quantizer's y
 
 
+def _sample_supernet(sample: str, act_bits=None, **overrides):
+    from graph_passes.prepare import prepare_model
+    from plugin.engine import supernet as sn
+    from plugin.engine.config import SearchConfig
+    from plugin.space import Precisions, SearchSpace
+
+    prepared = prepare_model(str(ROOT / "samples" / sample / "model.onnx"))
+    config = SearchConfig(batch_size=64, progress=False, seed=0, act_bits=act_bits, **overrides)
+    space = SearchSpace(prepared.analysis, Precisions(config.weight_precisions, config.site_precisions))
+    return sn.Supernet.build(prepared.model, config, space=space)
+
+
+def _cost_and_grads(net, batched: bool, monkeypatch):
+    from plugin.engine import supernet as sn
+
+    monkeypatch.setattr(sn, "_VECTORISED_SIZE_COST", batched)
+    params = net.nas_parameters()
+    for p in params:
+        p.grad = None
+    with q.theta_cache():
+        cost = net.cost("size")
+        assert cost.requires_grad and cost.ndim == 0
+        (cost * 3.0).backward()
+    return cost.detach(), [p.grad for p in params]
+
+
+@pytest.mark.parametrize("sample", ["digits", "mnist1d", "sequence", "transformer"])
+def test_batched_size_cost_is_the_per_layer_cost(sample, monkeypatch) -> None:
+    torch.manual_seed(5)
+    net = _sample_supernet(sample)
+    with torch.no_grad():  # logits away from the start, some columns likely pruned
+        for alpha in net.alphas:
+            alpha.alpha.normal_(0.0, 1.5)
+    layout = net._size_layout(torch.device("cpu"))
+    assert layout is not None and int(layout.out_columns.numel()) == sum(len(e.info.columns) for e in net._layers.values())
+    for ordered in (0.0, 0.5):
+        net.set_ordered_cost(ordered)
+        for temperature in (1.0, 0.3):
+            net.set_temperature(temperature)
+            fast, fast_grads = _cost_and_grads(net, True, monkeypatch)
+            slow, slow_grads = _cost_and_grads(net, False, monkeypatch)
+            torch.testing.assert_close(fast, slow, rtol=2e-6, atol=0.0)
+            for p, a, b in zip(net.nas_parameters(), fast_grads, slow_grads):
+                if b is None:  # a site's logits (the size model does not read activations)
+                    assert a is None or not bool(a.any())
+                    continue
+                assert a is not None
+                # the softmax backward cancels: small entries carry the large ones' rounding
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+    # a quantizer at another temperature than the supernet's: the per-layer cost, same value
+    entry = next(iter(net._layers.values()))
+    entry.quantizer.temperature = 0.5
+    assert net._size_cost() is None
+    torch.testing.assert_close(_cost_and_grads(net, True, monkeypatch)[0], _cost_and_grads(net, False, monkeypatch)[0])
+
+
 def test_theta_cache_shares_one_tensor_per_step() -> None:
     torch.manual_seed(0)
     alpha = q.SharedAlpha((0, 2, 4, 8), 5)
@@ -247,6 +305,7 @@ def _digits_search(fast: bool, monkeypatch, act_bits=None) -> tuple[list[float],
             m.setattr(sn, "theta_cache", contextlib.nullcontext)
             m.setenv("PRUNEQUANT_TEACHER_CACHE_MB", "0")
             m.setattr(q, "_SINGLE_WIDTH_SHORTCUT", False)
+            m.setattr(sn, "_VECTORISED_SIZE_COST", False)
         torch.manual_seed(0)
         prepared = prepare_model(str(ROOT / "samples/digits/model.onnx"))
         z = np.load(ROOT / "samples/digits/train.npz")

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cost_models import CostInputs, get_cost_model
+from cost_models import size as _size_model
 from plugin.engine.config import SearchConfig
 from plugin.engine.fakequant import FakeQuantModel, WrappedLayer
 from plugin.engine.quantizers import (
@@ -56,6 +57,72 @@ def _fixed_pruned(alpha: SharedAlpha) -> Tensor | None:
         return None
     widths = [j for j, b in enumerate(alpha.precisions) if b != 0]
     return torch.isinf(mask[widths]).all(dim=0)
+
+
+_VECTORISED_SIZE_COST = True  # False: the size cost layer by layer too (tests and benchmarks compare the two)
+
+
+@dataclass(frozen=True)
+class _SizeLayout:
+    """Index tensors of the batched ``size`` cost (:meth:`Supernet._size_cost`), on one device.
+
+    Columns are numbered over all alphas (alpha ``a``'s column ``c`` is ``offset_a + c``). Per
+    layer ``L``: ``C_in_eff = c_in_fixed[L] + sum keep[in_columns]`` over the entries with
+    ``in_layer == L``, and ``n_L = (fan_in_slope * C_in_eff + fan_in_offset) * area``
+    (``fan_in_eff`` is affine in ``C_in_eff`` for every layer kind; ``area`` is 0 for a layer that
+    stores no weights of its own). Per output channel: its layer ``out_layer`` and column
+    ``out_columns``. ``alphas`` are the alphas some layer's output uses, ``bits`` their precisions
+    as floats, ``used_columns`` their columns in that order."""
+
+    n_columns: int
+    zero_rows: list[int | None]
+    c_in_fixed: Tensor
+    in_columns: Tensor
+    in_layer: Tensor
+    fan_in_slope: Tensor
+    fan_in_offset: Tensor
+    area: Tensor
+    out_layer: Tensor
+    out_columns: Tensor
+    alphas: list[int]
+    bits: list[Tensor]
+    used_columns: Tensor
+
+    @classmethod
+    def build(cls, alphas: Sequence[SharedAlpha], layers: Sequence[LayerInfo], device: torch.device) -> _SizeLayout:
+        offsets = np.cumsum([0] + [a.n_channels for a in alphas]).tolist()
+        c_in_fixed, in_columns, in_layer, slope, offset, area, out_layer, out_columns = [], [], [], [], [], [], [], []
+        for k, info in enumerate(layers):
+            spec = info.spec
+            if info.input_index is None:
+                c_in_fixed.append(float(spec.c_in))
+            else:
+                c_in_fixed.append(float(info.input_fixed))
+                for alpha_index, columns in info.input_index.items():
+                    in_columns.extend(offsets[alpha_index] + int(c) for c in columns)
+                    in_layer.extend([k] * len(columns))
+            at_zero, at_one = float(spec.fan_in_eff(0.0)), float(spec.fan_in_eff(1.0))
+            slope.append(at_one - at_zero)
+            offset.append(at_zero)
+            area.append(float(spec.kernel_area) if spec.stores_weights and spec.kind != "act_matmul" else 0.0)
+            out_columns.extend(offsets[info.alpha_index] + int(c) for c in info.columns)
+            out_layer.extend([k] * len(info.columns))
+        used = sorted({info.alpha_index for info in layers})
+
+        def floats(values: list[float]) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        def longs(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(
+            n_columns=int(offsets[-1]),
+            zero_rows=[a.precisions.index(0) if 0 in a.precisions else None for a in alphas],
+            c_in_fixed=floats(c_in_fixed), in_columns=longs(in_columns), in_layer=longs(in_layer),
+            fan_in_slope=floats(slope), fan_in_offset=floats(offset), area=floats(area),
+            out_layer=longs(out_layer), out_columns=longs(out_columns), alphas=used,
+            bits=[floats([float(b) for b in alphas[a].precisions]) for a in used],
+            used_columns=longs([c for a in used for c in range(offsets[a], offsets[a + 1])]))
 
 
 class Supernet(FakeQuantModel):
@@ -324,8 +391,16 @@ class Supernet(FakeQuantModel):
         return total
 
     def cost(self, name: str | None = None) -> Tensor:
-        """Expected cost under theta (differentiable; the cost model's unit, not normalised)."""
+        """Expected cost under theta (differentiable; the cost model's unit, not normalised).
+
+        The built-in ``size`` model is computed in one batched pass (:meth:`_size_cost`: the
+        same value and gradients up to float32 summation order); every other model layer by
+        layer through its ``cost(spec, inputs)``."""
         model = get_cost_model(name or self.config.cost_model)
+        if model.cost is _size_model.cost and _VECTORISED_SIZE_COST:
+            fast = self._size_cost()
+            if fast is not None:
+                return fast + self._embedding_cost(model.name)
         keep = self._keep_probabilities()
         pairs = []
         weights = getattr(self, "_cost_weights", None)
@@ -338,8 +413,60 @@ class Supernet(FakeQuantModel):
                                 site.theta(), self._c_in_eff(entry.info, keep))
             pairs.append((entry.info.spec, inputs))
         pairs.extend(self._product_pairs(keep))
-        total = model.total(pairs) + self.space.embedding_cost(model.name)
+        total = model.total(pairs) + self._embedding_cost(model.name)
         return total if isinstance(total, Tensor) else torch.tensor(float(total))
+
+    def _embedding_cost(self, name: str) -> float:
+        """The embedding tables' cost under ``name`` (fixed: the tables are not searched), once."""
+        cache = self.__dict__.setdefault("_embedding_costs", {})
+        if name not in cache:
+            cache[name] = self.space.embedding_cost(name)
+        return cache[name]
+
+    def _size_layout(self, device: torch.device) -> _SizeLayout | None:
+        """The static index tensors of :meth:`_size_cost` on ``device`` (built once per device)."""
+        cached = self.__dict__.get("_size_layout_cache")
+        if cached is not None and cached[0] == device:
+            return cached[1]
+        layout = _SizeLayout.build(list(self.alphas), [entry.info for entry in self._layers.values()], device)
+        self.__dict__["_size_layout_cache"] = (device, layout)
+        return layout
+
+    def _size_cost(self) -> Tensor | None:
+        """The ``size`` model's expected bits under theta in one batched computation, or None
+        when the layers' quantizers run at another temperature than the supernet's.
+
+        Per layer the size model is ``n_L * sum_c sum_j theta[j, c_L(c)] * b_j`` with
+        ``n_L = fan_in_eff(C_in_eff) * kh*kw`` (0 for a layer reading another's weights), the
+        keep probabilities behind ``C_in_eff`` detached. Summed over layers that is, per alpha,
+        ``sum_col E_theta[b](col) * W(col)`` with ``W(col) = sum_L n_L * (channels of L on col)``
+        (times the ordered cost's column weights): ``W`` is computed without a graph from
+        precomputed index tensors, and the differentiable part is one ``b @ theta`` per alpha and
+        one dot product. Activation x activation products store nothing (0 bits), so they are
+        left out. The value and the logits' gradients are the per-layer ones up to float32
+        summation order (tests/test_step_speed_equivalence.py)."""
+        if any(entry.quantizer.temperature != self._temperature for entry in self._layers.values()):
+            return None
+        thetas = self.thetas()
+        device = thetas[0].device
+        layout = self._size_layout(device)
+        if layout is None:
+            return None
+        with torch.no_grad():
+            keep = torch.cat([torch.ones_like(theta[0]) if zero is None else 1 - theta[zero]
+                              for theta, zero in zip(thetas, layout.zero_rows)])
+            c_in = layout.c_in_fixed.index_add(0, layout.in_layer, keep[layout.in_columns])
+            per_weight = (layout.fan_in_slope * c_in + layout.fan_in_offset) * layout.area  # n_L, 0 where shared
+            per_channel = per_weight[layout.out_layer]
+            weights = getattr(self, "_cost_weights", None)
+            if weights is not None:
+                per_channel = per_channel * torch.cat(
+                    [torch.ones(alpha.n_channels, device=device) if w is None else w.to(device)
+                     for alpha, w in zip(self.alphas, weights)])[layout.out_columns]
+            column_weight = torch.zeros(layout.n_columns, dtype=per_channel.dtype, device=device)
+            column_weight.index_add_(0, layout.out_columns, per_channel)
+        expected = torch.cat([bits @ thetas[a] for a, bits in zip(layout.alphas, layout.bits)])
+        return expected @ column_weight[layout.used_columns].to(expected.dtype)
 
     def column_costs(self, name: str | None = None) -> list[Tensor]:
         """Per alpha, the cost each column stands for, shape ``[n_channels]``: ``d cost / d theta``
