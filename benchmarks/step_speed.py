@@ -189,7 +189,7 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
     if args.ab_speedups:
         return _ab_speedups(name, runner, search_step, batches, args)
     if args.ab_cost_acts:
-        return _ab_cost_acts(name, runner, search_step, batches, args)
+        return _ab_cost_acts(name, runner, search_step, batches, args, fp32_step)
     kinds = {"fp32": fp32_step, "search": search_step, "qat": qat_step}
     rows: dict[str, list] = {k: [] for k in kinds}
     cpu: dict[str, list] = {k: [] for k in kinds}
@@ -236,7 +236,7 @@ def _ab_forward(name: str, search_step, batches, args) -> dict:
     return {"model": name, "quant_y_cpu_ms": old, "forward_cpu_ms": now, "less": 1 - now / old, "runs_ms": runs}
 
 
-def _per_width_weight_mixture(w, theta, scale, qmax):
+def _per_width_weight_mixture(w, theta, scale, qmax, clipped=None):
     """The weight mixture's graph before ``_WeightMixtureSTE`` (the same numbers, bit for bit)."""
     from plugin.engine.quantizers import _SymmetricRoundSTE
 
@@ -287,14 +287,15 @@ def _ab_speedups(name: str, runner, search_step, batches, args) -> dict:
     return {"model": name, "off_cpu_ms": off, "on_cpu_ms": on, "less": 1 - on / off, "runs_ms": runs}
 
 
-_AB_VARIANTS = ("off", "acts", "acts+cost")
+_AB_VARIANTS = ("off", "acts", "acts+cost", "acts+cost+wclip")
 
 
-def _ab_cost_acts(name: str, runner, search_step, batches, args) -> dict:
-    """The search step with the one-width activation shortcut and the batched size cost off
-    (``off``), the shortcut only (``acts``) and both (``acts+cost``), interleaved in one process:
+def _ab_cost_acts(name: str, runner, search_step, batches, args, fp32_step) -> dict:
+    """The search step with the one-width activation shortcut, the batched size cost and the weight
+    node's clip check from the absmax all off (``off``), the shortcut only (``acts``), the first two
+    (``acts+cost``) and all three (``acts+cost+wclip``), interleaved in one process:
     CPU ms per step (median of ``--repeats`` rounds, and the median over rounds of each variant's
-    time over ``off``'s in the same round), and the CPU ms of the cost's forward + backward alone,
+    time over ``off``'s and over the FP32 step's, both timed in the same round), and the CPU ms of the cost's forward + backward alone,
     per-layer vs batched. Many short rounds (``--repeats 30 --steps 5``) pair best on a loaded
     machine."""
     from plugin.engine import quantizers as q
@@ -302,19 +303,30 @@ def _ab_cost_acts(name: str, runner, search_step, batches, args) -> dict:
 
     saved = (q._SINGLE_WIDTH_SHORTCUT, getattr(sn, "_VECTORISED_SIZE_COST", None))
     net, config = runner.searchable, runner.config
+    node = q._WeightMixtureSTE.apply
+
+    def own_clip_check(w, theta, scale, qmax, clipped=None):  # the node's K x |w| check, as before
+        return node(w, theta, scale, qmax)
 
     def set_variant(kind: str) -> None:
         q._SINGLE_WIDTH_SHORTCUT = kind != "off"
-        sn._VECTORISED_SIZE_COST = kind == "acts+cost"
+        sn._VECTORISED_SIZE_COST = "cost" in kind
+        if "wclip" in kind:
+            if "apply" in q._WeightMixtureSTE.__dict__ and q._WeightMixtureSTE.__dict__["apply"].__func__ is own_clip_check:
+                delattr(q._WeightMixtureSTE, "apply")
+        else:
+            q._WeightMixtureSTE.apply = staticmethod(own_clip_check)
 
     def cost_step(batch) -> None:
         with q.theta_cache():
             (net.cost(config.cost_model) * runner.cost_scale).backward()
 
     runs: dict[str, list[float]] = {k: [] for k in _AB_VARIANTS}
+    runs["fp32"] = []
     cost_runs: dict[str, list[float]] = {"per_layer": [], "batched": []}
     try:
         for _ in range(args.repeats):
+            runs["fp32"].append(1000 * _timed(fp32_step, batches, args.warmup, args.steps)[1])
             for kind in _AB_VARIANTS:
                 set_variant(kind)
                 runs[kind].append(1000 * _timed(search_step, batches, args.warmup, args.steps)[1])
@@ -323,13 +335,16 @@ def _ab_cost_acts(name: str, runner, search_step, batches, args) -> dict:
                 cost_runs[kind].append(1000 * _timed(cost_step, batches, args.warmup, args.steps)[1])
     finally:
         q._SINGLE_WIDTH_SHORTCUT, sn._VECTORISED_SIZE_COST = saved
+        set_variant("acts+cost+wclip")
         net.zero_grad(set_to_none=True)
     med = {k: statistics.median(v) for k, v in runs.items()}
     cost_med = {k: statistics.median(v) for k, v in cost_runs.items()}
     # per round, each variant against "off" timed just before it: less sensitive to load drifting
     paired = {k: statistics.median(a / b for a, b in zip(runs[k], runs["off"])) for k in _AB_VARIANTS}
+    to_fp32 = {k: statistics.median(a / b for a, b in zip(runs[k], runs["fp32"])) for k in _AB_VARIANTS}
     return {"model": name, "act_bits": list(config.site_precisions), "cpu_ms": med, "runs_ms": runs,
-            "paired_ratio_to_off": paired, "cost_cpu_ms": cost_med, "cost_runs_ms": cost_runs}
+            "paired_ratio_to_off": paired, "paired_ratio_to_fp32": to_fp32, "cost_cpu_ms": cost_med,
+            "cost_runs_ms": cost_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ab-speedups", action="store_true",
                     help="only the search step, issue 15's step speed-ups off vs on, interleaved in one process")
     ap.add_argument("--ab-cost-acts", action="store_true",
-                    help="only the search step: the one-width activation shortcut and the batched size cost "
-                         "off / shortcut only / both, interleaved in one process (and the cost alone)")
+                    help="only the search step: the one-width activation shortcut, the batched size cost and "
+                         "the weight node's clip check from the absmax, added one by one, interleaved in one "
+                         "process (and the cost alone)")
     ap.add_argument("--act-bits", default=None,
                     help="activation precisions of the search, e.g. 8 (the pareto benchmark's act_bits=(8,)) "
                          "or 2,4,8; default the SearchConfig default")
@@ -371,8 +387,9 @@ def main(argv: list[str] | None = None) -> int:
             provenance.write_results(args.out, args.label or "ab-speedups", record, text)
         return 0
     if args.ab_cost_acts:
-        text = "\n".join([f"search step CPU ms: one-width activation shortcut and batched size cost off / shortcut "
-                          f"only / both (one process, interleaved), median of {args.repeats} x {args.steps} steps; "
+        text = "\n".join([f"search step CPU ms: one-width activation shortcut, batched size cost, weight clip check "
+                          f"on [K, C] added one by one (one process, interleaved), median of {args.repeats} x "
+                          f"{args.steps} steps; "
                           f"activations {args.act_bits or 'SearchConfig default'}; load average before "
                           f"{'/'.join(f'{v:.2f}' for v in load_before)}, after "
                           f"{'/'.join(f'{v:.2f}' for v in load_after)}", ""]
@@ -380,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                             + " -> ".join(f"{k} {r['cpu_ms'][k]:.1f}" for k in _AB_VARIANTS)
                             + f" ms (medians); per-round ratio to off (median): "
                             + ", ".join(f"{k} {r['paired_ratio_to_off'][k]:.3f}" for k in _AB_VARIANTS[1:])
-                            + "; cost "
+                            + "; search / FP32 (per-round median): "
+                            + ", ".join(f"{k} {r['paired_ratio_to_fp32'][k]:.2f}x" for k in _AB_VARIANTS)
+                            + f" (FP32 {r['cpu_ms']['fp32']:.1f} ms); cost "
                             f"forward+backward alone {r['cost_cpu_ms']['per_layer']:.2f} -> "
                             f"{r['cost_cpu_ms']['batched']:.2f} ms; runs "
                             + "; ".join(f"{k} {', '.join(f'{t:.1f}' for t in v)}" for k, v in r["runs_ms"].items())

@@ -1,6 +1,7 @@
 """The search step's speed-ups (issue 15) keep the search's numbers.
 
-- the weight mixture in one autograd node (quantizers._WeightMixtureSTE) and the activation
+- the weight mixture in one autograd node (quantizers._WeightMixtureSTE; its clip check from the
+  per-channel absmax on [K, C]) and the activation
   quantizers' float-kernel masks on CPU (the mixture's and QAT's PACT / symmetric clip): the same
   y and gradients, bit for bit, as the graphs they replace (written out here);
 - theta once per step (quantizers.theta_cache): the same values, gradients within float rounding;
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- references
 
 
-def _per_width_weight_mixture(w, theta, scale, qmax):
+def _per_width_weight_mixture(w, theta, scale, qmax, clipped=None):
     """The graph before _WeightMixtureSTE: the STE over all widths, times theta, summed narrowest first."""
     weighted = theta * q._SymmetricRoundSTE.apply(w.unsqueeze(0), scale, qmax)
     y = weighted[-1]
@@ -67,6 +68,40 @@ def test_weight_node_is_bit_identical(shape, clipped) -> None:
     old = _grads(lambda a, t: _per_width_weight_mixture(a, t, scale, q5), w, theta)
     for a, b in zip(new, old):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["plain", "zero", "inf", "nan"])
+def test_weight_mixture_clip_check_from_absmax(case, monkeypatch) -> None:
+    """The quantizer tells the node whether any rounded value lies outside its range from
+    ``round(max|w| / s)`` on [K, C]: the same y and gradients as the node's own K x |w| check."""
+    torch.manual_seed(1)
+    quant = q.SearchableWeightQuantizer(6, (0, 2, 4, 8), ch_axis=0, temperature=0.8)
+    with torch.no_grad():
+        quant.alpha.alpha.normal_()
+    w = torch.randn(6, 4, 3, 3)
+    if case == "zero":
+        w[2] = 0.0
+    elif case == "inf":
+        w[1, 0, 0, 0] = float("inf")
+    elif case == "nan":
+        w[3, 1, 1, 1] = float("nan")
+    seen = []
+    node = q._WeightMixtureSTE.apply
+
+    def own_check(w_, theta, scale, qmax, clipped=None):
+        seen.append(clipped)
+        return node(w_, theta, scale, qmax)
+
+    def run():
+        quant.alpha.alpha.grad = None
+        return _grads(quant, w) + [quant.alpha.alpha.grad.clone()]
+
+    given = run()
+    monkeypatch.setattr(q._WeightMixtureSTE, "apply", staticmethod(own_check))
+    checked = run()
+    assert seen == [case == "inf"]  # an infinite weight's channel clips (its scale falls back to 1)
+    for a, b in zip(given, checked):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("signed", [False, True])

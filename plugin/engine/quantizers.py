@@ -136,16 +136,22 @@ class _WeightMixtureSTE(torch.autograd.Function):
     one buffer, and a backward that computes what autograd computed for that graph in the same
     order: ``y`` and the gradients of ``w`` and ``theta`` are the same bits. The clip mask is made
     only when a rounded value lies outside its range (the largest weight sits on the grid, so
-    normally none does: then the clamp and the mask are identities)."""
+    normally none does: then the clamp and the mask are identities). ``clipped``, when the caller
+    knows it, says so without the ``K x |w|`` check: per width and channel the largest
+    ``|round(w / s)|`` is ``round(max|w| / s)`` (rounding half to even is odd and monotone, and so
+    is division by ``s > 0``), which :meth:`SearchableWeightQuantizer._mixture` computes on
+    ``[K, C]`` (a NaN weight makes both checks false)."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, theta: Tensor, scale: Tensor, qmax: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, w: Tensor, theta: Tensor, scale: Tensor, qmax: Tensor,  # type: ignore[override]
+                clipped: bool | None = None) -> Tensor:
         k = scale.shape[0]
         stacked = torch.div(w.unsqueeze(0), scale)  # [K, *w.shape]
         stacked.round_()
-        dims = tuple(range(1, stacked.ndim))
         inside = None
-        if bool((stacked.abs().amax(dim=dims) > qmax.reshape(-1)).any()):
+        if clipped is None:  # does any rounded value lie outside its range?
+            clipped = bool((stacked.abs().amax(dim=tuple(range(1, stacked.ndim))) > qmax.reshape(-1)).any())
+        if clipped:
             inside = stacked.abs() <= qmax
             stacked = torch.clamp(stacked, -qmax, qmax)
         stacked.mul_(scale)
@@ -159,7 +165,7 @@ class _WeightMixtureSTE(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None, None]:  # type: ignore[override]
         stacked, theta, inside = ctx.saved_tensors
         spread = grad.unsqueeze(0).expand_as(stacked)
         grad_q = spread * theta
@@ -169,7 +175,7 @@ class _WeightMixtureSTE(torch.autograd.Function):
         grad_theta = spread * stacked
         if ctx.theta_dims:
             grad_theta = grad_theta.sum(dim=ctx.theta_dims, keepdim=True)
-        return grad_w, grad_theta, None, None
+        return grad_w, grad_theta, None, None, None
 
 
 def _channel_view_shape(ndim: int, ch_axis: int, n_channels: int) -> list[int]:
@@ -474,12 +480,14 @@ class SearchableWeightQuantizer(_SearchableBase):
         """
         theta = self.theta().to(w.dtype)
         ch = self.ch_axis % w.ndim
-        kept, qmax = self._kept_widths(w)
-        scale = _per_channel_absmax(w, ch)[None, :] / qmax[:, None]  # [K, C]
+        kept, qmax, kept_index = self._kept_widths(w)
+        absmax = _per_channel_absmax(w, ch)[None, :]
+        scale = absmax / qmax[:, None]  # [K, C]
         scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+        clipped = bool((torch.round(absmax / scale) > qmax[:, None]).any())  # see _WeightMixtureSTE
         view = [len(kept), *_channel_view_shape(w.ndim, ch, self.c_out)]
-        y = _WeightMixtureSTE.apply(w, theta[kept].reshape(view), scale.reshape(view),
-                                    qmax.reshape([len(kept)] + [1] * w.ndim))
+        y = _WeightMixtureSTE.apply(w, theta.index_select(0, kept_index).reshape(view), scale.reshape(view),
+                                    qmax.reshape([len(kept)] + [1] * w.ndim), clipped)
         if y_only:  # forward(): the scale, zero point and expected width below are not used
             return QuantOutput(y, None, None, None)  # type: ignore[arg-type]
         best = theta.detach().argmax(dim=0)
@@ -489,16 +497,17 @@ class SearchableWeightQuantizer(_SearchableBase):
         zero_point = torch.zeros(self.c_out, dtype=torch.int32, device=w.device)
         return QuantOutput(y, scale_best, zero_point, self.expected_bit_width())
 
-    def _kept_widths(self, w: Tensor) -> tuple[list[int], Tensor]:
-        """The non-zero widths' indices, widest first, and their top integers (cached per dtype and
-        device: no tensor made from a list every step)."""
+    def _kept_widths(self, w: Tensor) -> tuple[list[int], Tensor, Tensor]:
+        """The non-zero widths' indices, widest first (a list and a long tensor), and their top
+        integers (cached per dtype and device: no tensor made from a list every step)."""
         key = (w.dtype, w.device)
         cached = self.__dict__.get("_kept_cache")
         if cached is None or cached[0] != key or cached[1] != self.precisions:
             kept = sorted((j for j, b in enumerate(self.precisions) if b != 0), key=lambda j: -self.precisions[j])
-            cached = (key, self.precisions, kept, w.new_tensor([2 ** (self.precisions[j] - 1) - 1 for j in kept]))
+            cached = (key, self.precisions, kept, w.new_tensor([2 ** (self.precisions[j] - 1) - 1 for j in kept]),
+                      torch.tensor(kept, dtype=torch.long, device=w.device))
             self.__dict__["_kept_cache"] = cached
-        return cached[2], cached[3]
+        return cached[2], cached[3], cached[4]
 
     def forward(self, w: Tensor) -> Tensor:
         if self.frozen_bits is None and w.shape[self.ch_axis] == self.c_out:
