@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
@@ -661,6 +662,21 @@ _FLOAT_MASKS_ON_CPU = True  # False: the boolean masks on CPU too (tests compare
 _SINGLE_WIDTH_SHORTCUT = True  # False: a one-width activation site runs the mixture node too (tests, benchmarks)
 
 
+def _subnormal_bound_holds(lowest: float, dtype: torch.dtype) -> bool:
+    """Whether ``0 <= lowest`` is false in this thread's float arithmetic at ``dtype`` (``lowest``
+    minus the dtype's smallest subnormal): false where denormals are flushed
+    (``torch.set_flush_denormal``: the bound becomes -0 (FTZ, when converted) or is read as 0 (DAZ)).
+    float32 and float64 ask the CPU through Python floats (``struct`` converts to float32 with a C
+    cast, as the kernel's scalar is), about 1 us; other dtypes run a one-element
+    ``hardtanh_backward`` (about 50 us)."""
+    if dtype == torch.float32:
+        return struct.unpack("<f", struct.pack("<f", lowest))[0] < 0.0
+    if dtype == torch.float64:
+        return lowest < 0.0
+    probe = torch.ops.aten.hardtanh_backward(torch.ones(1, dtype=dtype), torch.zeros(1, dtype=dtype), lowest, 1.0)
+    return bool(probe[0] == 1)
+
+
 def _masked_gradients(grad: Tensor, x: Tensor, clip: float, signed: bool) -> tuple[Tensor, Tensor]:
     """The clip quantizers' straight-through masks applied with float kernels only:
     ``(grad where it passes, sum of grad where x >= clip, minus where x <= -clip if signed)``;
@@ -678,8 +694,7 @@ def _masked_gradients(grad: Tensor, x: Tensor, clip: float, signed: bool) -> tup
         edge = edge - aten.threshold_backward(grad, x.neg(), below_clip).sum()  # x <= -clip
         return aten.hardtanh_backward(grad, x, -clip, clip), edge
     lowest = -float(info.tiny) * float(info.eps)  # minus the smallest subnormal
-    probe = aten.hardtanh_backward(torch.ones(1, dtype=x.dtype), torch.zeros(1, dtype=x.dtype), lowest, 1.0)
-    if bool(probe[0] == 1):
+    if _subnormal_bound_holds(lowest, x.dtype):
         return aten.hardtanh_backward(grad, x, lowest, clip), edge
     # denormals flushed (torch.set_flush_denormal): the three parts are disjoint, the subtraction exact
     return grad - aten.threshold_backward(grad, x, below_clip) - aten.threshold_backward(grad, x.neg(), 0.0), edge
