@@ -287,13 +287,14 @@ def _ab_speedups(name: str, runner, search_step, batches, args) -> dict:
     return {"model": name, "off_cpu_ms": off, "on_cpu_ms": on, "less": 1 - on / off, "runs_ms": runs}
 
 
-_AB_VARIANTS = ("off", "acts", "acts+cost", "acts+cost+wclip")
+_AB_VARIANTS = ("off", "acts", "acts+cost", "acts+cost+wclip", "all")
 
 
 def _ab_cost_acts(name: str, runner, search_step, batches, args, fp32_step) -> dict:
-    """The search step with the one-width activation shortcut, the batched size cost and the weight
-    node's clip check from the absmax all off (``off``), the shortcut only (``acts``), the first two
-    (``acts+cost``) and all three (``acts+cost+wclip``), interleaved in one process:
+    """The search step with the one-width activation shortcut, the batched size cost, the weight
+    node's clip check from the absmax and the denormal probe through Python floats all off
+    (``off``), the shortcut only (``acts``), the first two (``acts+cost``), three
+    (``acts+cost+wclip``) and all four (``all``), interleaved in one process:
     CPU ms per step (median of ``--repeats`` rounds, and the median over rounds of each variant's
     time over ``off``'s and over the FP32 step's, both timed in the same round), and the CPU ms of the cost's forward + backward alone,
     per-layer vs batched. Many short rounds (``--repeats 30 --steps 5``) pair best on a loaded
@@ -308,10 +309,17 @@ def _ab_cost_acts(name: str, runner, search_step, batches, args, fp32_step) -> d
     def own_clip_check(w, theta, scale, qmax, clipped=None):  # the node's K x |w| check, as before
         return node(w, theta, scale, qmax)
 
+    probe = q._subnormal_bound_holds
+
+    def tensor_probe(lowest: float, dtype: torch.dtype) -> bool:  # the one-element kernel, as before
+        out = torch.ops.aten.hardtanh_backward(torch.ones(1, dtype=dtype), torch.zeros(1, dtype=dtype), lowest, 1.0)
+        return bool(out[0] == 1)
+
     def set_variant(kind: str) -> None:
         q._SINGLE_WIDTH_SHORTCUT = kind != "off"
-        sn._VECTORISED_SIZE_COST = "cost" in kind
-        if "wclip" in kind:
+        sn._VECTORISED_SIZE_COST = "cost" in kind or kind == "all"
+        q._subnormal_bound_holds = probe if kind == "all" else tensor_probe
+        if "wclip" in kind or kind == "all":
             if "apply" in q._WeightMixtureSTE.__dict__ and q._WeightMixtureSTE.__dict__["apply"].__func__ is own_clip_check:
                 delattr(q._WeightMixtureSTE, "apply")
         else:
@@ -334,8 +342,8 @@ def _ab_cost_acts(name: str, runner, search_step, batches, args, fp32_step) -> d
                 sn._VECTORISED_SIZE_COST = kind == "batched"
                 cost_runs[kind].append(1000 * _timed(cost_step, batches, args.warmup, args.steps)[1])
     finally:
+        set_variant("all")
         q._SINGLE_WIDTH_SHORTCUT, sn._VECTORISED_SIZE_COST = saved
-        set_variant("acts+cost+wclip")
         net.zero_grad(set_to_none=True)
     med = {k: statistics.median(v) for k, v in runs.items()}
     cost_med = {k: statistics.median(v) for k, v in cost_runs.items()}
@@ -360,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ab-speedups", action="store_true",
                     help="only the search step, issue 15's step speed-ups off vs on, interleaved in one process")
     ap.add_argument("--ab-cost-acts", action="store_true",
-                    help="only the search step: the one-width activation shortcut, the batched size cost and "
-                         "the weight node's clip check from the absmax, added one by one, interleaved in one "
-                         "process (and the cost alone)")
+                    help="only the search step: the one-width activation shortcut, the batched size cost, "
+                         "the weight node's clip check from the absmax and the denormal probe, added one by one, "
+                         "interleaved in one process with the FP32 step (and the cost alone)")
     ap.add_argument("--act-bits", default=None,
                     help="activation precisions of the search, e.g. 8 (the pareto benchmark's act_bits=(8,)) "
                          "or 2,4,8; default the SearchConfig default")
@@ -388,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.ab_cost_acts:
         text = "\n".join([f"search step CPU ms: one-width activation shortcut, batched size cost, weight clip check "
-                          f"on [K, C] added one by one (one process, interleaved), median of {args.repeats} x "
+                          f"on [K, C], denormal probe in Python floats added one by one (one process, "
+                          f"interleaved), median of {args.repeats} x "
                           f"{args.steps} steps; "
                           f"activations {args.act_bits or 'SearchConfig default'}; load average before "
                           f"{'/'.join(f'{v:.2f}' for v in load_before)}, after "

@@ -641,14 +641,15 @@ class _OneWidthMixtureSTE(torch.autograd.Function):
     """The activation mixture over one width: theta is the softmax of one logit, exactly 1, so
     ``theta_0 * Q(x)`` is ``Q(x)`` and the node is :class:`_PactSTE` / :class:`_SymmetricClipSTE`
     (the same y and gradients of ``x`` and the clip, bit for bit, as :class:`_ActivationMixtureSTE`
-    with one width). theta's gradient, which a one-element softmax maps to exactly 0 whatever it
-    is, is returned as zeros: the logit still gets its (zero) gradient, without the
+    with one width). The logit's gradient, which a one-element softmax makes exactly 0 whatever
+    reaches theta, is returned as zeros for the logit itself (``logits``, the ``[1, 1]``
+    parameter): the logit still gets its (zero) gradient, without the softmax, the
     ``Q(x) . grad`` reduction, the ``theta * Q(x)`` pass and the stacked buffer of the mixture."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, clip: Tensor, theta: Tensor, n: int, signed: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, clip: Tensor, logits: Tensor, n: int, signed: bool) -> Tensor:  # type: ignore[override]
         ctx.one_width = _SymmetricClipSTE if signed else _PactSTE
-        ctx.theta_like = (theta.shape, theta.dtype, theta.device)
+        ctx.theta_like = (logits.shape, logits.dtype, logits.device)
         return ctx.one_width.forward(ctx, x, clip, n)
 
     @staticmethod
@@ -835,13 +836,14 @@ class SearchableActivationQuantizer(_SearchableBase, _ClipHolder):
         return self._mixture_y(x)
 
     def _mixture_y(self, x: Tensor) -> Tensor:
-        theta = self.theta().to(x.dtype)
-        if len(self.precisions) == 1 and _SINGLE_WIDTH_SHORTCUT:
+        if len(self.precisions) == 1 and _SINGLE_WIDTH_SHORTCUT and self.alpha.logit_mask is None:
             # one width (``act_bits=(8,)``): theta is softmax of one logit, exactly 1, so the
             # mixture is that width's quantizer, bit for bit (:class:`_OneWidthMixtureSTE`)
             bits = self.precisions[0]
             n = 2 ** (bits - 1) - 1 if self.signed else 2 ** bits - 1
-            return _OneWidthMixtureSTE.apply(x, _positive_clip(self.clip).to(x.dtype), theta, n, self.signed)
+            return _OneWidthMixtureSTE.apply(x, _positive_clip(self.clip).to(x.dtype), self.alpha.alpha, n,
+                                             self.signed)
+        theta = self.theta().to(x.dtype)
         levels = tuple(2 ** (_check_bits(b, minimum=2, what="symmetric clip quantizer") - 1) - 1 if self.signed
                        else 2 ** _check_bits(b, minimum=1, what="PACT") - 1 for b in self.precisions)
         return _ActivationMixtureSTE.apply(x, _positive_clip(self.clip).to(x.dtype), theta, levels, self.signed)
