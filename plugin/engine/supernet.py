@@ -89,7 +89,8 @@ class _SizeLayout:
     used_columns: Tensor
 
     @classmethod
-    def build(cls, alphas: Sequence[SharedAlpha], layers: Sequence[LayerInfo], device: torch.device) -> _SizeLayout:
+    def build(cls, alphas: Sequence[SharedAlpha], layers: Sequence[LayerInfo], device: torch.device,
+              dtype: torch.dtype = torch.float32) -> _SizeLayout:
         offsets = np.cumsum([0] + [a.n_channels for a in alphas]).tolist()
         c_in_fixed, in_columns, in_layer, slope, offset, area, out_layer, out_columns = [], [], [], [], [], [], [], []
         for k, info in enumerate(layers):
@@ -110,7 +111,7 @@ class _SizeLayout:
         used = sorted({info.alpha_index for info in layers})
 
         def floats(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return torch.tensor(values, dtype=dtype, device=device)
 
         def longs(values: list[int]) -> Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
@@ -423,13 +424,14 @@ class Supernet(FakeQuantModel):
             cache[name] = self.space.embedding_cost(name)
         return cache[name]
 
-    def _size_layout(self, device: torch.device) -> _SizeLayout | None:
-        """The static index tensors of :meth:`_size_cost` on ``device`` (built once per device)."""
+    def _size_layout(self, device: torch.device, dtype: torch.dtype = torch.float32) -> _SizeLayout:
+        """The static index tensors of :meth:`_size_cost` on ``device``, its float tensors in
+        ``dtype`` (built once per device and dtype)."""
         cached = self.__dict__.get("_size_layout_cache")
-        if cached is not None and cached[0] == device:
+        if cached is not None and cached[0] == (device, dtype):
             return cached[1]
-        layout = _SizeLayout.build(list(self.alphas), [entry.info for entry in self._layers.values()], device)
-        self.__dict__["_size_layout_cache"] = (device, layout)
+        layout = _SizeLayout.build(list(self.alphas), [entry.info for entry in self._layers.values()], device, dtype)
+        self.__dict__["_size_layout_cache"] = ((device, dtype), layout)
         return layout
 
     def _size_cost(self) -> Tensor | None:
@@ -445,13 +447,11 @@ class Supernet(FakeQuantModel):
         one dot product. Activation x activation products store nothing (0 bits), so they are
         left out. The value and the logits' gradients are the per-layer ones up to float32
         summation order (tests/test_step_speed_equivalence.py)."""
-        if any(entry.quantizer.temperature != self._temperature for entry in self._layers.values()):
+        if not self._layers or any(entry.quantizer.temperature != self._temperature for entry in self._layers.values()):
             return None
         thetas = self.thetas()
         device = thetas[0].device
-        layout = self._size_layout(device)
-        if layout is None:
-            return None
+        layout = self._size_layout(device, thetas[0].dtype)
         with torch.no_grad():
             keep = torch.cat([torch.ones_like(theta[0]) if zero is None else 1 - theta[zero]
                               for theta, zero in zip(thetas, layout.zero_rows)])
@@ -461,8 +461,9 @@ class Supernet(FakeQuantModel):
             weights = getattr(self, "_cost_weights", None)
             if weights is not None:
                 per_channel = per_channel * torch.cat(
-                    [torch.ones(alpha.n_channels, device=device) if w is None else w.to(device)
-                     for alpha, w in zip(self.alphas, weights)])[layout.out_columns]
+                    [torch.ones(alpha.n_channels, dtype=per_channel.dtype, device=device) if w is None
+                     else w.to(device=device, dtype=per_channel.dtype) for alpha, w in zip(self.alphas, weights)]
+                )[layout.out_columns]
             column_weight = torch.zeros(layout.n_columns, dtype=per_channel.dtype, device=device)
             column_weight.index_add_(0, layout.out_columns, per_channel)
         expected = torch.cat([bits @ thetas[a] for a, bits in zip(layout.alphas, layout.bits)])
