@@ -616,6 +616,7 @@ def _verify(original: onnx.ModelProto, result: DequantizeResult, integer: list[_
             pairs: list[_Pair], seed: int) -> None:
     from .ort_utils import compare_outputs, make_session, random_feeds
 
+    original = _unsaturating(original)
     session = make_session(original)
     try:
         feeds = random_feeds(session, seed=seed)
@@ -657,6 +658,69 @@ def _verify(original: onnx.ModelProto, result: DequantizeResult, integer: list[_
             f"dequantizing {c.op} into {c.node!r} (weight {c.weight!r}) changed its output beyond what the original's "
             f"quantization allows ({detail}); {len(bad)} of {len(result.checks)} layers fail: give prunequant the "
             "float model")
+
+
+#: integer ops whose int8 weight onnxruntime may multiply with saturation: op -> (weight, zero
+#: point, scale) input indices (the scale gives an absent zero point's shape; None: a scalar)
+_INT8_WEIGHTS = {"ConvInteger": ((1, 3, None),), "MatMulInteger": ((1, 3, None),),
+                 "DynamicQuantizeMatMul": ((1, 3, 2),), "DynamicQuantizeLSTM": ((1, 9, 8), (2, 11, 10))}
+
+
+def _to_uint8(q: np.ndarray, zp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 integers and zero point as uint8 ``q + 128`` and ``zp + 128``: every ``q - zp`` the same."""
+    return ((q.astype(np.int16) + 128).astype(np.uint8), (zp.astype(np.int16) + 128).astype(np.uint8))
+
+
+def _unsaturating(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the int8 weights of its integer ops stored as uint8 (:func:`_to_uint8`): the
+    same integer arithmetic by the ONNX definitions, but not the same in onnxruntime on an x86
+    CPU without VNNI (AVX2, AVX-512 before Cascade Lake / Zen 4), whose uint8 x int8 kernels
+    (VPMADDUBSW) saturate the int16 sum of two products (255 * 127 * 2 > 32767); its uint8 x
+    uint8 kernels widen first and are exact. Measured under ``qemu-x86_64 -cpu Haswell``: a
+    MatMulInteger of 255s by 127s gave 1,048,544 for 2,072,640. The verification compares the
+    float layers with the original's *defined* arithmetic, so it runs this copy; a copy that
+    onnxruntime cannot load gives way to ``model`` itself."""
+    from .ort_utils import make_session
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    g = work.graph
+    inits = {t.name: t for t in g.initializer}
+    taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    changed = False
+    for node in g.node:
+        if node.op_type not in _INT8_WEIGHTS or node.domain not in (("com.microsoft",) if node.op_type.startswith("Dynamic")
+                                                                   else ("", "ai.onnx")):
+            continue
+        for w_i, z_i, s_i in _INT8_WEIGHTS[node.op_type]:
+            w = inits.get(node.input[w_i]) if len(node.input) > w_i else None
+            if w is None or w.data_type != onnx.TensorProto.INT8:
+                continue
+            z_name = node.input[z_i] if len(node.input) > z_i else ""
+            if z_name and z_name not in inits:
+                continue
+            if z_name:
+                zp = numpy_helper.to_array(inits[z_name])
+            else:
+                scale = inits.get(node.input[s_i]) if s_i is not None else None
+                zp = np.zeros(tuple(scale.dims) if scale is not None else (), np.int8)
+            q, z = _to_uint8(numpy_helper.to_array(w), zp)
+            while len(node.input) <= z_i:
+                node.input.append("")
+            for index, value in ((w_i, q), (z_i, z)):
+                name = unique_name(f"{node.input[index] or node.name + '_zero_point'}_uint8", taken)
+                taken.add(name)
+                g.initializer.append(numpy_helper.from_array(value, name))
+                node.input[index] = name
+            changed = True
+    if not changed:
+        return model
+    try:
+        make_session(work)
+    except Exception:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        logger.debug("the uint8 copy of the quantized model does not load; verifying against the model itself")
+        return model
+    return work
 
 
 def _capture(model: onnx.ModelProto, feeds: dict, wanted: dict[str, int]) -> dict[str, np.ndarray]:
@@ -790,6 +854,13 @@ def _check_lstm(m: _Lstm, captured: dict[str, np.ndarray], original: onnx.ModelP
             value = consts[ins[index]] if ins[index] else np.zeros(dirs, q_w.dtype)
             inits_q.append(numpy_helper.from_array(np.ascontiguousarray(value.reshape(dirs, -1)[d].reshape(
                 (1,) if value.size == dirs else (1, -1))), key))
+        for w_key, z_key in (("W", "W_zero_point"), ("R", "R_zero_point")):  # see _unsaturating
+            at = {t.name: i for i, t in enumerate(inits_q)}
+            q_arr, z_arr = numpy_helper.to_array(inits_q[at[w_key]]), numpy_helper.to_array(inits_q[at[z_key]])
+            if q_arr.dtype == np.int8 and z_arr.dtype == np.int8:
+                q_arr, z_arr = _to_uint8(q_arr, z_arr)
+                inits_q[at[w_key]] = numpy_helper.from_array(q_arr, w_key)
+                inits_q[at[z_key]] = numpy_helper.from_array(z_arr, z_key)
         step_in = ["X", "W", "R", "B" if bias is not None else "", "", "H0", "C0", "P" if peep is not None else ""]
         q_node = helper.make_node("DynamicQuantizeLSTM", step_in + ["W_scale", "W_zero_point", "R_scale", "R_zero_point"],
                                   ["Y", "Yh", "Yc"], domain="com.microsoft", hidden_size=hidden, direction="forward")

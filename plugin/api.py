@@ -776,9 +776,14 @@ def _weight_zeros(model: onnx.ModelProto) -> dict:
         if tensor is None or tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                                   onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16):
             continue
-        values = np.asarray(numpy_helper.to_array(tensor))
+        values = np.asarray(numpy_helper.to_array(tensor)).astype(np.int32)
+        zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zp is not None:  # an all-8-bit model's weights: uint8 with zero point 128 (graph_passes.qdq)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(values.ndim, 1)
+            z = np.asarray(numpy_helper.to_array(zp)).astype(np.int32)
+            values = values - (z.reshape([-1 if d == axis else 1 for d in range(values.ndim)]) if z.ndim else z)
         total += int(values.size)
-        zeros += int(values.size - np.count_nonzero(values.astype(np.int32)))
+        zeros += int(values.size - np.count_nonzero(values))
     return {"weight_integers": total, "zero_weight_integers": zeros}
 
 

@@ -352,3 +352,25 @@ def test_compress_a_dynamically_quantized_model_end_to_end(tmp_path):
     assert report["dequantized"].startswith("dequantized to float (5 ConvInteger, 1 MatMulInteger")
     onnx.checker.check_model(onnx.load(target), full_check=True)
     assert target.stat().st_size < source.stat().st_size  # measured: 16.6 kB from the 58.9 kB quantized input
+
+
+def test_the_verification_reads_the_defined_integer_arithmetic():
+    """onnxruntime's uint8 x int8 kernels saturate on x86 CPUs without VNNI (255 * 127 * 2 >
+    32767 in an int16 pair sum); the copy the verification runs stores the int8 weight as uint8
+    (q + 128, zero point + 128), which every CPU computes exactly (measured under qemu -cpu
+    Haswell: 1,048,544 for 2,072,640 from the int8 model, exact from the copy)."""
+    k = 64
+    w = np.full((k, 4), 127, np.int8)
+    node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 4])],
+                              [numpy_helper.from_array(w, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    copy = dq._unsaturating(model)
+    inits = {t.name: numpy_helper.to_array(t) for t in copy.graph.initializer}
+    (mm,) = copy.graph.node
+    assert inits[mm.input[1]].dtype == np.uint8 and int(inits[mm.input[3]]) == 128
+    a = np.full((2, k), 255, np.uint8)
+    got = make_session(copy).run(None, {"a": a})[0]
+    np.testing.assert_array_equal(got, np.full((2, 4), 255 * 127 * k, np.int32))
+    assert len(model.graph.initializer) == 1  # the model itself is left alone

@@ -45,8 +45,12 @@ def test_compact_is_exact_at_every_level_and_smaller(wbits, abits) -> None:
     g = lean.model.graph
     inits = {t.name: t for t in g.initializer}
     weight_dq = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
-    assert weight_dq and all(len(n.input) == 2 for n in weight_dq)
-    assert all(layer.zero_point_bytes == 0 for layer in lean.layers.values())
+    if wbits == 8 and abits == 8:  # all 8 bits: uint8 weights, zero point 128 (graph_passes.qdq, saturation)
+        assert weight_dq and all(len(n.input) == 3 and inits[n.input[0]].data_type == onnx.TensorProto.UINT8
+                                 and np.all(numpy_helper.to_array(inits[n.input[2]]) == 128) for n in weight_dq)
+    else:
+        assert weight_dq and all(len(n.input) == 2 for n in weight_dq)
+        assert all(layer.zero_point_bytes == 0 for layer in lean.layers.values())
     contents = [(t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes()) for t in g.initializer]
     assert len(contents) == len(set(contents))  # every constant once
     used = {i for n in g.node for i in n.input}
