@@ -4,7 +4,10 @@ Weights (symmetric, per output channel, zero point 0, narrow range; the numbers 
 ``plugin.quantizers.quantize_weight_per_channel``, bit for bit on float32):
 ``scale_c = max|W_c| / (2^(b-1) - 1)`` (1 for an all-zero channel), ``q = clip(round_half_even(
 W / scale_c), -(2^(b-1) - 1), 2^(b-1) - 1)``, stored packed as INT8 / INT4 (2 per byte) / INT2
-(4 per byte) and read back by ``DequantizeLinear(axis=<output-channel axis>)``.
+(4 per byte) and read back by ``DequantizeLinear(axis=<output-channel axis>)``. An all-8-bit
+model with quantized activations stores its weights as UINT8 ``q + 128`` with zero point 128
+instead (the same values; onnxruntime's uint8 x int8 kernels saturate on x86 CPUs without VNNI,
+see ``_dequantize_part``).
 
 * A uniform layer is ``DQ -> layer`` (the pattern onnxruntime fuses).
 * A mixed layer gets one packed initializer + DequantizeLinear per bit-width (its channels in
