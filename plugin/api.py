@@ -560,7 +560,8 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
                 epochs=finetune_epochs, batch_size=engine.config.batch_size, task_loss=settings.task_loss,
                 max_steps_per_epoch=config.max_steps_per_epoch, device=device, seed=config.seed,
                 progress=config.progress), validation=held if config.keep_best_qat else None)
-        plan = _with_metadata(ft.plan, strategy=config.strategy, strategy_options=options, target=target,
+        plan = _with_metadata(ft.plan, strategy=config.strategy, strategy_options=found.options or options,
+                              target=target,
                               versions=_versions(),
                               **({"inexact_hidden_width": True} if config.inexact_hidden_width else {}))
         with timer.phase("export"):

@@ -109,12 +109,19 @@ def search_to_budget(searchable: Supernet, data: Any, target: str | Budget,
 
     for round_index in range(controller.max_rounds):
         lam = controller.lam_start * controller.lam_factor ** round_index
+        past = len(runner.history) + 1 - config.epochs  # rounds past --epochs (this one included)
+        if config.logit_steps == "adam" and past > 0:
+            # Adam's step is about its learning rate whatever lambda is: past --epochs its rate
+            # grows as lambda does, so a short search can still reach the budget
+            runner.set_logit_lr(config.alpha_lr * controller.lam_factor ** past)
         for _ in range(controller.epochs_per_round):
             stats = runner.run_epoch(lam, check, controller.check_every)
             logger.info("budget round %d, epoch %d: lambda %.3g, plan %s (target %s)", round_index + 1,
                         stats.epoch, lam, format_cost(name, trace[-1]["plan_cost"]) if trace else "-",
                         format_cost(name, absolute))
-            if met or check():
+            # check again: the epoch's end lowered the temperature, which moves theta and so the
+            # plan (an ``expected`` plan met inside the epoch can be above the budget after it)
+            if check():
                 if config.budget_settle and len(runner.history) < config.epochs:
                     return _settled_result(searchable, runner, budget, name, absolute, lam, controller, trace)
                 threshold = _loosest_threshold(searchable, name, absolute)

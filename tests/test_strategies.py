@@ -120,3 +120,40 @@ def test_qat_never_ends_below_its_start() -> None:
     assert result.best_epoch == 0 and result.plan.metadata["finetune"]["best_epoch"] == 0
     after = validation_score(net, held)
     assert after["accuracy"] == start["accuracy"] and after["label_loss"] == pytest.approx(start["label_loss"])
+
+
+def test_the_gradient_recipe_sets_the_defaults_an_option_given_wins() -> None:
+    from plugin.strategies.gradient import RECIPES, resolve_recipe
+
+    gradient = get_strategy("gradient")
+    given = resolve_options(gradient, {})  # the default: auto
+    with_target = resolve_recipe(given, "size=20%")
+    assert with_target["recipe"] == "budget"
+    assert {k: with_target[k] for k in RECIPES["budget"]} == {"discretisation": "expected", "settle": True,
+                                                              "start": "4", "logit_steps": "adam"}
+    assert {k: resolve_recipe(given, None)[k] for k in RECIPES["paper"]} == RECIPES["paper"]
+    mine = resolve_recipe(resolve_options(gradient, {"settle": "false", "recipe": "budget"}), None)
+    assert mine["settle"] is False and mine["logit_steps"] == "adam"  # the recipe asked for, my settle
+    paper = resolve_recipe(resolve_options(gradient, {"recipe": "paper"}), "size=20%")
+    assert paper["discretisation"] == "keep_first" and paper["settle"] is False
+    with pytest.raises(ConfigError, match="recipe"):
+        resolve_options(gradient, {"recipe": "fast"})
+
+
+def test_the_plan_records_the_options_the_recipe_resolved() -> None:
+    result = api.compress(DIGITS, TRAIN, config=_quick(target="size=50%", weight_precisions=(0, 2, 8)))
+    options = result.plan.metadata["strategy_options"]
+    assert options["recipe"] == "budget" and options["settle"] is True
+    assert options["start"] == "4"  # 4 is not searched here: the recipe's start falls back to the default
+    assert options["discretisation"] == "expected" and options["logit_steps"] == "adam"
+
+
+def test_a_budget_met_before_the_temperature_step_is_checked_again() -> None:
+    """The controller checks the plan inside an epoch; the epoch's end then lowers the
+    temperature, which moves theta and so an ``expected`` plan. Measured before the fix (digits
+    sample, size=35%, 2 + 2 epochs, the budget recipe): met at 14.55 KB inside epoch 5, the plan
+    returned 0.360 of W8 (15.2 KB > 14.79 KB)."""
+    result = api.compress(DIGITS, TRAIN, config=api.CompressConfig(
+        target="size=35%", weight_precisions=(0, 2, 4, 8), act_bits=(8,), epochs=2, finetune_epochs=1, seed=0,
+        progress=False, strategy_options={"recipe": "budget"}))
+    assert result.plan.cost_after["size"] <= 0.35 * result.report["cost_before_8bit"]["size"] * 1.0001

@@ -911,6 +911,12 @@ class SearchRunner:
         """Forget the logits' optimiser state (momentum), e.g. when lambda's regime changes."""
         self.alpha_opt.state.clear()
 
+    def set_logit_lr(self, lr: float) -> None:
+        """The logits' learning rate from the next step on (the budget controller raises Adam's
+        past --epochs: Adam's steps do not grow with lambda as SGD's do)."""
+        for group in self.alpha_opt.param_groups:
+            group["lr"] = float(lr)
+
     def set_temperature(self, temperature: float) -> None:
         """Set the temperature the next epoch runs at (a schedule other than ``temperature_decay``)."""
         self.temperature = float(temperature)

@@ -66,13 +66,16 @@ class StrategyResult:
     ``plan``: the discrete plan (costs included). ``history``: one JSON-able dict per thing tried
     (epoch, trial, episode...), kept in the report. ``engine``: the fake-quantized model whose
     weights QAT should start from (None: start from the original weights). ``epochs_used``: search
-    epochs actually spent (a budget met early leaves the rest to QAT).
+    epochs actually spent (a budget met early leaves the rest to QAT). ``options``: the options as
+    the strategy resolved them (a default that depends on the run, e.g. the gradient strategy's
+    recipe), recorded in the plan and report instead of the given ones; None: as given.
     """
 
     plan: CompressionPlan
     history: list[dict[str, Any]] = field(default_factory=list)
     engine: Any = None
     epochs_used: int | None = None
+    options: dict[str, Any] | None = None
 
 
 @runtime_checkable
