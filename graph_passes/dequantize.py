@@ -616,8 +616,13 @@ def _verify(original: onnx.ModelProto, result: DequantizeResult, integer: list[_
             pairs: list[_Pair], seed: int) -> None:
     from .ort_utils import compare_outputs, make_session, random_feeds
 
-    original = _unsaturating(original)
-    session = make_session(original)
+    copy = _unsaturating(original)
+    try:
+        session = make_session(copy)
+        original = copy
+    except Exception:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        logger.debug("the uint8 copy of the quantized model does not load; verifying against the model itself")
+        session = make_session(original)
     try:
         feeds = random_feeds(session, seed=seed)
     except ValueError as exc:
@@ -660,10 +665,12 @@ def _verify(original: onnx.ModelProto, result: DequantizeResult, integer: list[_
             "float model")
 
 
-#: integer ops whose int8 weight onnxruntime may multiply with saturation: op -> (weight, zero
-#: point, scale) input indices (the scale gives an absent zero point's shape; None: a scalar)
-_INT8_WEIGHTS = {"ConvInteger": ((1, 3, None),), "MatMulInteger": ((1, 3, None),),
-                 "DynamicQuantizeMatMul": ((1, 3, 2),), "DynamicQuantizeLSTM": ((1, 9, 8), (2, 11, 10))}
+#: integer ops whose int8 weight onnxruntime may multiply with saturation: (domain, op) ->
+#: (weight, zero point, scale) input indices (the scale gives an absent zero point's shape;
+#: None: a scalar)
+_INT8_WEIGHTS = {("", "ConvInteger"): ((1, 3, None),), ("", "MatMulInteger"): ((1, 3, None),),
+                 ("com.microsoft", "DynamicQuantizeMatMul"): ((1, 3, 2),),
+                 ("com.microsoft", "DynamicQuantizeLSTM"): ((1, 9, 8), (2, 11, 10))}
 
 
 def _to_uint8(q: np.ndarray, zp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -678,10 +685,8 @@ def _unsaturating(model: onnx.ModelProto) -> onnx.ModelProto:
     (VPMADDUBSW) saturate the int16 sum of two products (255 * 127 * 2 > 32767); its uint8 x
     uint8 kernels widen first and are exact. Measured under ``qemu-x86_64 -cpu Haswell``: a
     MatMulInteger of 255s by 127s gave 1,048,544 for 2,072,640. The verification compares the
-    float layers with the original's *defined* arithmetic, so it runs this copy; a copy that
-    onnxruntime cannot load gives way to ``model`` itself."""
-    from .ort_utils import make_session
-
+    float layers with the original's *defined* arithmetic, so it runs this copy (``model`` itself
+    when the copy does not load, :func:`_verify`; ``model`` when nothing changes)."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
     g = work.graph
@@ -689,10 +694,7 @@ def _unsaturating(model: onnx.ModelProto) -> onnx.ModelProto:
     taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
     changed = False
     for node in g.node:
-        if node.op_type not in _INT8_WEIGHTS or node.domain not in (("com.microsoft",) if node.op_type.startswith("Dynamic")
-                                                                   else ("", "ai.onnx")):
-            continue
-        for w_i, z_i, s_i in _INT8_WEIGHTS[node.op_type]:
+        for w_i, z_i, s_i in _INT8_WEIGHTS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type), ()):
             w = inits.get(node.input[w_i]) if len(node.input) > w_i else None
             if w is None or w.data_type != onnx.TensorProto.INT8:
                 continue
@@ -713,14 +715,7 @@ def _unsaturating(model: onnx.ModelProto) -> onnx.ModelProto:
                 g.initializer.append(numpy_helper.from_array(value, name))
                 node.input[index] = name
             changed = True
-    if not changed:
-        return model
-    try:
-        make_session(work)
-    except Exception:  # noqa: BLE001 - onnxruntime raises several unrelated types
-        logger.debug("the uint8 copy of the quantized model does not load; verifying against the model itself")
-        return model
-    return work
+    return work if changed else model
 
 
 def _capture(model: onnx.ModelProto, feeds: dict, wanted: dict[str, int]) -> dict[str, np.ndarray]:
@@ -812,7 +807,8 @@ def _check_lstm(m: _Lstm, captured: dict[str, np.ndarray], original: onnx.ModelP
     """One step at a time, from the original's own state (see the module docstring)."""
     from .ort_utils import make_session
 
-    node = m.node
+    # the node as ``original`` holds it: in the verification's copy its weights are uint8 (_unsaturating)
+    node = next((n for n in original.graph.node if list(n.output) == list(m.node.output)), m.node)
     ins = list(node.input) + [""] * (12 - len(node.input))
     check = LayerCheck(node=node.output[0] if node.output else node.name, op="DynamicQuantizeLSTM",
                        weight=m.w_name, per_channel=False)
@@ -854,13 +850,6 @@ def _check_lstm(m: _Lstm, captured: dict[str, np.ndarray], original: onnx.ModelP
             value = consts[ins[index]] if ins[index] else np.zeros(dirs, q_w.dtype)
             inits_q.append(numpy_helper.from_array(np.ascontiguousarray(value.reshape(dirs, -1)[d].reshape(
                 (1,) if value.size == dirs else (1, -1))), key))
-        for w_key, z_key in (("W", "W_zero_point"), ("R", "R_zero_point")):  # see _unsaturating
-            at = {t.name: i for i, t in enumerate(inits_q)}
-            q_arr, z_arr = numpy_helper.to_array(inits_q[at[w_key]]), numpy_helper.to_array(inits_q[at[z_key]])
-            if q_arr.dtype == np.int8 and z_arr.dtype == np.int8:
-                q_arr, z_arr = _to_uint8(q_arr, z_arr)
-                inits_q[at[w_key]] = numpy_helper.from_array(q_arr, w_key)
-                inits_q[at[z_key]] = numpy_helper.from_array(z_arr, z_key)
         step_in = ["X", "W", "R", "B" if bias is not None else "", "", "H0", "C0", "P" if peep is not None else ""]
         q_node = helper.make_node("DynamicQuantizeLSTM", step_in + ["W_scale", "W_zero_point", "R_scale", "R_zero_point"],
                                   ["Y", "Yh", "Yc"], domain="com.microsoft", hidden_size=hidden, direction="forward")

@@ -98,14 +98,10 @@ def search_to_budget(searchable: Supernet, data: Any, target: str | Budget,
             logger.info("budget %s already met by the starting plan", budget.text)
             return _result(searchable, runner, budget, absolute, lam, trace)
         return _settled_result(searchable, runner, budget, name, absolute, lam, controller, trace)
-    met = False
-
     def check() -> bool:
-        nonlocal met
         cost = _plan_cost(searchable, name)
         trace.append({"epoch": float(len(runner.history) + 1), "lambda": lam, "plan_cost": cost})
-        met = cost <= absolute
-        return met
+        return cost <= absolute
 
     for round_index in range(controller.max_rounds):
         lam = controller.lam_start * controller.lam_factor ** round_index
