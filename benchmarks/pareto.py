@@ -160,6 +160,8 @@ class RunOptions:
     labels: bool = True  # False (--no-labels): compress sees no labels (distillation from the FP32 model)
     uniform_bits: tuple[int, ...] | None = None  # --uniform-bits: the uniform baselines' widths (default the mode's)
     sequential_configs: int | None = None  # --sequential-configs N: only the first N sequential pairs of each task
+    qat_schedule: str = "constant"  # --qat-schedule: every compress job's QAT learning-rate schedule
+    keep_best_qat: bool = False  # --keep-best-qat: every compress job's QAT ends on its best held-out epoch
 
 
 def _method_of(strategy: str) -> str:
@@ -243,7 +245,8 @@ def run_compress_jobs(ctx: bb.Context, task, jobs: list[tuple[sweep.Job, dict]],
     spec = sweep.SweepSpec(model=str(ctx.model_path), data=train, eval_data=test, output=str(folder),
                            base={"epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs,
                                  "batch_size": cfg.batch_size, "max_steps_per_epoch": cfg.max_steps_per_epoch,
-                                 "act_bits": tuple(run.act_bits), "device": cfg.device})
+                                 "act_bits": tuple(run.act_bits), "device": cfg.device,
+                                 "qat_schedule": run.qat_schedule, "keep_best_qat": run.keep_best_qat})
     result = sweep.run_sweep(spec, [j for j, _ in jobs], address=run.address, num_cpus=run.num_cpus,
                              cpus_per_job=run.cpus_per_job, resume=True, progress=run.progress,
                              command=command_line())
@@ -963,6 +966,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="compress jobs see the training inputs without labels (distillation from the FP32 model)")
     parser.add_argument("--uniform-bits", help="comma-separated widths of the uniform baselines (default 8,4,2)")
     parser.add_argument("--sequential-configs", type=int, help="run only the first N sequential pairs of each task")
+    parser.add_argument("--qat-schedule", default="constant", choices=("constant", "cosine"),
+                        help="QAT learning-rate schedule of every compress job (compress --qat-schedule)")
+    parser.add_argument("--keep-best-qat", action="store_true",
+                        help="every compress job's QAT ends on its best held-out epoch (CompressConfig.keep_best_qat)")
     parser.add_argument("--act-bits", default="8", help="activation widths of every compress job (default 8: wXa8)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (Ray CPUs) per job (default 1)")
     parser.add_argument("--jobs", type=int, default=None,
@@ -1000,6 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
                      address=args.address, num_cpus=None if args.address else args.jobs,
                      cpus_per_job=float(args.threads), resume=args.resume, progress=not args.no_progress,
                      labels=not args.no_labels, sequential_configs=args.sequential_configs,
+                     qat_schedule=args.qat_schedule, keep_best_qat=args.keep_best_qat,
                      uniform_bits=tuple(int(b) for b in args.uniform_bits.split(",")) if args.uniform_bits else None)
     start = time.perf_counter()
     made_at = commit()  # the jobs record it too; taken before the run (others may commit meanwhile)
@@ -1015,7 +1023,8 @@ def main(argv: list[str] | None = None) -> int:
             "strategy_options": run.strategy_options, "torch_threads": args.threads, "jobs": args.jobs,
             "device": args.device, "ray_address": args.address, "seconds": time.perf_counter() - start,
             "command": command_line(), "commit": made_at, "versions": versions("ray"),
-            "cpu_count": os.cpu_count(), "labels": run.labels,
+            "cpu_count": os.cpu_count(), "labels": run.labels, "qat_schedule": run.qat_schedule,
+            "keep_best_qat": run.keep_best_qat,
             "activations": f"act_bits={tuple(run.act_bits)} for every compress job"}
     paths = write_outputs(results, meta, args.out)
     log(f"\ntotal {meta['seconds']:.0f}s; wrote " + ", ".join(str(p) for p in paths.values()))

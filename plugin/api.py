@@ -70,6 +70,8 @@ class CompressConfig:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 20
     finetune_epochs: int = 10
+    #: QAT's learning rate over its epochs: "constant" or "cosine" (down to 0 at the last step)
+    qat_schedule: str = "constant"
     batch_size: int = 64
     max_steps_per_epoch: int | None = None
     weight_precisions: tuple[int, ...] = DEFAULT_WEIGHT_PRECISIONS
@@ -180,6 +182,11 @@ def _check_config(config: CompressConfig) -> None:
     integer("batch_size", config.batch_size, 1)
     integer("max_steps_per_epoch", config.max_steps_per_epoch, 1, allow_none=True)
     integer("seed", config.seed, 0)
+    from .engine.config import QAT_SCHEDULES
+
+    if config.qat_schedule not in QAT_SCHEDULES:
+        raise ConfigError(f"qat_schedule (--qat-schedule) must be one of {', '.join(QAT_SCHEDULES)}, "
+                          f"got {config.qat_schedule!r}")
     held = config.held_out
     if isinstance(held, bool) or not isinstance(held, (int, float)) or not 0 < held < 1:
         raise ConfigError(f"held_out must be a fraction between 0 and 1 (exclusive), got {held!r}")
@@ -535,7 +542,8 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
     space = SearchSpace(prepared.analysis, precisions, model_sha256=model_digest(prepared.original))
     settings = RunSettings(precisions, cost=config.cost, lam=config.lam if config.lam is not None else (
         None if target else DEFAULT_LAMBDA), target=target, epochs=config.epochs,
-        finetune_epochs=config.finetune_epochs, batch_size=1 if dataset.per_sample else config.batch_size,
+        finetune_epochs=config.finetune_epochs, qat_schedule=config.qat_schedule,
+        batch_size=1 if dataset.per_sample else config.batch_size,
         max_steps_per_epoch=config.max_steps_per_epoch,
         task_loss="cross_entropy" if train.labels is not None else "distill_kl", device=device,
         seed=config.seed, progress=config.progress)
@@ -559,7 +567,8 @@ def compress(model: str | onnx.ModelProto, data: Any, *, labels: Any = None, out
             ft = finetune(engine, found.plan, train, FinetuneConfig(
                 epochs=finetune_epochs, batch_size=engine.config.batch_size, task_loss=settings.task_loss,
                 max_steps_per_epoch=config.max_steps_per_epoch, device=device, seed=config.seed,
-                progress=config.progress), validation=held if config.keep_best_qat else None)
+                progress=config.progress, schedule=config.qat_schedule),
+                validation=held if config.keep_best_qat else None)
         plan = _with_metadata(ft.plan, strategy=config.strategy, strategy_options=found.options or options,
                               target=target,
                               versions=_versions(),

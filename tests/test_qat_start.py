@@ -112,3 +112,40 @@ def test_uniform_strategy_keeps_its_calibrated_start(tmp_path) -> None:
     assert scores[stage["best_epoch"]] == max(scores)
     # the report scores the exported model with onnxruntime: within rounding of the fake-quant figure
     assert result.report["quality"]["accuracy_after"] >= scores[0] - 0.01
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero(digits: PreparedModel, split, monkeypatch) -> None:
+    """``schedule="cosine"``: every step's rate is ``lr * (1 + cos(pi * t / T))) / 2`` over the run's
+    T = epochs x batches steps (the first step at ``lr``, the last near 0); constant keeps ``lr``."""
+    train, _ = split  # 256 samples, batch 64: 4 steps per epoch
+    seen: dict[str, list[float]] = {"constant": [], "cosine": []}
+    original = torch.optim.Adam.step
+
+    for schedule in ("constant", "cosine"):
+        def step(self, *args, _seen=seen[schedule], **kwargs):  # the rate each step runs at
+            _seen.append(self.param_groups[0]["lr"])
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.optim.Adam, "step", step)
+        model, plan = _calibrated(digits, train, 8)
+        result = finetune(model, plan, train, FinetuneConfig(epochs=2, lr=1e-3, batch_size=64, progress=False,
+                                                            schedule=schedule))
+        assert result.plan.metadata["finetune"]["schedule"] == schedule
+    assert seen["constant"] == [1e-3] * 8
+    total = 8
+    expected = [1e-3 * 0.5 * (1 + np.cos(np.pi * t / total)) for t in range(total)]
+    assert seen["cosine"] == pytest.approx(expected, rel=1e-9)
+    assert seen["cosine"][0] == pytest.approx(1e-3) and seen["cosine"][-1] < 0.04 * 1e-3
+
+
+def test_unknown_qat_schedule_fails_before_any_work(tmp_path) -> None:
+    from plugin.api import CompressConfig, compress
+    from plugin.engine.config import SearchConfigError
+    from graph_passes.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--qat-schedule"):
+        compress(str(DIGITS / "model.onnx"), {"input": np.zeros((4, 1, 8, 8), np.float32)},
+                 output=str(tmp_path / "out.onnx"), config=CompressConfig(qat_schedule="linear"))
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(SearchConfigError, match="schedule"):
+        FinetuneConfig(schedule="step")

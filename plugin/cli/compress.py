@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from graph_passes.errors import ConfigError
+from plugin.engine.config import QAT_SCHEDULES
 
 from .errors import handle_errors
 
@@ -153,6 +154,8 @@ def _study_flags(strategy: str, options: tuple[str, ...], **flags: Any) -> tuple
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=0), help="Search epochs.")
 @click.option("--finetune-epochs", default=10, show_default=True, type=click.IntRange(min=0),
               help="QAT epochs with the plan frozen.")
+@click.option("--qat-schedule", type=click.Choice(list(QAT_SCHEDULES)), default="constant", show_default=True,
+              help="QAT's learning rate over its epochs: constant, or cosine (down to 0 at the last step).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--weight-bits", default=None, metavar="B[,B...]",
               help="Weight bit-widths to choose from (0 = prune the channel): any of 0,2,4,8. "
@@ -202,7 +205,8 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
                      input_shapes: tuple[str, ...], as_json: bool, no_progress: bool, trials: int | None = None,
                      study: str | None = None, storage: str | None = None, resume: bool = False,
                      mlflow_uri: str | None = None, mlflow_experiment: str | None = None,
-                     input_values: tuple[str, ...] = (), inexact_hidden_width: bool = False) -> None:
+                     input_values: tuple[str, ...] = (), inexact_hidden_width: bool = False,
+                     qat_schedule: str = "constant") -> None:
     """Compress MODEL: a search strategy chooses which channels to remove and the bit-width of
     every remaining weight channel and activation; then quantization-aware fine-tuning, then
     export to a QDQ ONNX model that is validated (checker, onnxruntime, agreement with the
@@ -251,7 +255,8 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
     from plugin import api
 
     config = api.CompressConfig(
-        lam=lam, epochs=epochs, finetune_epochs=finetune_epochs, batch_size=batch_size, device=device,
+        lam=lam, epochs=epochs, finetune_epochs=finetune_epochs, qat_schedule=qat_schedule,
+        batch_size=batch_size, device=device,
         seed=seed, progress=not no_progress, threads=threads, inexact_hidden_width=inexact_hidden_width, **settings,
     )
     source = model

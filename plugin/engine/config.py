@@ -23,6 +23,9 @@ class SearchConfigError(ConfigError):
     """An invalid search or fine-tuning setting (the message names the field and the fix)."""
 
 
+#: QAT learning-rate schedules (``FinetuneConfig.schedule``, ``compress --qat-schedule``)
+QAT_SCHEDULES = ("constant", "cosine")
+
 @dataclass
 class SearchConfig:
     """Every setting of the gradient search. Defaults follow DESIGN.md.

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from plugin.engine.batches import TeacherCache, count_batches, indexed_batches, iterate_batches, task_loss
-from plugin.engine.config import TASK_LOSSES, SearchConfigError
+from plugin.engine.config import QAT_SCHEDULES, TASK_LOSSES, SearchConfigError
 from plugin.engine.quantizers import net_param_groups
 from plugin.plan import CompressionPlan
 
@@ -72,8 +72,12 @@ class FinetuneConfig:
     seed: int = 0
     progress: bool = True
     keep_best: bool = True  # with validation data: end on the best epoch (the start counts as epoch 0)
+    #: the learning rate over the run: "constant", or "cosine" (from ``lr`` down to 0 at the last step)
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.schedule not in QAT_SCHEDULES:
+            raise SearchConfigError(f"QAT schedule {self.schedule!r} is unknown; use one of {', '.join(QAT_SCHEDULES)}")
         if self.task_loss not in TASK_LOSSES:
             raise SearchConfigError(f"task_loss {self.task_loss!r} is unknown; use one of {', '.join(TASK_LOSSES)}")
         if int(self.epochs) < 0 or int(self.batch_size) < 1 or (self.lr is not None and not float(self.lr) > 0):
@@ -111,6 +115,7 @@ def finetune(model: FakeQuantModel, plan: CompressionPlan, data: Any,
     model.freeze(plan)
     lr = float(config.lr) if config.lr is not None else plan_qat_lr(plan)
     optimiser = torch.optim.Adam(net_param_groups(model, config.weight_decay), lr=lr)
+    scheduler = _scheduler(optimiser, config, data)
     start, losses, figures = time.perf_counter(), [], []
     track = validation is not None and config.keep_best
     best: tuple[tuple[float, float], int, dict[str, torch.Tensor]] | None = None
@@ -132,7 +137,7 @@ def finetune(model: FakeQuantModel, plan: CompressionPlan, data: Any,
     if track:
         observe(0)
     for epoch in range(config.epochs):
-        losses.append(_epoch(model, data, config, optimiser, epoch, device, teachers))
+        losses.append(_epoch(model, data, config, optimiser, epoch, device, teachers, scheduler))
         logger.info("fine-tune epoch %d/%d: task loss %.4f", epoch + 1, config.epochs, losses[-1])
         if track:
             observe(epoch + 1)
@@ -144,7 +149,8 @@ def finetune(model: FakeQuantModel, plan: CompressionPlan, data: Any,
             logger.info("fine-tune: ending on epoch %d of %d (best on validation data)", best_epoch, config.epochs)
     seconds = time.perf_counter() - start
     metadata = dict(plan.metadata)
-    metadata["finetune"] = {"epochs": int(config.epochs), "lr": lr, "task_loss": config.task_loss,
+    metadata["finetune"] = {"epochs": int(config.epochs), "lr": lr, "schedule": config.schedule,
+                            "task_loss": config.task_loss,
                             "final_loss": _finite(losses[-1]) if losses else None, "best_epoch": best_epoch,
                             "validation": figures}
     refreshed = model.frozen_plan(metadata=metadata, cost_models=list(plan.cost_after) or None)
@@ -182,7 +188,8 @@ def validation_score(model: FakeQuantModel, data: Any, batch_size: int = 256,
 
 
 def _epoch(model: FakeQuantModel, data: Any, config: FinetuneConfig, optimiser: torch.optim.Optimizer,
-           epoch: int, device: torch.device, teachers: TeacherCache | None = None) -> float:
+           epoch: int, device: torch.device, teachers: TeacherCache | None = None,
+           scheduler: Any = None) -> float:
     batches = indexed_batches(data, model.input_names, config.batch_size, config.seed + 1000 + epoch,
                               device, config.max_steps_per_epoch)
     total = count_batches(data, config.batch_size, config.max_steps_per_epoch)
@@ -196,9 +203,27 @@ def _epoch(model: FakeQuantModel, data: Any, config: FinetuneConfig, optimiser: 
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        if scheduler is not None:
+            scheduler.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def _scheduler(optimiser: torch.optim.Optimizer, config: FinetuneConfig, data: Any) -> Any:
+    """The per-step learning-rate schedule of ``config.schedule`` (None: constant). Cosine runs
+    from the optimiser's rate at the first step to 0 after the last one (``epochs`` x the batches
+    per epoch; data of unknown length: constant, with a warning)."""
+    if config.schedule == "constant" or int(config.epochs) == 0:
+        return None
+    per_epoch = count_batches(data, config.batch_size, config.max_steps_per_epoch)
+    if not per_epoch:
+        logger.warning("fine-tune: the data's length is unknown, so the cosine schedule cannot be laid out; "
+                       "the learning rate stays constant")
+        return None
+    total = max(1, int(config.epochs) * int(per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
 
 
 def _finite(value: float) -> float | None:

@@ -35,6 +35,7 @@ class RunSettings:
     target: str | None = None
     epochs: int = 20
     finetune_epochs: int = 10
+    qat_schedule: str = "constant"  # the QAT learning-rate schedule (plugin.engine.training.QAT_SCHEDULES)
     batch_size: int = 64
     max_steps_per_epoch: int | None = None
     task_loss: str = "distill_kl"

@@ -66,7 +66,8 @@ class SequentialStrategy:
         ft_epochs = s.finetune_epochs if ft_epochs is None else int(ft_epochs)
         plan1 = finetune(net1, plan1, problem.train, FinetuneConfig(
             epochs=ft_epochs, batch_size=config1.batch_size, task_loss=s.task_loss,
-            max_steps_per_epoch=s.max_steps_per_epoch, device=s.device, seed=s.seed, progress=s.progress)).plan
+            max_steps_per_epoch=s.max_steps_per_epoch, device=s.device, seed=s.seed, progress=s.progress,
+            schedule=s.qat_schedule)).plan
         history.append({"stage": "prune", "target": prune_target, "epochs": epochs1, "finetune_epochs": ft_epochs,
                         "pruned": sum(len(g.pruned) for g in plan1.groups.values()),
                         "cost_after": dict(plan1.cost_after)})

@@ -57,7 +57,7 @@ class UniformStrategy:
         result = finetune(model, plan, problem.train, FinetuneConfig(
             epochs=config.epochs, batch_size=config.batch_size, lr=lr, task_loss=s.task_loss,
             max_steps_per_epoch=s.max_steps_per_epoch, device=str(s.device), seed=s.seed, progress=s.progress,
-            keep_best=keep_best), validation=held)
+            keep_best=keep_best, schedule=s.qat_schedule), validation=held)
         history = [{"stage": "uniform-qat", "epochs": int(config.epochs), "lr": lr, "keep_best": keep_best,
                     "best_epoch": result.best_epoch, "validation": result.validation,
                     "epoch_losses": [float(x) for x in result.epoch_losses]}]
