@@ -271,5 +271,7 @@ def test_olive_data_config_and_evaluator(tmp_path: Path) -> None:
     print(f"Olive evaluator: input {input_accuracy:.2f}%, output {olive_accuracy:.2f}% "
           f"(onnxruntime here {ours:.2f}%)")
     assert abs(input_accuracy - FP32_TEST_ACCURACY) < 0.01
-    assert abs(olive_accuracy - ours) < 1e-6
-    assert ours >= 90.0  # geta, 1 epoch + 1 QAT epoch of 8 steps each: measured 97.59% (CPU, seed 0)
+    # Olive's metric is a float32 fraction (99.444443 for 537/540): equal within its rounding,
+    # far below one test sample (0.19 points)
+    assert abs(olive_accuracy - ours) < 1e-4
+    assert ours >= 90.0  # geta, 1 epoch + 1 QAT epoch of 8 steps each: measured 99.44% (CPU, seed 0; 97.59% with constant QAT)

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from graph_passes.errors import ConfigError
-from plugin.engine.config import QAT_SCHEDULES
+from plugin.engine.config import DEFAULT_QAT_SCHEDULE, QAT_SCHEDULES
 
 from .errors import handle_errors
 
@@ -154,8 +154,9 @@ def _study_flags(strategy: str, options: tuple[str, ...], **flags: Any) -> tuple
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=0), help="Search epochs.")
 @click.option("--finetune-epochs", default=10, show_default=True, type=click.IntRange(min=0),
               help="QAT epochs with the plan frozen.")
-@click.option("--qat-schedule", type=click.Choice(list(QAT_SCHEDULES)), default="constant", show_default=True,
-              help="QAT's learning rate over its epochs: constant, or cosine (down to 0 at the last step).")
+@click.option("--qat-schedule", type=click.Choice(list(QAT_SCHEDULES)), default=DEFAULT_QAT_SCHEDULE,
+              show_default=True, help="QAT's learning rate over its epochs: cosine (down to 0 at the last step), "
+                                      "or constant.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--weight-bits", default=None, metavar="B[,B...]",
               help="Weight bit-widths to choose from (0 = prune the channel): any of 0,2,4,8. "
@@ -206,7 +207,7 @@ def compress_command(model: str, data: str, labels: str | None, output: str, str
                      study: str | None = None, storage: str | None = None, resume: bool = False,
                      mlflow_uri: str | None = None, mlflow_experiment: str | None = None,
                      input_values: tuple[str, ...] = (), inexact_hidden_width: bool = False,
-                     qat_schedule: str = "constant") -> None:
+                     qat_schedule: str = DEFAULT_QAT_SCHEDULE) -> None:
     """Compress MODEL: a search strategy chooses which channels to remove and the bit-width of
     every remaining weight channel and activation; then quantization-aware fine-tuning, then
     export to a QDQ ONNX model that is validated (checker, onnxruntime, agreement with the

@@ -100,6 +100,7 @@ def _settings_from(values: dict[str, Any]) -> Any:
         "strategy": values["strategy"], "strategy_options": dict(options), "cost": values["cost"],
         "target": values.get("target"), "lam": values.get("lam"),
         "epochs": values["epochs"], "finetune_epochs": values["finetune_epochs"],
+        "qat_schedule": values["qat_schedule"],
         "batch_size": values["batch_size"], "max_steps_per_epoch": values.get("max_steps_per_epoch"),
         "held_out": values["held_out"], "device": values["device"], "seed": values["seed"],
         "threads": values.get("threads"), "keep_best_qat": bool(values["keep_best_qat"]),
@@ -191,6 +192,7 @@ class PrunequantCompression(Pass):
     @classmethod
     def _default_config(cls, accelerator_spec: AcceleratorSpec) -> dict[str, PassConfigParam]:
         from plugin.space import DEFAULT_ACTIVATION_PRECISIONS, DEFAULT_WEIGHT_PRECISIONS
+        from plugin.engine.config import DEFAULT_QAT_SCHEDULE
 
         return {
             "data_path": PassConfigParam(
@@ -231,6 +233,9 @@ class PrunequantCompression(Pass):
             "epochs": PassConfigParam(type_=int, default_value=20, description="Search epochs."),
             "finetune_epochs": PassConfigParam(
                 type_=int, default_value=10, description="QAT epochs with the plan frozen."),
+            "qat_schedule": PassConfigParam(
+                type_=str, default_value=DEFAULT_QAT_SCHEDULE,
+                description="QAT learning rate over its epochs: cosine (down to 0 at the last step) or constant."),
             "batch_size": PassConfigParam(type_=int, default_value=64, description="Training batch size."),
             "max_steps_per_epoch": PassConfigParam(
                 type_=int, description="Cap on the optimisation steps of every epoch (quick runs)."),
