@@ -68,6 +68,7 @@ from bench_tasks import load_task  # noqa: E402
 from provenance import command_line, commit, versions  # noqa: E402
 
 from plugin import sweep  # noqa: E402
+from plugin.engine.config import DEFAULT_QAT_SCHEDULE, QAT_SCHEDULES  # noqa: E402
 
 # shapes32's cross-entropy stays near 1 (FP32: 74% accuracy), so the trade starts at smaller
 # lambdas than on digits / MNIST-1D (measured: lambda 20 pruned it to 37% accuracy with {0, 8},
@@ -160,7 +161,7 @@ class RunOptions:
     labels: bool = True  # False (--no-labels): compress sees no labels (distillation from the FP32 model)
     uniform_bits: tuple[int, ...] | None = None  # --uniform-bits: the uniform baselines' widths (default the mode's)
     sequential_configs: int | None = None  # --sequential-configs N: only the first N sequential pairs of each task
-    qat_schedule: str = "cosine"  # --qat-schedule: every compress job's QAT learning-rate schedule
+    qat_schedule: str = DEFAULT_QAT_SCHEDULE  # --qat-schedule: every compress job's QAT learning-rate schedule
     keep_best_qat: bool = False  # --keep-best-qat: every compress job's QAT ends on its best held-out epoch
 
 
@@ -966,9 +967,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="compress jobs see the training inputs without labels (distillation from the FP32 model)")
     parser.add_argument("--uniform-bits", help="comma-separated widths of the uniform baselines (default 8,4,2)")
     parser.add_argument("--sequential-configs", type=int, help="run only the first N sequential pairs of each task")
-    parser.add_argument("--qat-schedule", default="cosine", choices=("constant", "cosine"),
+    parser.add_argument("--qat-schedule", default=DEFAULT_QAT_SCHEDULE, choices=QAT_SCHEDULES,
                         help="QAT learning-rate schedule of every compress job (compress --qat-schedule; "
-                             "default cosine, compress's default)")
+                             f"default {DEFAULT_QAT_SCHEDULE}, compress's default)")
     parser.add_argument("--keep-best-qat", action="store_true",
                         help="every compress job's QAT ends on its best held-out epoch (CompressConfig.keep_best_qat)")
     parser.add_argument("--act-bits", default="8", help="activation widths of every compress job (default 8: wXa8)")

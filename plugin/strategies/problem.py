@@ -36,7 +36,7 @@ class RunSettings:
     target: str | None = None
     epochs: int = 20
     finetune_epochs: int = 10
-    qat_schedule: str = DEFAULT_QAT_SCHEDULE  # the QAT learning-rate schedule (plugin.engine.training.QAT_SCHEDULES)
+    qat_schedule: str = DEFAULT_QAT_SCHEDULE  # the QAT learning-rate schedule (plugin.engine.config.QAT_SCHEDULES)
     batch_size: int = 64
     max_steps_per_epoch: int | None = None
     task_loss: str = "distill_kl"
