@@ -22,8 +22,9 @@ process's peak RSS; and the 1-minute load average before and after (the machine 
     python benchmarks/step_speed.py --out benchmarks/results/step-speed-cpu/LABEL
 
 ``--act-bits 8`` searches with fixed 8-bit activations (the pareto benchmark's ``act_bits=(8,)``;
-default: the SearchConfig default, searched 2/4/8). ``--ab-speedups`` / ``--ab-cost-acts`` time
-only the search step with earlier speed-ups off and on, interleaved in one process.
+default: the SearchConfig default, searched 2/4/8). ``--ab-speedups`` / ``--ab-cost-acts`` /
+``--ab-weight-batch`` time only the search step with earlier speed-ups off and on, interleaved in
+one process.
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
         return _ab_speedups(name, runner, search_step, batches, args)
     if args.ab_cost_acts:
         return _ab_cost_acts(name, runner, search_step, batches, args, fp32_step)
+    if args.ab_weight_batch:
+        return _ab_weight_batch(name, search_step, batches, args, fp32_step)
     kinds = {"fp32": fp32_step, "search": search_step, "qat": qat_step}
     rows: dict[str, list] = {k: [] for k in kinds}
     cpu: dict[str, list] = {k: [] for k in kinds}
@@ -355,6 +358,29 @@ def _ab_cost_acts(name: str, runner, search_step, batches, args, fp32_step) -> d
             "cost_runs_ms": cost_runs}
 
 
+def _ab_weight_batch(name: str, search_step, batches, args, fp32_step) -> dict:
+    """The search step with every layer's weight mixture in its own node (``off``) and the small
+    layers' in one node (``on``, ``plugin.engine.weight_batch``), interleaved with the FP32 step
+    in one process: CPU ms per step (median of ``--repeats`` rounds) and the per-round medians of
+    on / off and of each over the FP32 step timed in the same round."""
+    from plugin.engine import weight_batch as wb
+
+    saved = wb.ENABLED
+    runs: dict[str, list[float]] = {"fp32": [], "off": [], "on": []}
+    try:
+        for _ in range(args.repeats):
+            for kind in runs:
+                wb.ENABLED = kind == "on"
+                step = fp32_step if kind == "fp32" else search_step
+                runs[kind].append(1000 * _timed(step, batches, args.warmup, args.steps)[1])
+    finally:
+        wb.ENABLED = saved
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    paired = statistics.median(a / b for a, b in zip(runs["on"], runs["off"]))
+    to_fp32 = {k: statistics.median(a / b for a, b in zip(runs[k], runs["fp32"])) for k in ("off", "on")}
+    return {"model": name, "cpu_ms": med, "runs_ms": runs, "paired_on_over_off": paired, "paired_over_fp32": to_fp32}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -371,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the search step: the one-width activation shortcut, the batched size cost, "
                          "the weight node's clip check from the absmax and the denormal probe, added one by one, "
                          "interleaved in one process with the FP32 step (and the cost alone)")
+    ap.add_argument("--ab-weight-batch", action="store_true",
+                    help="only the search step: each layer's weight mixture in its own node vs the small layers' in "
+                         "one node (plugin.engine.weight_batch), interleaved in one process with the FP32 step")
     ap.add_argument("--act-bits", default=None,
                     help="activation precisions of the search, e.g. 8 (the pareto benchmark's act_bits=(8,)) "
                          "or 2,4,8; default the SearchConfig default")
@@ -419,6 +448,24 @@ def main(argv: list[str] | None = None) -> int:
                       "versions": provenance.versions(), "load_average_before": load_before,
                       "load_average_after": load_after, "rows": rows}
             provenance.write_results(args.out, args.label or "ab-cost-acts", record, text)
+        return 0
+    if args.ab_weight_batch:
+        text = "\n".join([f"search step CPU ms: each layer's weight mixture in its own node (off) vs the small layers' "
+                          f"in one node (on), interleaved in one process with the FP32 step, median of "
+                          f"{args.repeats} x {args.steps} steps; activations {args.act_bits or 'SearchConfig default'}; "
+                          f"load average before {'/'.join(f'{v:.2f}' for v in load_before)}, after "
+                          f"{'/'.join(f'{v:.2f}' for v in load_after)}", ""]
+                         + [f"- {r['model']}: FP32 {r['cpu_ms']['fp32']:.2f}, off {r['cpu_ms']['off']:.2f}, on "
+                            f"{r['cpu_ms']['on']:.2f} ms; on / off per round {r['paired_on_over_off']:.3f}; search / "
+                            f"FP32 per round: off {r['paired_over_fp32']['off']:.2f}x, on {r['paired_over_fp32']['on']:.2f}x"
+                            for r in rows])
+        print(text)
+        if args.out:
+            record = {"label": args.label, "command": provenance.command_line(), "commit": provenance.commit(),
+                      "versions": provenance.versions(), "load_average_before": load_before,
+                      "load_average_after": load_after, "threads": args.threads, "act_bits": args.act_bits,
+                      "rows": rows}
+            provenance.write_results(args.out, args.label or "ab-weight-batch", record, text)
         return 0
     if args.ab_forward:
         text = "\n".join([f"search step CPU ms, quantizer forward as quant(x).y vs now, median of {args.repeats} x "

@@ -11,6 +11,10 @@
   mixture node: the same y and gradients, bit for bit (the logit's gradient exactly 0 in both);
 - the ``size`` cost in one batched pass (Supernet._size_cost) against the per-layer cost on every
   sample: the same value and logit gradients within float32 summation order;
+- every small layer's weight mixture in one node (weight_batch.WeightMixtureBatch): the same y and
+  weight gradients, bit for bit, as each layer's own node, the logits' gradients within float
+  rounding; the fallbacks (a sparsity mask, a frozen layer, outside a step, a weight changed in
+  the step);
 - a digits-sample search (2 epochs on 256 samples) with every change against one without them:
   the same per-epoch losses (rtol 1e-5) and the same plan, with searched and with fixed 8-bit
   activations.
@@ -26,6 +30,7 @@ import pytest
 import torch
 
 from plugin.engine import quantizers as q
+from plugin.engine import weight_batch
 from plugin.engine.batches import TeacherCache, indexed_batches, iterate_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,6 +346,7 @@ def _digits_search(fast: bool, monkeypatch, act_bits=None) -> tuple[list[float],
             m.setenv("PRUNEQUANT_TEACHER_CACHE_MB", "0")
             m.setattr(q, "_SINGLE_WIDTH_SHORTCUT", False)
             m.setattr(sn, "_VECTORISED_SIZE_COST", False)
+            m.setattr(weight_batch, "ENABLED", False)
         torch.manual_seed(0)
         prepared = prepare_model(str(ROOT / "samples/digits/model.onnx"))
         z = np.load(ROOT / "samples/digits/train.npz")
@@ -365,3 +371,98 @@ def test_digits_search_same_losses_and_plan(act_bits, monkeypatch) -> None:
     slow_losses, slow_plan = _digits_search(False, monkeypatch, act_bits)
     np.testing.assert_allclose(fast_losses, slow_losses, rtol=1e-5)
     assert fast_plan == slow_plan
+
+
+# ----------------------------------------------------------------------------- weight mixtures in one node
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+def test_batched_weight_node_is_each_layers_node(clipped) -> None:
+    torch.manual_seed(3)
+    shapes = [(6, 5, 3, 3), (7, 4), (3, 1, 3, 3), (5, 2, 1, 1)]
+    k = 3
+    qmax = torch.tensor([127.0, 7.0, 1.0])
+    weights = [torch.randn(*shape) for shape in shapes]
+    scales = [w.abs().reshape(w.shape[0], -1).amax(1)[None, :] / qmax[:, None] * (0.6 if clipped else 1.0)
+              for w in weights]
+    thetas = [torch.softmax(torch.randn(k, w.shape[0]), 0) for w in weights]
+    probes = [torch.linspace(-1, 2, w.numel()).reshape(w.shape) for w in weights]
+
+    def per_layer():
+        leaves_w = [w.clone().requires_grad_(True) for w in weights]
+        leaves_t = [t.clone().requires_grad_(True) for t in thetas]
+        ys = []
+        for w, t, s in zip(leaves_w, leaves_t, scales):
+            view = [k, w.shape[0]] + [1] * (w.ndim - 1)
+            ys.append(q._WeightMixtureSTE.apply(w, t.reshape(view), s.reshape(view), qmax.reshape([k] + [1] * w.ndim)))
+        sum((y * p).sum() for y, p in zip(ys, probes)).backward()
+        return [y.detach() for y in ys], [w.grad for w in leaves_w], [t.grad for t in leaves_t]
+
+    def batched():
+        leaves_w = [w.clone().requires_grad_(True) for w in weights]
+        leaves_t = [t.clone().requires_grad_(True) for t in thetas]
+        layout = tuple((w.shape[0], w.numel() // w.shape[0]) for w in weights)
+        ys = weight_batch._BatchedMixtureSTE.apply(torch.cat(leaves_t, 1), torch.cat(scales, 1), qmax.reshape(-1, 1),
+                                                   clipped, layout, *leaves_w)
+        sum((y * p).sum() for y, p in zip(ys, probes)).backward()
+        return [y.detach() for y in ys], [w.grad for w in leaves_w], [t.grad for t in leaves_t]
+
+    (y0, gw0, gt0), (y1, gw1, gt1) = per_layer(), batched()
+    for a, b in zip(y0 + gw0, y1 + gw1):
+        assert a.shape == b.shape and torch.equal(a, b)
+    for a, b in zip(gt0, gt1):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)
+
+
+def _step_grads(net, x, enabled: bool, monkeypatch):
+    monkeypatch.setattr(weight_batch, "ENABLED", enabled)
+    net.zero_grad(set_to_none=True)
+    with q.theta_cache():
+        out = net(x)
+        ((out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum() + net.cost("size")).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("sample", ["digits", "mnist1d"])
+def test_weight_batch_in_a_step_is_each_layers_mixture(sample, monkeypatch) -> None:
+    torch.manual_seed(4)
+    net = _sample_supernet(sample)
+    with torch.no_grad():
+        for alpha in net.alphas:
+            alpha.alpha.normal_(0.0, 1.0)
+    batch = next(iter(net._layers.values())).quantizer.__dict__["_weight_batch"]
+    with q.theta_cache():
+        assert len(batch._compute()) == len(batch.members) > 1  # every layer in the node
+    z = np.load(ROOT / "samples" / sample / "train.npz")
+    x = torch.as_tensor(z["input"][:32].astype(np.float32))
+    (out1, g1), (out0, g0) = _step_grads(net, x, True, monkeypatch), _step_grads(net, x, False, monkeypatch)
+    assert torch.equal(out1, out0) and g1.keys() == g0.keys()
+    for name, grad in g0.items():
+        if "alpha" in name:  # the logits' gradient: the same sum in another order
+            torch.testing.assert_close(g1[name], grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()))
+        else:
+            assert torch.equal(g1[name], grad), name
+
+
+def test_weight_batch_fallbacks(monkeypatch) -> None:
+    torch.manual_seed(6)
+    net = _sample_supernet("digits")
+    entries = list(net._layers.values())
+    batch = entries[0].quantizer.__dict__["_weight_batch"]
+    first, second = entries[0], entries[1]
+    raw = net._raw(first, first.weight_attr)
+    assert batch.lookup(first.quantizer, raw) is None  # outside a step: each layer its own
+    with q.theta_cache():
+        y = batch.lookup(first.quantizer, raw)
+        assert y is not None and torch.equal(y, first.quantizer._mixture(raw, y_only=True).y)
+        assert batch.lookup(first.quantizer, raw.detach().clone()) is None  # not the layer's own weight
+        with torch.no_grad():
+            raw.mul_(1.5)  # the weights moved within the block: the batch is computed again
+        y2 = batch.lookup(first.quantizer, raw)
+        assert y2 is not y and torch.equal(y2, first.quantizer._mixture(raw, y_only=True).y)
+    second.sparsity_mask.set(0.5, None)  # a masked layer keeps its own node
+    first.quantizer.freeze([8] * first.quantizer.c_out)  # so does a frozen one
+    with q.theta_cache():
+        computed = batch._compute()
+    assert id(second.quantizer) not in computed and id(first.quantizer) not in computed
+    assert len(computed) == len(batch.members) - 2

@@ -43,6 +43,7 @@ from plugin.engine.quantizers import (
     set_temperature as _set_temperature,
     theta_cache,
 )
+from plugin.engine.weight_batch import WeightMixtureBatch
 from plugin.engine.batches import Batch, TeacherCache, count_batches, indexed_batches, iterate_batches, task_loss
 from plugin.plan import CompressionPlan
 from plugin.space import LayerInfo
@@ -146,6 +147,9 @@ class Supernet(FakeQuantModel):
                                              temperature=self._temperature)
 
     def _after_wrapping(self) -> None:
+        WeightMixtureBatch([(entry.quantizer, self.net.get_submodule(entry.owner), entry.weight_attr,
+                             entry.sparsity_mask) for entry in self._layers.values()
+                            if entry.sparsity_mask is not None]).attach()
         self._importance: list[Tensor] | None = None  # per alpha, per column (Taylor), once computed
         if self.config.prune_init > 0 and self.config.prune_init_score == "weight":
             self._init_prune_logits(self.config.prune_init)

@@ -312,8 +312,8 @@ class _Search:
             if mismatch:
                 raise ConfigError(f"study {self.study_name!r} in {where} was run with other settings "
                                   f"({'; '.join(mismatch)}); use another --study, or the study's settings")
-        else:
-            for key, value in wanted.items():
+        else:  # the sha256 last: another worker that reads it finds every other setting written
+            for key, value in sorted(wanted.items(), key=lambda kv: kv[0] == "model_sha256"):
                 study.set_user_attr(key, value)
         return study, where
 
