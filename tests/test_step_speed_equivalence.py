@@ -452,6 +452,12 @@ def test_weight_batch_fallbacks(monkeypatch) -> None:
     first, second = entries[0], entries[1]
     raw = net._raw(first, first.weight_attr)
     assert batch.lookup(first.quantizer, raw) is None  # outside a step: each layer its own
+    assert batch.keep_mass(first.quantizer) is None
+    with q.theta_cache():  # the bias gates' factors: the per-layer values, bit for bit
+        for entry in entries:
+            quant = entry.quantizer
+            if 0 in quant.precisions:
+                assert torch.equal(batch.keep_mass(quant), 1 - quant.theta()[quant.precisions.index(0)])
     with q.theta_cache():
         y = batch.lookup(first.quantizer, raw)
         assert y is not None and torch.equal(y, first.quantizer._mixture(raw, y_only=True).y)
@@ -466,3 +472,42 @@ def test_weight_batch_fallbacks(monkeypatch) -> None:
         computed = batch._compute()
     assert id(second.quantizer) not in computed and id(first.quantizer) not in computed
     assert len(computed) == len(batch.members) - 2
+
+
+@pytest.mark.parametrize("clip", [3.0, 1e-8, -0.5])
+@pytest.mark.parametrize("signed", [False, True])
+def test_activation_forward_floors_the_clip_inside_the_node(clip, signed) -> None:
+    """The activation quantizers' forward passes the raw clip and floors it at _MIN_CLIP inside the
+    autograd function (no graph for the floor; QAT's forward builds no scale / zero-point / bits
+    tensors): the same y and gradients, bit for bit, as flooring it outside (``_positive_clip``)."""
+    torch.manual_seed(2)
+    x = torch.randn(4, 6, 3) * 2 + (0.0 if signed else 1.0)
+    probe = torch.linspace(-1, 2, x.numel()).reshape(x.shape)
+
+    def run(fn, clip_param):
+        xs = x.clone().requires_grad_(True)
+        y = fn(xs, clip_param)
+        (y * probe).sum().backward()
+        return y.detach(), xs.grad, clip_param.grad
+
+    frozen = q.FrozenActivationQuantizer(4, signed=signed, init_clip=1.0)
+    fixed = (q.SymmetricClipQuantizer if signed else q.PACTQuantizer)(4, init_clip=1.0)
+    one = q.SearchableActivationQuantizer((8,), signed=signed, init_clip=1.0)
+    mix = q.SearchableActivationQuantizer((2, 4, 8), signed=signed, init_clip=1.0)
+    levels = tuple(2 ** (b - 1) - 1 if signed else 2 ** b - 1 for b in mix.precisions)
+    n8 = 127 if signed else 255
+    cases = [
+        (frozen, lambda a, c: q._activation_quantize(a, c, 4, signed).y),
+        (fixed, lambda a, c: q._activation_quantize(a, c, 4, signed).y),
+        (one, lambda a, c: q._OneWidthMixtureSTE.apply(a, q._positive_clip(c), one.alpha.alpha, n8, signed)),
+        (mix, lambda a, c: q._ActivationMixtureSTE.apply(a, q._positive_clip(c), mix.theta(), levels, signed)),
+    ]
+    for module, reference in cases:
+        with torch.no_grad():
+            module.clip.fill_(clip)
+        module.clip.grad = None
+        new = run(lambda a, _c: module(a), module.clip)
+        module.clip.grad = None
+        old = run(reference, module.clip)
+        for a, b in zip(new, old):
+            assert torch.equal(a, b), type(module).__name__

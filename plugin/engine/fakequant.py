@@ -65,7 +65,11 @@ class _BiasGate(nn.Module):
             return bias * (q.frozen_bits != 0).to(bias.dtype).reshape(bias.shape)
         if 0 not in q.precisions:
             return bias
-        return bias * (1 - q.theta()[q.precisions.index(0)]).to(bias.dtype).reshape(bias.shape)
+        batch = q.__dict__.get("_weight_batch")  # plugin.engine.weight_batch: every layer's factor at once
+        keep = batch.keep_mass(q) if batch is not None else None
+        if keep is None:
+            keep = 1 - q.theta()[q.precisions.index(0)]
+        return bias * keep.to(bias.dtype).reshape(bias.shape)
 
 
 class _SharedWeight(nn.Module):

@@ -530,6 +530,7 @@ class _PactSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, clip: Tensor, n_levels: int) -> Tensor:  # type: ignore[override]
+        clip = _floored(clip)
         ctx.clip_shape = clip.shape
         ctx.fast = x.device.type == "cpu" and _FLOAT_MASKS_ON_CPU
         if ctx.fast:
@@ -557,6 +558,7 @@ class _SymmetricClipSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, clip: Tensor, qmax: int) -> Tensor:  # type: ignore[override]
+        clip = _floored(clip)
         ctx.clip_shape = clip.shape
         ctx.fast = x.device.type == "cpu" and _FLOAT_MASKS_ON_CPU
         if ctx.fast:
@@ -597,6 +599,7 @@ class _ActivationMixtureSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, clip: Tensor, theta: Tensor, levels: tuple[int, ...],  # type: ignore[override]
                 signed: bool) -> Tensor:
+        clip = _floored(clip)
         stacked = x.new_empty((len(levels), *x.shape))  # every Q_j(x): the logits' gradient
         y = term = None
         for j, n in enumerate(levels):
@@ -709,6 +712,24 @@ def _zero_point(x: Tensor) -> Tensor:
     return torch.zeros((), dtype=torch.int32, device=x.device)
 
 
+def _floored(clip: Tensor) -> Tensor:
+    """:func:`_positive_clip`'s value, inside an autograd function (no graph; the clip's gradient
+    passes unchanged there too): ``clip`` itself when >= _MIN_CLIP, the same expression otherwise."""
+    if float(clip) >= _MIN_CLIP:
+        return clip
+    return clip + (clip.clamp_min(_MIN_CLIP) - clip)
+
+
+def _activation_y(x: Tensor, clip: Tensor, bits: int, signed: bool) -> Tensor:
+    """``_activation_quantize(x, clip, bits, signed).y`` without the scale, zero-point and bits
+    tensors (a forward pass reads only y): the same y and gradients. The clip's floor is applied
+    inside the autograd function."""
+    if signed:
+        qmax = 2 ** (_check_bits(bits, minimum=2, what="symmetric clip quantizer") - 1) - 1
+        return _SymmetricClipSTE.apply(x, clip.to(x.dtype), qmax)
+    return _PactSTE.apply(x, clip.to(x.dtype), 2 ** _check_bits(bits, minimum=1, what="PACT") - 1)
+
+
 def _positive_clip(clip: Tensor) -> Tensor:
     """``clip`` unchanged when >= _MIN_CLIP; else _MIN_CLIP with the gradient kept flowing."""
     return clip + (clip.clamp_min(_MIN_CLIP) - clip).detach()
@@ -759,7 +780,7 @@ class PACTQuantizer(_ClipHolder):
         return pact_quantize(x, self.clip, self.bits)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.quant(x).y
+        return _activation_y(x, self.clip, self.bits, False)
 
 
 class SymmetricClipQuantizer(_ClipHolder):
@@ -774,7 +795,7 @@ class SymmetricClipQuantizer(_ClipHolder):
         return symmetric_clip_quantize(x, self.clip, self.bits)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.quant(x).y
+        return _activation_y(x, self.clip, self.bits, True)
 
 
 class SearchableActivationQuantizer(_SearchableBase, _ClipHolder):
@@ -834,7 +855,7 @@ class SearchableActivationQuantizer(_SearchableBase, _ClipHolder):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.frozen_bits is not None:
-            return self.quant(x).y
+            return _activation_y(x, self.clip, self.frozen_bits, self.signed)
         # quant(x).y without the per-width QuantOutput bookkeeping (scale, zero point and bits
         # tensors, the argmax, the expected width): the same y and gradients
         return self._mixture_y(x)
@@ -845,12 +866,12 @@ class SearchableActivationQuantizer(_SearchableBase, _ClipHolder):
             # mixture is that width's quantizer, bit for bit (:class:`_OneWidthMixtureSTE`)
             bits = self.precisions[0]
             n = 2 ** (bits - 1) - 1 if self.signed else 2 ** bits - 1
-            return _OneWidthMixtureSTE.apply(x, _positive_clip(self.clip).to(x.dtype), self.alpha.alpha, n,
+            return _OneWidthMixtureSTE.apply(x, self.clip.to(x.dtype), self.alpha.alpha, n,
                                              self.signed)
         theta = self.theta().to(x.dtype)
         levels = tuple(2 ** (_check_bits(b, minimum=2, what="symmetric clip quantizer") - 1) - 1 if self.signed
                        else 2 ** _check_bits(b, minimum=1, what="PACT") - 1 for b in self.precisions)
-        return _ActivationMixtureSTE.apply(x, _positive_clip(self.clip).to(x.dtype), theta, levels, self.signed)
+        return _ActivationMixtureSTE.apply(x, self.clip.to(x.dtype), theta, levels, self.signed)
 
 
 # ----------------------------------------------------------------------------- frozen (plan) quantizers
@@ -918,7 +939,7 @@ class FrozenActivationQuantizer(_ClipHolder):
         return _activation_quantize(x, self.clip, self.frozen_bits, self.signed)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.quant(x).y
+        return _activation_y(x, self.clip, self.frozen_bits, self.signed)  # quant(x).y, less work per step
 
 
 # ----------------------------------------------------------------------------- parameter groups

@@ -158,6 +158,40 @@ class WeightMixtureBatch:
                 return None
         return entry[3]
 
+    def keep_mass(self, quantizer: _q.SearchableWeightQuantizer) -> Tensor | None:
+        """``1 - theta_0`` per output channel of ``quantizer`` (its bias gate's factor) from this
+        step's one gather for every layer that can be pruned, or None (compute your own). The same
+        values as ``1 - quantizer.theta()[index of 0]``."""
+        store = getattr(_q._THETA_MEMO, "store", None)
+        if store is None or not ENABLED:
+            return None
+        key = ("keep", id(self))
+        hit = store.get(key)
+        fresh = hit is None or hit[0] is not self
+        if fresh:
+            hit = (self, self._keep_masses())
+            store[key] = hit
+        entry = hit[1].get(id(quantizer))
+        if entry is not None and entry[0] is not self._base(quantizer):
+            if fresh:
+                return None
+            hit = (self, self._keep_masses())  # the logits moved within the block
+            store[key] = hit
+            entry = hit[1].get(id(quantizer))
+            if entry is not None and entry[0] is not self._base(quantizer):
+                return None
+        return None if entry is None else entry[1]
+
+    def _keep_masses(self) -> dict[int, tuple[Tensor, Tensor]]:
+        group = [(m, m.raw()) for m in self.members if m.quantizer.frozen_bits is None and 0 in m.quantizer.precisions]
+        if len(group) < 2:
+            return {}
+        bases = [self._base(member.quantizer) for member, _ in group]
+        alphas, columns = self._columns(group)
+        rows = [bases[i][group[i][0].quantizer.precisions.index(0)] for i in alphas]
+        pieces = (1 - torch.cat(rows).index_select(0, columns)).split([m.quantizer.c_out for m, _ in group])
+        return {id(member.quantizer): (base, piece) for (member, _), base, piece in zip(group, bases, pieces)}
+
     @staticmethod
     def _base(quantizer: _q.SearchableWeightQuantizer) -> Tensor:
         return quantizer.alpha.theta(quantizer.temperature)  # the step's cached softmax of the group
@@ -213,5 +247,7 @@ class WeightMixtureBatch:
             columns = torch.cat([member.quantizer.channel_to_group_index.cpu() + offsets[id(member.quantizer.alpha)]
                                  for member, _ in group]).to(group[0][1].device)
             cached = (list(first.values()), columns)
-            self._column_cache = {key: cached}
+            if len(self._column_cache) >= 8:
+                self._column_cache.clear()
+            self._column_cache[key] = cached
         return cached
