@@ -358,27 +358,50 @@ def _ab_cost_acts(name: str, runner, search_step, batches, args, fp32_step) -> d
             "cost_runs_ms": cost_runs}
 
 
+def _old_activation_forward(self, x):
+    """The searchable activation quantizer's forward before this stop's change (the clip floored
+    by ``_positive_clip`` outside the autograd function; a frozen site through ``quant(x).y``)."""
+    from plugin.engine import quantizers as q
+
+    if self.frozen_bits is not None:
+        return self.quant(x).y
+    if len(self.precisions) == 1 and q._SINGLE_WIDTH_SHORTCUT and self.alpha.logit_mask is None:
+        bits = self.precisions[0]
+        n = 2 ** (bits - 1) - 1 if self.signed else 2 ** bits - 1
+        return q._OneWidthMixtureSTE.apply(x, q._positive_clip(self.clip).to(x.dtype), self.alpha.alpha, n,
+                                           self.signed)
+    theta = self.theta().to(x.dtype)
+    levels = tuple(2 ** (b - 1) - 1 if self.signed else 2 ** b - 1 for b in self.precisions)
+    return q._ActivationMixtureSTE.apply(x, q._positive_clip(self.clip).to(x.dtype), theta, levels, self.signed)
+
+
 def _ab_weight_batch(name: str, search_step, batches, args, fp32_step) -> dict:
-    """The search step with every layer's weight mixture in its own node (``off``) and the small
-    layers' in one node (``on``, ``plugin.engine.weight_batch``), interleaved with the FP32 step
-    in one process: CPU ms per step (median of ``--repeats`` rounds) and the per-round medians of
-    on / off and of each over the FP32 step timed in the same round."""
+    """The search step as before stop 24 (``off``: every layer's weight mixture and bias gate on
+    its own, the activation clip floored outside the quantizer's node), with the small layers'
+    weight mixtures and bias-gate factors batched (``weights``, ``plugin.engine.weight_batch``),
+    and with the activation forward too (``on``, the code as it is), interleaved with the FP32
+    step in one process: CPU ms per step (median of ``--repeats`` rounds) and the per-round
+    medians of each over ``off`` and over the FP32 step timed in the same round."""
+    from plugin.engine import quantizers as q
     from plugin.engine import weight_batch as wb
 
     saved = wb.ENABLED
-    runs: dict[str, list[float]] = {"fp32": [], "off": [], "on": []}
+    current = q.SearchableActivationQuantizer.forward
+    runs: dict[str, list[float]] = {"fp32": [], "off": [], "weights": [], "on": []}
     try:
         for _ in range(args.repeats):
             for kind in runs:
-                wb.ENABLED = kind == "on"
+                wb.ENABLED = kind in ("weights", "on")
+                q.SearchableActivationQuantizer.forward = current if kind == "on" else _old_activation_forward
                 step = fp32_step if kind == "fp32" else search_step
                 runs[kind].append(1000 * _timed(step, batches, args.warmup, args.steps)[1])
     finally:
         wb.ENABLED = saved
+        q.SearchableActivationQuantizer.forward = current
     med = {k: statistics.median(v) for k, v in runs.items()}
-    paired = statistics.median(a / b for a, b in zip(runs["on"], runs["off"]))
-    to_fp32 = {k: statistics.median(a / b for a, b in zip(runs[k], runs["fp32"])) for k in ("off", "on")}
-    return {"model": name, "cpu_ms": med, "runs_ms": runs, "paired_on_over_off": paired, "paired_over_fp32": to_fp32}
+    paired = {k: statistics.median(a / b for a, b in zip(runs[k], runs["off"])) for k in ("weights", "on")}
+    to_fp32 = {k: statistics.median(a / b for a, b in zip(runs[k], runs["fp32"])) for k in ("off", "weights", "on")}
+    return {"model": name, "cpu_ms": med, "runs_ms": runs, "paired_over_off": paired, "paired_over_fp32": to_fp32}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
                          "the weight node's clip check from the absmax and the denormal probe, added one by one, "
                          "interleaved in one process with the FP32 step (and the cost alone)")
     ap.add_argument("--ab-weight-batch", action="store_true",
-                    help="only the search step: each layer's weight mixture in its own node vs the small layers' in "
-                         "one node (plugin.engine.weight_batch), interleaved in one process with the FP32 step")
+                    help="only the search step: as before stop 24, with the small layers' weight mixtures and bias "
+                         "gates batched (plugin.engine.weight_batch), and with the activation forward's clip floor "
+                         "inside its node too, interleaved in one process with the FP32 step")
     ap.add_argument("--act-bits", default=None,
                     help="activation precisions of the search, e.g. 8 (the pareto benchmark's act_bits=(8,)) "
                          "or 2,4,8; default the SearchConfig default")
@@ -450,14 +474,17 @@ def main(argv: list[str] | None = None) -> int:
             provenance.write_results(args.out, args.label or "ab-cost-acts", record, text)
         return 0
     if args.ab_weight_batch:
-        text = "\n".join([f"search step CPU ms: each layer's weight mixture in its own node (off) vs the small layers' "
-                          f"in one node (on), interleaved in one process with the FP32 step, median of "
-                          f"{args.repeats} x {args.steps} steps; activations {args.act_bits or 'SearchConfig default'}; "
-                          f"load average before {'/'.join(f'{v:.2f}' for v in load_before)}, after "
+        text = "\n".join([f"search step CPU ms: as before stop 24 (off), the small layers' weight mixtures and bias "
+                          f"gates batched (weights), and the activation forward too (on), interleaved in one process "
+                          f"with the FP32 step, median of {args.repeats} x {args.steps} steps; activations "
+                          f"{args.act_bits or 'SearchConfig default'}; load average before "
+                          f"{'/'.join(f'{v:.2f}' for v in load_before)}, after "
                           f"{'/'.join(f'{v:.2f}' for v in load_after)}", ""]
-                         + [f"- {r['model']}: FP32 {r['cpu_ms']['fp32']:.2f}, off {r['cpu_ms']['off']:.2f}, on "
-                            f"{r['cpu_ms']['on']:.2f} ms; on / off per round {r['paired_on_over_off']:.3f}; search / "
-                            f"FP32 per round: off {r['paired_over_fp32']['off']:.2f}x, on {r['paired_over_fp32']['on']:.2f}x"
+                         + [f"- {r['model']}: FP32 {r['cpu_ms']['fp32']:.2f}, off {r['cpu_ms']['off']:.2f}, weights "
+                            f"{r['cpu_ms']['weights']:.2f}, on {r['cpu_ms']['on']:.2f} ms; over off per round: weights "
+                            f"{r['paired_over_off']['weights']:.3f}, on {r['paired_over_off']['on']:.3f}; search / FP32 "
+                            f"per round: off {r['paired_over_fp32']['off']:.2f}x, weights "
+                            f"{r['paired_over_fp32']['weights']:.2f}x, on {r['paired_over_fp32']['on']:.2f}x"
                             for r in rows])
         print(text)
         if args.out:
