@@ -360,19 +360,20 @@ def _ab_cost_acts(name: str, runner, search_step, batches, args, fp32_step) -> d
 
 def _old_activation_forward(self, x):
     """The searchable activation quantizer's forward before this stop's change (the clip floored
-    by ``_positive_clip`` outside the autograd function; a frozen site through ``quant(x).y``)."""
+    outside the autograd function; a frozen site through ``quant(x).y``)."""
     from plugin.engine import quantizers as q
+
+    clip = self.clip + (self.clip.clamp_min(q._MIN_CLIP) - self.clip).detach()
 
     if self.frozen_bits is not None:
         return self.quant(x).y
     if len(self.precisions) == 1 and q._SINGLE_WIDTH_SHORTCUT and self.alpha.logit_mask is None:
         bits = self.precisions[0]
         n = 2 ** (bits - 1) - 1 if self.signed else 2 ** bits - 1
-        return q._OneWidthMixtureSTE.apply(x, q._positive_clip(self.clip).to(x.dtype), self.alpha.alpha, n,
-                                           self.signed)
+        return q._OneWidthMixtureSTE.apply(x, clip.to(x.dtype), self.alpha.alpha, n, self.signed)
     theta = self.theta().to(x.dtype)
     levels = tuple(2 ** (b - 1) - 1 if self.signed else 2 ** b - 1 for b in self.precisions)
-    return q._ActivationMixtureSTE.apply(x, q._positive_clip(self.clip).to(x.dtype), theta, levels, self.signed)
+    return q._ActivationMixtureSTE.apply(x, clip.to(x.dtype), theta, levels, self.signed)
 
 
 def _ab_weight_batch(name: str, search_step, batches, args, fp32_step) -> dict:

@@ -10,15 +10,14 @@ import copy
 import pytest
 import torch
 
-from plugin.engine.quantizers import (SearchableActivationQuantizer, _PactSTE, _positive_clip,
-                                      _SymmetricClipSTE)
+from plugin.engine.quantizers import SearchableActivationQuantizer, _PactSTE, _SymmetricClipSTE
 
 
 def _per_width(q: SearchableActivationQuantizer, x: torch.Tensor) -> torch.Tensor:
     theta = q.theta().to(x.dtype)
     terms = []
     for b in q.precisions:
-        clip = _positive_clip(q.clip).to(x.dtype)
+        clip = q.clip.to(x.dtype)  # each straight-through quantizer floors it (quantizers._floored)
         if q.signed:
             terms.append(_SymmetricClipSTE.apply(x, clip, 2 ** (b - 1) - 1))
         else:

@@ -479,7 +479,7 @@ def test_weight_batch_fallbacks(monkeypatch) -> None:
 def test_activation_forward_floors_the_clip_inside_the_node(clip, signed) -> None:
     """The activation quantizers' forward passes the raw clip and floors it at _MIN_CLIP inside the
     autograd function (no graph for the floor; QAT's forward builds no scale / zero-point / bits
-    tensors): the same y and gradients, bit for bit, as flooring it outside (``_positive_clip``)."""
+    tensors): the same y and gradients, bit for bit, as flooring it outside as before."""
     torch.manual_seed(2)
     x = torch.randn(4, 6, 3) * 2 + (0.0 if signed else 1.0)
     probe = torch.linspace(-1, 2, x.numel()).reshape(x.shape)
@@ -490,6 +490,10 @@ def test_activation_forward_floors_the_clip_inside_the_node(clip, signed) -> Non
         (y * probe).sum().backward()
         return y.detach(), xs.grad, clip_param.grad
 
+    def positive(c):  # the floor outside the node, as before: the gradient passes unchanged
+        return c + (c.clamp_min(q._MIN_CLIP) - c).detach()
+
+    ste, n4 = (q._SymmetricClipSTE, 7) if signed else (q._PactSTE, 15)
     frozen = q.FrozenActivationQuantizer(4, signed=signed, init_clip=1.0)
     fixed = (q.SymmetricClipQuantizer if signed else q.PACTQuantizer)(4, init_clip=1.0)
     one = q.SearchableActivationQuantizer((8,), signed=signed, init_clip=1.0)
@@ -497,10 +501,10 @@ def test_activation_forward_floors_the_clip_inside_the_node(clip, signed) -> Non
     levels = tuple(2 ** (b - 1) - 1 if signed else 2 ** b - 1 for b in mix.precisions)
     n8 = 127 if signed else 255
     cases = [
-        (frozen, lambda a, c: q._activation_quantize(a, c, 4, signed).y),
-        (fixed, lambda a, c: q._activation_quantize(a, c, 4, signed).y),
-        (one, lambda a, c: q._OneWidthMixtureSTE.apply(a, q._positive_clip(c), one.alpha.alpha, n8, signed)),
-        (mix, lambda a, c: q._ActivationMixtureSTE.apply(a, q._positive_clip(c), mix.theta(), levels, signed)),
+        (frozen, lambda a, c: ste.apply(a, positive(c), n4)),
+        (fixed, lambda a, c: ste.apply(a, positive(c), n4)),
+        (one, lambda a, c: q._OneWidthMixtureSTE.apply(a, positive(c), one.alpha.alpha, n8, signed)),
+        (mix, lambda a, c: q._ActivationMixtureSTE.apply(a, positive(c), mix.theta(), levels, signed)),
     ]
     for module, reference in cases:
         with torch.no_grad():
@@ -511,3 +515,6 @@ def test_activation_forward_floors_the_clip_inside_the_node(clip, signed) -> Non
         old = run(reference, module.clip)
         for a, b in zip(new, old):
             assert torch.equal(a, b), type(module).__name__
+        if module in (frozen, fixed):  # quant() too: the same y, and the scale of the floored clip
+            out = module.quant(x.clone())
+            assert torch.equal(out.y, new[0]) and torch.equal(out.scale, positive(module.clip).detach() / n4)

@@ -189,6 +189,17 @@ def _per_channel_absmax(w: Tensor, ch_axis: int) -> Tensor:
     return w.detach().abs().movedim(ch_axis, 0).reshape(w.shape[ch_axis], -1).amax(dim=1)
 
 
+def _mixture_scales(absmax: Tensor, qmax: Tensor) -> tuple[Tensor, bool]:
+    """The weight mixture's scales ``[K, C]`` from the per-channel ``absmax`` ``[C]`` and each
+    width's top integer ``qmax`` ``[K]`` (1 where a scale would be 0 or not finite), and whether
+    any rounded value lies outside its range (:class:`_WeightMixtureSTE`: per width and channel
+    the largest ``|round(w / s)|`` is ``round(max|w| / s)``)."""
+    absmax = absmax[None, :]
+    scale = absmax / qmax[:, None]
+    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+    return scale, bool((torch.round(absmax / scale) > qmax[:, None]).any())
+
+
 def _bits_tensor(bits: int | Sequence[int] | Tensor, n_channels: int, device: torch.device) -> Tensor:
     if isinstance(bits, int) and not isinstance(bits, bool):
         if bits != 0:
@@ -482,10 +493,7 @@ class SearchableWeightQuantizer(_SearchableBase):
         theta = self.theta().to(w.dtype)
         ch = self.ch_axis % w.ndim
         kept, qmax, kept_index = self._kept_widths(w)
-        absmax = _per_channel_absmax(w, ch)[None, :]
-        scale = absmax / qmax[:, None]  # [K, C]
-        scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
-        clipped = bool((torch.round(absmax / scale) > qmax[:, None]).any())  # see _WeightMixtureSTE
+        scale, clipped = _mixture_scales(_per_channel_absmax(w, ch), qmax)
         view = [len(kept), *_channel_view_shape(w.ndim, ch, self.c_out)]
         y = _WeightMixtureSTE.apply(w, theta.index_select(0, kept_index).reshape(view), scale.reshape(view),
                                     qmax.reshape([len(kept)] + [1] * w.ndim), clipped)
@@ -713,44 +721,42 @@ def _zero_point(x: Tensor) -> Tensor:
 
 
 def _floored(clip: Tensor) -> Tensor:
-    """:func:`_positive_clip`'s value, inside an autograd function (no graph; the clip's gradient
-    passes unchanged there too): ``clip`` itself when >= _MIN_CLIP, the same expression otherwise."""
+    """The clip the activation quantizers use, applied inside their autograd functions (so their
+    gradient reaches the raw clip unchanged, no graph): ``clip`` itself when >= _MIN_CLIP, else
+    ``clip + (max(clip, _MIN_CLIP) - clip)``."""
     if float(clip) >= _MIN_CLIP:
         return clip
     return clip + (clip.clamp_min(_MIN_CLIP) - clip)
 
 
+def _levels(bits: int, signed: bool) -> int:
+    """An activation width's top integer: ``2^(b-1) - 1`` signed (b >= 2), ``2^b - 1`` unsigned."""
+    if signed:
+        return 2 ** (_check_bits(bits, minimum=2, what="symmetric clip quantizer") - 1) - 1
+    return 2 ** _check_bits(bits, minimum=1, what="PACT") - 1
+
+
 def _activation_y(x: Tensor, clip: Tensor, bits: int, signed: bool) -> Tensor:
     """``_activation_quantize(x, clip, bits, signed).y`` without the scale, zero-point and bits
-    tensors (a forward pass reads only y): the same y and gradients. The clip's floor is applied
-    inside the autograd function."""
-    if signed:
-        qmax = 2 ** (_check_bits(bits, minimum=2, what="symmetric clip quantizer") - 1) - 1
-        return _SymmetricClipSTE.apply(x, clip.to(x.dtype), qmax)
-    return _PactSTE.apply(x, clip.to(x.dtype), 2 ** _check_bits(bits, minimum=1, what="PACT") - 1)
+    tensors (a forward pass reads only y). The clip's floor is applied inside the autograd
+    function (:func:`_floored`)."""
+    return (_SymmetricClipSTE if signed else _PactSTE).apply(x, clip.to(x.dtype), _levels(bits, signed))
 
 
-def _positive_clip(clip: Tensor) -> Tensor:
-    """``clip`` unchanged when >= _MIN_CLIP; else _MIN_CLIP with the gradient kept flowing."""
-    return clip + (clip.clamp_min(_MIN_CLIP) - clip).detach()
+def _clip_quantize(x: Tensor, clip: Tensor, bits: int, signed: bool) -> QuantOutput:
+    y = _activation_y(x, clip, bits, signed)
+    scale = _floored(clip.detach()) / _levels(bits, signed)
+    return QuantOutput(y, scale, _zero_point(x), torch.tensor(bits, device=x.device))
 
 
 def pact_quantize(x: Tensor, clip: Tensor, bits: int) -> QuantOutput:
     """Unsigned PACT fake quantization: UINT-b, zero point 0, ``scale = clip / (2^b - 1)``."""
-    n_levels = 2 ** _check_bits(bits, minimum=1, what="PACT") - 1
-    clip = _positive_clip(clip)
-    y = _PactSTE.apply(x, clip.to(x.dtype), n_levels)
-    scale = (clip / n_levels).detach()
-    return QuantOutput(y, scale, _zero_point(x), torch.tensor(bits, device=x.device))
+    return _clip_quantize(x, clip, bits, False)
 
 
 def symmetric_clip_quantize(x: Tensor, clip: Tensor, bits: int) -> QuantOutput:
     """Signed learned-clip fake quantization: INT-b narrow range, zero point 0."""
-    qmax = 2 ** (_check_bits(bits, minimum=2, what="symmetric clip quantizer") - 1) - 1
-    clip = _positive_clip(clip)
-    y = _SymmetricClipSTE.apply(x, clip.to(x.dtype), qmax)
-    scale = (clip / qmax).detach()
-    return QuantOutput(y, scale, _zero_point(x), torch.tensor(bits, device=x.device))
+    return _clip_quantize(x, clip, bits, True)
 
 
 def _activation_quantize(x: Tensor, clip: Tensor, bits: int, signed: bool) -> QuantOutput:
@@ -864,13 +870,10 @@ class SearchableActivationQuantizer(_SearchableBase, _ClipHolder):
         if len(self.precisions) == 1 and _SINGLE_WIDTH_SHORTCUT and self.alpha.logit_mask is None:
             # one width (``act_bits=(8,)``): theta is softmax of one logit, exactly 1, so the
             # mixture is that width's quantizer, bit for bit (:class:`_OneWidthMixtureSTE`)
-            bits = self.precisions[0]
-            n = 2 ** (bits - 1) - 1 if self.signed else 2 ** bits - 1
-            return _OneWidthMixtureSTE.apply(x, self.clip.to(x.dtype), self.alpha.alpha, n,
-                                             self.signed)
+            return _OneWidthMixtureSTE.apply(x, self.clip.to(x.dtype), self.alpha.alpha,
+                                             _levels(self.precisions[0], self.signed), self.signed)
         theta = self.theta().to(x.dtype)
-        levels = tuple(2 ** (_check_bits(b, minimum=2, what="symmetric clip quantizer") - 1) - 1 if self.signed
-                       else 2 ** _check_bits(b, minimum=1, what="PACT") - 1 for b in self.precisions)
+        levels = tuple(_levels(b, self.signed) for b in self.precisions)
         return _ActivationMixtureSTE.apply(x, self.clip.to(x.dtype), theta, levels, self.signed)
 
 

@@ -43,8 +43,8 @@ from plugin.engine.quantizers import (
     set_temperature as _set_temperature,
     theta_cache,
 )
-from plugin.engine.weight_batch import WeightMixtureBatch
 from plugin.engine.batches import Batch, TeacherCache, count_batches, indexed_batches, iterate_batches, task_loss
+from plugin.engine.weight_batch import WeightMixtureBatch
 from plugin.plan import CompressionPlan
 from plugin.space import LayerInfo
 

@@ -27,7 +27,7 @@ dispatch cost no longer matters) keeps its own node; so do the widths no other l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +49,7 @@ class _Member:
     def raw(self) -> Tensor:
         return self.module.parametrizations[self.attr].original
 
-    def eligible(self) -> bool:
-        raw = self.raw()
+    def eligible(self, raw: Tensor) -> bool:
         q = self.quantizer
         return (q.frozen_bits is None and q.ch_axis % raw.ndim == 0 and raw.shape[0] == q.c_out
                 and raw.numel() <= MAX_MEMBER_NUMEL and not getattr(self.mask, "sparsity", 0.0))
@@ -66,7 +65,7 @@ class _BatchedMixtureSTE(torch.autograd.Function):
     (expanding them to every weight is a gather, which costs more than the kernels it saves);
     the rounding and the clip run once on the whole buffer. Each weight sees the per-layer node's
     operations in its order, so ``y`` and the weights' gradients are the same bits
-    (tests/test_weight_batch.py)."""
+    (tests/test_step_speed_equivalence.py)."""
 
     @staticmethod
     def forward(ctx, theta: Tensor, scale: Tensor, qmax: Tensor, clipped: bool,  # type: ignore[override]
@@ -86,14 +85,13 @@ class _BatchedMixtureSTE(torch.autograd.Function):
             stacked.clamp_(-qmax, qmax)
         thetas = [part.unsqueeze(2) for part in theta.split(channels, dim=1)]
         outs = []
-        term = None
         for view, s, t, w in zip(views, scales, thetas, weights):
             view.mul_(s)
             qs, ts = view.unbind(0), t.unbind(0)
             y = qs[k - 1] * ts[k - 1]  # narrowest first, as the per-layer node adds
+            term = None
             for j in range(k - 2, -1, -1):
-                term = torch.mul(qs[j], ts[j], out=term) if term is not None and term.shape == y.shape \
-                    else qs[j] * ts[j]
+                term = qs[j] * ts[j] if term is None else torch.mul(qs[j], ts[j], out=term)
                 y.add_(term)
             outs.append(y.view(w.shape))
         ctx.save_for_backward(stacked, theta, inside)
@@ -137,50 +135,42 @@ class WeightMixtureBatch:
 
     def lookup(self, quantizer: _q.SearchableWeightQuantizer, w: Tensor) -> Tensor | None:
         """``quantizer``'s mixture of ``w`` from this step's batch, or None (compute your own)."""
-        store = getattr(_q._THETA_MEMO, "store", None)
-        if store is None or not ENABLED:
-            return None
-        hit = store.get(id(self))
-        fresh = hit is None or hit[0] is not self
-        if fresh:
-            hit = (self, self._compute())
-            store[id(self)] = hit
-        entry = hit[1].get(id(quantizer))
-        if entry is None or w is not entry[0]:
-            return None
-        if entry[1] != w._version or self._base(quantizer) is not entry[2]:
-            if fresh:
-                return None
-            hit = (self, self._compute())  # the weights or logits moved within the block
-            store[id(self)] = hit
-            entry = hit[1].get(id(quantizer))
-            if entry is None or entry[1] != w._version or self._base(quantizer) is not entry[2]:
-                return None
-        return entry[3]
+        entry = self._entry(id(self), self._compute, quantizer,
+                            lambda e: e[1] == w._version and self._base(quantizer) is e[2], lambda e: w is e[0])
+        return None if entry is None else entry[3]
 
     def keep_mass(self, quantizer: _q.SearchableWeightQuantizer) -> Tensor | None:
         """``1 - theta_0`` per output channel of ``quantizer`` (its bias gate's factor) from this
         step's one gather for every layer that can be pruned, or None (compute your own). The same
         values as ``1 - quantizer.theta()[index of 0]``."""
+        entry = self._entry(("keep", id(self)), self._keep_masses, quantizer,
+                            lambda e: self._base(quantizer) is e[0])
+        return None if entry is None else entry[1]
+
+    def _entry(self, key: object, compute: Callable[[], dict[int, tuple]], quantizer: _q.SearchableWeightQuantizer,
+               current: Callable[[tuple], bool], usable: Callable[[tuple], bool] = lambda e: True) -> tuple | None:
+        """``quantizer``'s entry of the step's ``compute()`` result kept under ``key`` in the theta
+        cache, computed on first use; when it is not ``current`` (the weights or logits moved
+        within the block), computed once more; None outside a step, for a layer it leaves out or
+        an entry not ``usable`` for this call, or when still not current."""
         store = getattr(_q._THETA_MEMO, "store", None)
         if store is None or not ENABLED:
             return None
-        key = ("keep", id(self))
         hit = store.get(key)
         fresh = hit is None or hit[0] is not self
         if fresh:
-            hit = (self, self._keep_masses())
-            store[key] = hit
+            hit = store[key] = (self, compute())
         entry = hit[1].get(id(quantizer))
-        if entry is not None and entry[0] is not self._base(quantizer):
-            if fresh:
-                return None
-            hit = (self, self._keep_masses())  # the logits moved within the block
-            store[key] = hit
+        if entry is None or not usable(entry):
+            return None
+        if current(entry):
+            return entry
+        if not fresh:
+            hit = store[key] = (self, compute())
             entry = hit[1].get(id(quantizer))
-            if entry is not None and entry[0] is not self._base(quantizer):
-                return None
-        return None if entry is None else entry[1]
+            if entry is not None and usable(entry) and current(entry):
+                return entry
+        return None
 
     def _keep_masses(self) -> dict[int, tuple[Tensor, Tensor]]:
         group = [(m, m.raw()) for m in self.members if m.quantizer.frozen_bits is None and 0 in m.quantizer.precisions]
@@ -199,9 +189,9 @@ class WeightMixtureBatch:
     def _compute(self) -> dict[int, tuple[Tensor, int, Tensor, Tensor]]:
         groups: dict[tuple, list[tuple[_Member, Tensor]]] = {}
         for member in self.members:
-            if not member.eligible():
-                continue
             raw = member.raw()
+            if not member.eligible(raw):
+                continue
             kept, _, _ = member.quantizer._kept_widths(raw)
             key = (tuple(member.quantizer.precisions[j] for j in kept), raw.dtype, raw.device)
             groups.setdefault(key, []).append((member, raw))
@@ -215,15 +205,13 @@ class WeightMixtureBatch:
         raws = [raw for _, raw in group]
         dtype = raws[0].dtype
         qmax = group[0][0].quantizer._kept_widths(raws[0])[1]  # the same widths in every member
-        bases = [member.quantizer.alpha.theta(member.quantizer.temperature) for member, _ in group]
+        bases = [self._base(member.quantizer) for member, _ in group]
         alphas, columns = self._columns(group)
         rows = [bases[i].to(dtype).index_select(0, group[i][0].quantizer._kept_widths(group[i][1])[2])
                 for i in alphas]  # each group's theta once, widest first
         theta = torch.cat(rows, dim=1).index_select(1, columns)  # [K, C]: every layer's channels in order
-        absmax = torch.cat([raw.detach().abs().view(raw.shape[0], -1).amax(dim=1) for raw in raws])[None, :]
-        scale = absmax / qmax[:, None]  # [K, C]
-        scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
-        clipped = bool((torch.round(absmax / scale) > qmax[:, None]).any())
+        absmax = torch.cat([raw.detach().abs().view(raw.shape[0], -1).amax(dim=1) for raw in raws])
+        scale, clipped = _q._mixture_scales(absmax, qmax)  # [K, C]
         layout = tuple((raw.shape[0], raw.numel() // raw.shape[0]) for raw in raws)
         pieces = _BatchedMixtureSTE.apply(theta, scale, qmax.reshape(-1, 1), clipped, layout, *raws)
         return {id(member.quantizer): (raw, raw._version, base, piece)
