@@ -23,8 +23,8 @@ process's peak RSS; and the 1-minute load average before and after (the machine 
 
 ``--act-bits 8`` searches with fixed 8-bit activations (the pareto benchmark's ``act_bits=(8,)``;
 default: the SearchConfig default, searched 2/4/8). ``--ab-speedups`` / ``--ab-cost-acts`` /
-``--ab-weight-batch`` time only the search step with earlier speed-ups off and on, interleaved in
-one process.
+``--ab-weight-batch`` / ``--ab-step25`` time only the search step with earlier speed-ups off and
+on, interleaved in one process.
 """
 
 from __future__ import annotations
@@ -193,6 +193,17 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
         return _ab_cost_acts(name, runner, search_step, batches, args, fp32_step)
     if args.ab_weight_batch:
         return _ab_weight_batch(name, search_step, batches, args, fp32_step)
+    if args.ab_step25:
+        opt_fused = torch.optim.Adam(fp32.parameters(), lr=1e-3, fused=True)
+
+        def fp32_fused_step(batch) -> None:  # the FP32 step with torch's fused Adam
+            _, (inputs, labels) = batch
+            loss = task_loss("cross_entropy", fp32(*inputs), None, labels)
+            opt_fused.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_fused.step()
+
+        return _ab_step25(name, runner, search_step, batches, args, fp32_step, fp32_fused_step)
     kinds = {"fp32": fp32_step, "search": search_step, "qat": qat_step}
     rows: dict[str, list] = {k: [] for k in kinds}
     cpu: dict[str, list] = {k: [] for k in kinds}
@@ -405,6 +416,42 @@ def _ab_weight_batch(name: str, search_step, batches, args, fp32_step) -> dict:
     return {"model": name, "cpu_ms": med, "runs_ms": runs, "paired_over_off": paired, "paired_over_fp32": to_fp32}
 
 
+_STEP25_KINDS = ("fp32", "fp32_fused", "off", "on")
+
+
+def _ab_step25(name: str, runner, search_step, batches, args, fp32_step, fp32_fused_step) -> dict:
+    """Stop 25's step change, interleaved in one process: the search step with torch's default
+    Adam on the weights and clips (``off``, as before) and with fused Adam
+    (``on``, :mod:`plugin.engine.optimisers`), beside the FP32 step under torch's default Adam
+    (``fp32``, the plain step) and under fused Adam (``fp32_fused``, the same optimiser kernel as
+    ``on``): CPU ms per step (median of ``--repeats`` rounds) and per-round ratios."""
+    from plugin.engine.optimisers import adam
+    from plugin.engine.quantizers import net_param_groups
+
+    groups = lambda: net_param_groups(runner.searchable, runner.config.weight_decay)  # noqa: E731
+    loop_opt = torch.optim.Adam(groups(), lr=runner.config.lr)
+    fused_opt = adam(groups(), lr=runner.config.lr)
+    if not fused_opt.defaults.get("fused"):
+        raise SystemExit("fused Adam is not available with this torch on this device")
+    saved_opt = runner.weight_opt
+    runs: dict[str, list[float]] = {k: [] for k in _STEP25_KINDS}
+    try:
+        for _ in range(args.repeats):
+            for kind in runs:
+                runner.weight_opt = fused_opt if kind == "on" else loop_opt
+                step = {"fp32": fp32_step, "fp32_fused": fp32_fused_step}.get(kind, search_step)
+                runs[kind].append(1000 * _timed(step, batches, args.warmup, args.steps)[1])
+    finally:
+        runner.weight_opt = saved_opt
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    paired = statistics.median(a / b for a, b in zip(runs["on"], runs["off"]))
+    to_fp32 = {k: statistics.median(a / b for a, b in zip(runs[k], runs["fp32"])) for k in ("off", "on")}
+    to_fused = {k: statistics.median(a / b for a, b in zip(runs[k], runs["fp32_fused"])) for k in ("off", "on")}
+    fused_fp32 = statistics.median(a / b for a, b in zip(runs["fp32_fused"], runs["fp32"]))
+    return {"model": name, "cpu_ms": med, "runs_ms": runs, "on_over_off": paired, "paired_over_fp32": to_fp32,
+            "paired_over_fp32_fused": to_fused, "fp32_fused_over_fp32": fused_fp32}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -425,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the search step: as before stop 24, with the small layers' weight mixtures and bias "
                          "gates batched (plugin.engine.weight_batch), and with the activation forward's clip floor "
                          "inside its node too, interleaved in one process with the FP32 step")
+    ap.add_argument("--ab-step25", action="store_true",
+                    help="only the search step with torch's default Adam (off, as before stop 25) and with fused "
+                         "Adam (on, plugin.engine.optimisers), interleaved in one process with the FP32 step under "
+                         "default Adam (fp32) and under fused Adam (fp32_fused)")
     ap.add_argument("--act-bits", default=None,
                     help="activation precisions of the search, e.g. 8 (the pareto benchmark's act_bits=(8,)) "
                          "or 2,4,8; default the SearchConfig default")
@@ -494,6 +545,27 @@ def main(argv: list[str] | None = None) -> int:
                       "load_average_after": load_after, "threads": args.threads, "act_bits": args.act_bits,
                       "rows": rows}
             provenance.write_results(args.out, args.label or "ab-weight-batch", record, text)
+        return 0
+    if args.ab_step25:
+        text = "\n".join([f"search step CPU ms with torch's default Adam (off, as before stop 25) and fused Adam (on), "
+                          f"interleaved in one process with the FP32 step under default Adam (fp32) and fused Adam "
+                          f"(fp32_fused), median of {args.repeats} x {args.steps} steps; activations "
+                          f"{args.act_bits or 'SearchConfig default'}; load average before "
+                          f"{'/'.join(f'{v:.2f}' for v in load_before)}, after "
+                          f"{'/'.join(f'{v:.2f}' for v in load_after)}", ""]
+                         + [f"- {r['model']}: " + ", ".join(f"{k} {r['cpu_ms'][k]:.2f}" for k in _STEP25_KINDS)
+                            + f" ms; per round: on / off {r['on_over_off']:.3f}, fp32_fused / fp32 "
+                            f"{r['fp32_fused_over_fp32']:.3f}; search / FP32 step (default Adam): off "
+                            f"{r['paired_over_fp32']['off']:.2f}x, on {r['paired_over_fp32']['on']:.2f}x; search / "
+                            f"FP32 step (fused Adam): off {r['paired_over_fp32_fused']['off']:.2f}x, on "
+                            f"{r['paired_over_fp32_fused']['on']:.2f}x" for r in rows])
+        print(text)
+        if args.out:
+            record = {"label": args.label, "command": provenance.command_line(), "commit": provenance.commit(),
+                      "versions": provenance.versions(), "load_average_before": load_before,
+                      "load_average_after": load_after, "threads": args.threads, "act_bits": args.act_bits,
+                      "rows": rows}
+            provenance.write_results(args.out, args.label or "ab-step25", record, text)
         return 0
     if args.ab_forward:
         text = "\n".join([f"search step CPU ms, quantizer forward as quant(x).y vs now, median of {args.repeats} x "

@@ -1,7 +1,8 @@
 """The searchable activation quantizer's one-node mixture (quantizers._ActivationMixtureSTE)
 against the per-width sum it replaces: ``sum_j theta_j * Q_j(x)`` with ``Q_j`` the PACT /
-symmetric-clip straight-through quantizers: the same y bit for bit, the same gradients (x, clip,
-logits) up to float32 summation order."""
+symmetric-clip straight-through quantizers: the same y bit for bit (and a one-hot theta gives
+that width's quantizer exactly), the same gradients (x, clip, logits) up to float32 summation
+order."""
 
 from __future__ import annotations
 
@@ -56,6 +57,27 @@ def test_mixture_matches_per_width_sum(signed, precisions) -> None:
         for got in (gp_new[name], gp_old[name]):
             torch.testing.assert_close(got.double(), gp_64[name], rtol=1e-4, atol=2e-5)
     assert torch.equal(q.quant(x).y, y_new)  # quant() takes the same path
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("clip", [1.3, 0.1, 7.0, 1e-7])
+def test_one_hot_theta_gives_each_width_bit_for_bit(signed, clip) -> None:
+    """theta one-hot (a logit far above the others: softmax exactly 1 and 0): the mixture is that
+    width's quantizer bit for bit, so the shared clamp gives every width the same integers as
+    clamping after rounding, at the clip edges, beyond them and below the clip floor."""
+    torch.manual_seed(5)
+    x = torch.randn(4, 5, 7, 7) * 2 * max(clip, 1e-6)
+    x.view(-1)[:8] = torch.tensor([clip, -clip, 0.0, -0.0, 3 * clip, -3 * clip, float("inf"), -float("inf")])
+    q = SearchableActivationQuantizer((2, 4, 8), signed=signed, init_clip=1.0)
+    with torch.no_grad():
+        q.clip.fill_(clip)
+    for j, b in enumerate(q.precisions):
+        with torch.no_grad():
+            q.alpha.alpha.fill_(-1e4)
+            q.alpha.alpha[j] = 1e4
+        assert torch.equal(q.theta(), torch.eye(3)[j])
+        one = _SymmetricClipSTE.apply(x, q.clip, 2 ** (b - 1) - 1) if signed else _PactSTE.apply(x, q.clip, 2**b - 1)
+        assert torch.equal(q(x), one), b
 
 
 def test_clip_below_minimum_keeps_gradient() -> None:

@@ -98,6 +98,7 @@ def test_adam_steps_every_logit_by_the_learning_rate(model: onnx.ModelProto) -> 
     net = _net(model, logit_steps="adam", alpha_lr=0.01)
     runner = SearchRunner(net, _data(), net.config)
     assert isinstance(runner.alpha_opt, torch.optim.Adam)
+    assert runner.alpha_opt.defaults["fused"] and runner.weight_opt.defaults["fused"]  # plugin.engine.optimisers
     step = _cost_step(net, runner)
     for value in step.values():
         assert torch.allclose(value, torch.full_like(value, -0.01), rtol=1e-3)

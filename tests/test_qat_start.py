@@ -119,11 +119,13 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero(digits: PreparedModel,
     T = epochs x batches steps (the first step at ``lr``, the last near 0); constant keeps ``lr``."""
     train, _ = split  # 256 samples, batch 64: 4 steps per epoch
     seen: dict[str, list[float]] = {"constant": [], "cosine": []}
+    fused: list[bool] = []
     original = torch.optim.Adam.step
 
     for schedule in ("constant", "cosine"):
         def step(self, *args, _seen=seen[schedule], **kwargs):  # the rate each step runs at
             _seen.append(self.param_groups[0]["lr"])
+            fused.append(bool(self.defaults.get("fused")))
             return original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.optim.Adam, "step", step)
@@ -132,6 +134,7 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero(digits: PreparedModel,
                                                             schedule=schedule))
         assert result.plan.metadata["finetune"]["schedule"] == schedule
     assert seen["constant"] == [1e-3] * 8
+    assert fused == [True] * 16  # QAT's Adam is torch's fused kernel on CPU (plugin.engine.optimisers)
     total = 8
     expected = [1e-3 * 0.5 * (1 + np.cos(np.pi * t / total)) for t in range(total)]
     assert seen["cosine"] == pytest.approx(expected, rel=1e-9)

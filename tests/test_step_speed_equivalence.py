@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from plugin.engine import quantizers as q
-from plugin.engine import weight_batch
+from plugin.engine import optimisers, weight_batch
 from plugin.engine.batches import TeacherCache, indexed_batches, iterate_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,6 +331,16 @@ def test_teacher_cache_bound_and_fallbacks(monkeypatch) -> None:
 # ----------------------------------------------------------------------------- a digits search
 
 
+class _PerWidthActivationMixture:
+    """The activation mixture as the per-width sum ``sum_j theta_j * Q_j(x)`` of the one-width
+    straight-through quantizers (the reference the one-node mixture replaces)."""
+
+    @staticmethod
+    def apply(x, clip, theta, levels, signed):
+        ste = q._SymmetricClipSTE if signed else q._PactSTE
+        return sum(theta[j] * ste.apply(x, clip, n) for j, n in enumerate(levels))
+
+
 def _digits_search(fast: bool, monkeypatch, act_bits=None) -> tuple[list[float], dict]:
     from graph_passes.prepare import prepare_model
     from plugin.data import Dataset
@@ -347,6 +357,8 @@ def _digits_search(fast: bool, monkeypatch, act_bits=None) -> tuple[list[float],
             m.setattr(q, "_SINGLE_WIDTH_SHORTCUT", False)
             m.setattr(sn, "_VECTORISED_SIZE_COST", False)
             m.setattr(weight_batch, "ENABLED", False)
+            m.setattr(optimisers, "FUSED", False)
+            m.setattr(q, "_ActivationMixtureSTE", _PerWidthActivationMixture)
         torch.manual_seed(0)
         prepared = prepare_model(str(ROOT / "samples/digits/model.onnx"))
         z = np.load(ROOT / "samples/digits/train.npz")

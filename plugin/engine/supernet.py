@@ -44,6 +44,7 @@ from plugin.engine.quantizers import (
     theta_cache,
 )
 from plugin.engine.batches import Batch, TeacherCache, count_batches, indexed_batches, iterate_batches, task_loss
+from plugin.engine.optimisers import adam
 from plugin.engine.weight_batch import WeightMixtureBatch
 from plugin.plan import CompressionPlan
 from plugin.space import LayerInfo
@@ -790,8 +791,7 @@ class SearchRunner:
             self.searchable.init_importance(self.data, cfg)
         if cfg.ordered_cost > 0 and getattr(self.searchable, "_cost_weights", None) is None:
             self.searchable.set_ordered_cost(cfg.ordered_cost)
-        self.weight_opt = torch.optim.Adam(net_param_groups(self.searchable, cfg.weight_decay),
-                                           lr=cfg.lr)
+        self.weight_opt = adam(net_param_groups(self.searchable, cfg.weight_decay), lr=cfg.lr)
         self.alpha_opt = self._logit_optimizer()
         self.temperature = cfg.temperature
         self.searchable.set_temperature(self.temperature)
@@ -804,7 +804,7 @@ class SearchRunner:
         ``alpha_opt.step()`` gets it)."""
         cfg, params = self.config, self.searchable.nas_parameters()
         if cfg.logit_steps == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.alpha_lr)
+            opt: torch.optim.Optimizer = adam(params, lr=cfg.alpha_lr)
         else:
             opt = torch.optim.SGD(params, lr=cfg.alpha_lr, momentum=cfg.alpha_momentum)
         if cfg.zero_logit_lr != 1.0:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from plugin.engine.batches import TeacherCache, count_batches, indexed_batches, iterate_batches, task_loss
 from plugin.engine.config import QAT_SCHEDULES, TASK_LOSSES, SearchConfigError
+from plugin.engine.optimisers import adam
 from plugin.engine.quantizers import net_param_groups
 from plugin.plan import CompressionPlan
 
@@ -114,7 +115,7 @@ def finetune(model: FakeQuantModel, plan: CompressionPlan, data: Any,
     model.to(device)
     model.freeze(plan)
     lr = float(config.lr) if config.lr is not None else plan_qat_lr(plan)
-    optimiser = torch.optim.Adam(net_param_groups(model, config.weight_decay), lr=lr)
+    optimiser = adam(net_param_groups(model, config.weight_decay), lr=lr)
     scheduler = _scheduler(optimiser, config, data)
     start, losses, figures = time.perf_counter(), [], []
     track = validation is not None and config.keep_best
