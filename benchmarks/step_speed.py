@@ -146,14 +146,17 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
         batches += batches[: n - len(batches)]
 
     fp32 = convert(prepared.model).module.train(False)
-    opt = torch.optim.Adam(fp32.parameters(), lr=1e-3)
 
-    def fp32_step(batch) -> None:
-        _, (inputs, labels) = batch
-        loss = task_loss("cross_entropy", fp32(*inputs), None, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def fp32_step_with(opt: torch.optim.Optimizer):
+        def fp32_step(batch) -> None:
+            _, (inputs, labels) = batch
+            loss = task_loss("cross_entropy", fp32(*inputs), None, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return fp32_step
+
+    fp32_step = fp32_step_with(torch.optim.Adam(fp32.parameters(), lr=1e-3))
 
     net = Supernet.build(prepared.model, config, space=space)
     runner = SearchRunner(net, data, config)
@@ -193,16 +196,8 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
         return _ab_cost_acts(name, runner, search_step, batches, args, fp32_step)
     if args.ab_weight_batch:
         return _ab_weight_batch(name, search_step, batches, args, fp32_step)
-    if args.ab_step25:
-        opt_fused = torch.optim.Adam(fp32.parameters(), lr=1e-3, fused=True)
-
-        def fp32_fused_step(batch) -> None:  # the FP32 step with torch's fused Adam
-            _, (inputs, labels) = batch
-            loss = task_loss("cross_entropy", fp32(*inputs), None, labels)
-            opt_fused.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_fused.step()
-
+    if args.ab_step25:  # beside the FP32 step with torch's fused Adam too
+        fp32_fused_step = fp32_step_with(torch.optim.Adam(fp32.parameters(), lr=1e-3, fused=True))
         return _ab_step25(name, runner, search_step, batches, args, fp32_step, fp32_fused_step)
     kinds = {"fp32": fp32_step, "search": search_step, "qat": qat_step}
     rows: dict[str, list] = {k: [] for k in kinds}
@@ -452,6 +447,19 @@ def _ab_step25(name: str, runner, search_step, batches, args, fp32_step, fp32_fu
             "paired_over_fp32_fused": to_fused, "fp32_fused_over_fp32": fused_fp32}
 
 
+def _print_and_record(args, text: str, rows: list, label: str, load_before, load_after) -> int:
+    """Print an A/B mode's text and, with ``--out``, write its record (command, commit, versions,
+    load averages, threads, activation bits, rows) beside it."""
+    print(text)
+    if args.out:
+        record = {"label": args.label, "command": provenance.command_line(), "commit": provenance.commit(),
+                  "versions": provenance.versions(), "load_average_before": load_before,
+                  "load_average_after": load_after, "threads": args.threads, "act_bits": args.act_bits,
+                  "rows": rows}
+        provenance.write_results(args.out, args.label or label, record, text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path)
@@ -538,14 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"per round: off {r['paired_over_fp32']['off']:.2f}x, weights "
                             f"{r['paired_over_fp32']['weights']:.2f}x, on {r['paired_over_fp32']['on']:.2f}x"
                             for r in rows])
-        print(text)
-        if args.out:
-            record = {"label": args.label, "command": provenance.command_line(), "commit": provenance.commit(),
-                      "versions": provenance.versions(), "load_average_before": load_before,
-                      "load_average_after": load_after, "threads": args.threads, "act_bits": args.act_bits,
-                      "rows": rows}
-            provenance.write_results(args.out, args.label or "ab-weight-batch", record, text)
-        return 0
+        return _print_and_record(args, text, rows, "ab-weight-batch", load_before, load_after)
     if args.ab_step25:
         text = "\n".join([f"search step CPU ms with torch's default Adam (off, as before stop 25) and fused Adam (on), "
                           f"interleaved in one process with the FP32 step under default Adam (fp32) and fused Adam "
@@ -559,14 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{r['paired_over_fp32']['off']:.2f}x, on {r['paired_over_fp32']['on']:.2f}x; search / "
                             f"FP32 step (fused Adam): off {r['paired_over_fp32_fused']['off']:.2f}x, on "
                             f"{r['paired_over_fp32_fused']['on']:.2f}x" for r in rows])
-        print(text)
-        if args.out:
-            record = {"label": args.label, "command": provenance.command_line(), "commit": provenance.commit(),
-                      "versions": provenance.versions(), "load_average_before": load_before,
-                      "load_average_after": load_after, "threads": args.threads, "act_bits": args.act_bits,
-                      "rows": rows}
-            provenance.write_results(args.out, args.label or "ab-step25", record, text)
-        return 0
+        return _print_and_record(args, text, rows, "ab-step25", load_before, load_after)
     if args.ab_forward:
         text = "\n".join([f"search step CPU ms, quantizer forward as quant(x).y vs now, median of {args.repeats} x "
                           f"{args.steps} steps; load average before {'/'.join(f'{v:.2f}' for v in load_before)}, "
