@@ -4,6 +4,10 @@ stage) and job wall seconds, and each joint configuration's time over the sequen
 read from the pareto.json files run.sh wrote.
 
     python benchmarks/results/joint-vs-sequential-cpu/summary.py > benchmarks/results/joint-vs-sequential-cpu/summary.md
+    python benchmarks/results/joint-vs-sequential-cpu/summary.py FOLDER > FOLDER/summary.md   (e.g. stop26)
+
+The joint rows may be at another budget than the sequential rows (stop26: at most the size the
+sequential pipeline reached); each row names its own budget.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -22,13 +27,13 @@ def rows(folder: Path) -> tuple[list[dict], dict]:
     return [r for e in data["experiments"] for r in e["rows"]], data["meta"]
 
 
-def main() -> None:
+def main(here: Path = HERE) -> None:
     out = ["| task | budget | pipeline (search + QAT epochs) | test acc (sd) | x W8 | train s | job wall s "
            "| train time / sequential's | per seed: acc - sequential's |", "|---|---|---|---|---|---|---|---|---|"]
     sources = []
     for task in TASKS:
         groups: dict[str, dict[int, dict]] = {}
-        for folder in sorted(HERE.glob(f"{task}-*")):
+        for folder in sorted(here.glob(f"{task}-*")):
             if not (folder / "pareto.json").is_file():
                 continue
             found, meta = rows(folder)
@@ -36,8 +41,9 @@ def main() -> None:
             epochs = folder.name.split("-", 1)[1].replace("-", " + ")
             for r in found:
                 label = re.sub(r" s\d+$", "", r["label"])
+                budget = label.split("=", 1)[-1]
                 name = f"{label.split()[0]} ({'12 + 6 per stage' if label.startswith('sequential') else epochs})"
-                groups.setdefault(name, {})[int(r["seed"])] = {**r, "budget": label.split("=", 1)[-1]}
+                groups.setdefault(f"{name} {budget}", {})[int(r["seed"])] = {**r, "budget": budget, "name": name}
         seq = next((g for k, g in groups.items() if k.startswith("sequential")), None)
         seq_t = statistics.mean(r["train_s"] for r in seq.values()) if seq else None
         for name in sorted(groups, key=lambda k: (not k.startswith("sequential"), k)):
@@ -50,7 +56,8 @@ def main() -> None:
             per = " ".join(f"{100 * (g[s]['test_acc'] - seq[s]['test_acc']):+.2f}" for s in sorted(g) if s in seq) \
                 if seq and not name.startswith("sequential") else "-"
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            out.append(f"| {task} | {next(iter(g.values()))['budget']} | {name} | {statistics.mean(acc):.2f} +- {sd:.2f} "
+            first = next(iter(g.values()))
+            out.append(f"| {task} | {first['budget']} | {first['name']} | {statistics.mean(acc):.2f} +- {sd:.2f} "
                        f"| {size:.3f} | {train:.1f} | {wall:.1f} | {ratio} | {per} |")
     print("Joint (gradient strategy, budget recipe) vs the sequential pipeline at the same budget, one job at a "
           "time, seeds 0-2 (train s: search + QAT of every stage, mean over seeds):\n")
@@ -60,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else HERE)
