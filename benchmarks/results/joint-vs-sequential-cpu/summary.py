@@ -59,8 +59,8 @@ def main(here: Path = HERE) -> None:
             first = next(iter(g.values()))
             out.append(f"| {task} | {first['budget']} | {first['name']} | {statistics.mean(acc):.2f} +- {sd:.2f} "
                        f"| {size:.3f} | {train:.1f} | {wall:.1f} | {ratio} | {per} |")
-    print("Joint (gradient strategy, budget recipe) vs the sequential pipeline at the same budget, one job at a "
-          "time, seeds 0-2 (train s: search + QAT of every stage, mean over seeds):\n")
+    print("Joint (gradient strategy, budget recipe) vs the sequential pipeline at the budget each row names, one job "
+          "at a time, seeds 0-2 (train s: search + QAT of every stage, mean over seeds):\n")
     print("\n".join(out))
     print("\nSources:\n")
     print("\n".join(sources))
