@@ -21,7 +21,8 @@ process's peak RSS; and the 1-minute load average before and after (the machine 
 
     python benchmarks/step_speed.py --out benchmarks/results/step-speed-cpu/LABEL
 
-``--act-bits 8`` searches with fixed 8-bit activations (the pareto benchmark's ``act_bits=(8,)``;
+``--ab-frozen-node`` times only the QAT step with the frozen weight quantizers' one-node path off and
+on (stop 27). ``--act-bits 8`` searches with fixed 8-bit activations (the pareto benchmark's ``act_bits=(8,)``;
 default: the SearchConfig default, searched 2/4/8). ``--ab-speedups`` / ``--ab-cost-acts`` /
 ``--ab-weight-batch`` / ``--ab-step25`` time only the search step with earlier speed-ups off and
 on, interleaved in one process.
@@ -196,6 +197,8 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
         return _ab_cost_acts(name, runner, search_step, batches, args, fp32_step)
     if args.ab_weight_batch:
         return _ab_weight_batch(name, search_step, batches, args, fp32_step)
+    if args.ab_frozen_node:
+        return _ab_frozen_node(name, prepared, config, space, net, batches, args, fp32)
     if args.ab_step25:  # beside the FP32 step with torch's fused Adam too
         fp32_fused_step = fp32_step_with(torch.optim.Adam(fp32.parameters(), lr=1e-3, fused=True))
         return _ab_step25(name, runner, search_step, batches, args, fp32_step, fp32_fused_step)
@@ -447,6 +450,59 @@ def _ab_step25(name: str, runner, search_step, batches, args, fp32_step, fp32_fu
             "paired_over_fp32_fused": to_fused, "fp32_fused_over_fp32": fused_fp32}
 
 
+_FROZEN_KINDS = ("fp32", "off", "on")
+
+
+def _ab_frozen_node(name: str, prepared, config, space, net, batches, args, fp32) -> dict:
+    """Stop 27's QAT change, interleaved in one process: fine-tuning's step (the supernet's first
+    plan frozen, its teacher outputs read from a per-batch cache as training.py's TeacherCache
+    serves them, the distillation loss, backward, fused Adam as training.py builds it) with the
+    frozen weight quantizers' forward through ``quantize_weight_per_channel`` (``off``, as before)
+    and through the one-node path (``on``, ``quantizers._FROZEN_WEIGHT_NODE``), beside the FP32
+    step under the same fused Adam: CPU ms per step and per-round ratios."""
+    from plugin.engine import quantizers as qz
+    from plugin.engine.batches import task_loss
+    from plugin.engine.fakequant import FakeQuantModel
+    from plugin.engine.optimisers import adam
+
+    qat = FakeQuantModel.build(prepared.model, config, space=space)
+    qat.freeze(net.discretise())
+    opt = adam(qz.net_param_groups(qat, config.weight_decay), lr=1e-4)
+    fp32_opt = adam(fp32.parameters(), lr=1e-3)
+    with torch.no_grad():
+        teachers = {id(b): qat.teacher_outputs(*b[1][0]) for b in batches}
+
+    def qat_step(batch) -> None:
+        _, (inputs, labels) = batch
+        loss = task_loss(config.task_loss, qat(*inputs), teachers[id(batch)], labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def fp32_step(batch) -> None:
+        _, (inputs, labels) = batch
+        loss = task_loss("cross_entropy", fp32(*inputs), None, labels)
+        fp32_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        fp32_opt.step()
+
+    saved = qz._FROZEN_WEIGHT_NODE
+    runs: dict[str, list[float]] = {k: [] for k in _FROZEN_KINDS}
+    try:
+        for _ in range(args.repeats):
+            for kind in runs:
+                qz._FROZEN_WEIGHT_NODE = kind == "on"
+                step = fp32_step if kind == "fp32" else qat_step
+                runs[kind].append(1000 * _timed(step, batches, args.warmup, args.steps)[1])
+    finally:
+        qz._FROZEN_WEIGHT_NODE = saved
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"model": name, "cpu_ms": med, "runs_ms": runs,
+            "on_over_off": statistics.median(a / b for a, b in zip(runs["on"], runs["off"])),
+            "paired_over_fp32": {k: statistics.median(a / b for a, b in zip(runs[k], runs["fp32"]))
+                                 for k in ("off", "on")}}
+
+
 def _print_and_record(args, text: str, rows: list, label: str, load_before, load_after) -> int:
     """Print an A/B mode's text and, with ``--out``, write its record (command, commit, versions,
     load averages, threads, activation bits, rows) beside it."""
@@ -484,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the search step with torch's default Adam (off, as before stop 25) and with fused "
                          "Adam (on, plugin.engine.optimisers), interleaved in one process with the FP32 step under "
                          "default Adam (fp32) and under fused Adam (fp32_fused)")
+    ap.add_argument("--ab-frozen-node", action="store_true",
+                    help="only the QAT step (teacher outputs cached, fused Adam, as fine-tuning runs it) with the "
+                         "frozen weight quantizers through quantize_weight_per_channel (off, as before stop 27) and "
+                         "through their one-node path (on), interleaved in one process with the FP32 step")
     ap.add_argument("--act-bits", default=None,
                     help="activation precisions of the search, e.g. 8 (the pareto benchmark's act_bits=(8,)) "
                          "or 2,4,8; default the SearchConfig default")
@@ -561,6 +621,16 @@ def main(argv: list[str] | None = None) -> int:
                             f"FP32 step (fused Adam): off {r['paired_over_fp32_fused']['off']:.2f}x, on "
                             f"{r['paired_over_fp32_fused']['on']:.2f}x" for r in rows])
         return _print_and_record(args, text, rows, "ab-step25", load_before, load_after)
+    if args.ab_frozen_node:
+        text = "\n".join([f"QAT step CPU ms (teacher cached, fused Adam) with the frozen weight quantizers through "
+                          f"quantize_weight_per_channel (off, as before stop 27) and their one-node path (on), "
+                          f"interleaved in one process with the FP32 step (fused Adam), median of {args.repeats} x "
+                          f"{args.steps} steps; load average before {'/'.join(f'{v:.2f}' for v in load_before)}, "
+                          f"after {'/'.join(f'{v:.2f}' for v in load_after)}", ""]
+                         + [f"- {r['model']}: " + ", ".join(f"{k} {r['cpu_ms'][k]:.2f}" for k in _FROZEN_KINDS)
+                            + f" ms; per round: on / off {r['on_over_off']:.3f}; QAT / FP32: off "
+                            f"{r['paired_over_fp32']['off']:.2f}x, on {r['paired_over_fp32']['on']:.2f}x" for r in rows])
+        return _print_and_record(args, text, rows, "ab-frozen-node", load_before, load_after)
     if args.ab_forward:
         text = "\n".join([f"search step CPU ms, quantizer forward as quant(x).y vs now, median of {args.repeats} x "
                           f"{args.steps} steps; load average before {'/'.join(f'{v:.2f}' for v in load_before)}, "

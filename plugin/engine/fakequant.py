@@ -62,7 +62,13 @@ class _BiasGate(nn.Module):
     def forward(self, bias: Tensor) -> Tensor:
         q = self._quantizer[0]
         if q.frozen_bits is not None:
-            return bias * (q.frozen_bits != 0).to(bias.dtype).reshape(bias.shape)
+            bits = q.frozen_bits
+            key = (id(bits), bits._version, bias.dtype, bias.device, bias.shape)
+            cached = self.__dict__.get("_kept")  # the 0/1 factor, once per frozen plan (not every step)
+            if cached is None or cached[0] != key or cached[1] is not bits:
+                cached = (key, bits, (bits != 0).to(bias.dtype).reshape(bias.shape))
+                self.__dict__["_kept"] = cached
+            return bias * cached[2]
         if 0 not in q.precisions:
             return bias
         batch = q.__dict__.get("_weight_batch")  # plugin.engine.weight_batch: every layer's factor at once

@@ -241,6 +241,63 @@ def quantize_weight_per_channel(
     return QuantOutput(y, scale, zero_point, bit_width)
 
 
+class _FrozenRoundSTE(torch.autograd.Function):
+    """The frozen per-channel quantizer's ``y`` in one node, where no rounded value can leave its
+    range (:func:`_frozen_weight_y` checks): ``round(w / scale) * scale``, zero in pruned
+    channels; the gradient passes unchanged (masked to the kept channels when some are pruned).
+    The same values and gradients, bit for bit, as :func:`quantize_weight_per_channel`, whose
+    clamp and pass-through mask are identities there."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, scale: Tensor, kept: Tensor | None) -> Tensor:  # type: ignore[override]
+        y = torch.div(w, scale).round_().mul_(scale)
+        ctx.kept = kept
+        if kept is not None:
+            y = torch.where(kept, y, 0.0)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        if ctx.kept is None:
+            return grad, None, None
+        return torch.where(ctx.kept, grad, 0.0), None, None
+
+
+def _frozen_weight_y(owner: nn.Module, w: Tensor, bits: Tensor, ch_axis: int) -> Tensor:
+    """``quantize_weight_per_channel(w, bits, ch_axis).y`` (the same bits and gradients) for a
+    frozen quantizer's training step, with what depends only on ``bits`` (validated once; the
+    top integers, the kept mask) cached on ``owner`` per bits tensor, version, dtype and device.
+
+    ``scale = max|w_c| / qmax_c`` (1 where that is 0 or not finite, as there) normally puts each
+    channel's largest weight on the grid, so no rounded value lies outside its range, the clamp
+    and the straight-through mask are identities, and one node computes ``y``
+    (:class:`_FrozenRoundSTE`). That is checked each step on ``[C]``: per channel the largest
+    ``|round(w / s)|`` is ``round(max|w| / s)`` (see :class:`_WeightMixtureSTE`); where a kept
+    channel's exceeds ``qmax_c`` or is NaN (non-finite or subnormal-scale weights) the general
+    function runs instead."""
+    ch = ch_axis % w.ndim
+    key = (id(bits), bits._version, w.dtype, w.device, ch, w.ndim)
+    cached = owner.__dict__.get("_frozen_cache")
+    if cached is None or cached[0] != key or cached[1] is not bits:
+        bit_width = _bits_tensor(bits, w.shape[ch], w.device)
+        kept = bit_width > 0
+        qmax = torch.where(kept, 2 ** (bit_width - 1).clamp_min(1) - 1, 1).to(w.dtype)
+        view = _channel_view_shape(w.ndim, ch, w.shape[ch])
+        bound = torch.where(kept, qmax, math.inf)  # a pruned channel's values are zeroed: any fits
+        cached = (key, bits, qmax, bound, None if bool(kept.all()) else kept, kept.reshape(view), view)
+        owner.__dict__["_frozen_cache"] = cached
+    _, _, qmax, bound, pruned_some, kept_view, view = cached
+    absmax = _per_channel_absmax(w, ch)
+    scale = absmax / qmax
+    valid = (scale > 0) & torch.isfinite(scale)
+    if pruned_some is not None:
+        valid &= pruned_some
+    scale = torch.where(valid, scale, 1.0)
+    if not bool((torch.round(absmax / scale) <= bound).all()):  # NaN compares false
+        return quantize_weight_per_channel(w, bits, ch).y
+    return _FrozenRoundSTE.apply(w, scale.reshape(view), None if pruned_some is None else kept_view)
+
+
 class SharedAlpha(nn.Module):
     """NAS logits ``alpha[j, g]`` over ``precisions`` for ``n_channels`` group channels.
 
@@ -525,6 +582,8 @@ class SearchableWeightQuantizer(_SearchableBase):
             if y is not None:
                 return y
             return self._mixture(w, y_only=True).y  # the same y as quant(w).y, less work per step
+        if self.frozen_bits is not None and w.shape[self.ch_axis] == self.c_out and _FROZEN_WEIGHT_NODE:
+            return _frozen_weight_y(self, w, self.frozen_bits, self.ch_axis)  # quant(w).y, less work
         return self.quant(w).y
 
 
@@ -676,6 +735,7 @@ class _OneWidthMixtureSTE(torch.autograd.Function):
 
 _FLOAT_MASKS_ON_CPU = True  # False: the boolean masks on CPU too (tests compare the two)
 _SINGLE_WIDTH_SHORTCUT = True  # False: a one-width activation site runs the mixture node too (tests, benchmarks)
+_FROZEN_WEIGHT_NODE = True  # False: frozen weight quantizers' forward runs quantize_weight_per_channel (tests, benchmarks)
 
 
 def _subnormal_bound_holds(lowest: float, dtype: torch.dtype) -> bool:
@@ -916,7 +976,9 @@ class FrozenWeightQuantizer(nn.Module):
         return quantize_weight_per_channel(w, self.frozen_bits, self.ch_axis)
 
     def forward(self, w: Tensor) -> Tensor:
-        return self.quant(w).y
+        if w.shape[self.ch_axis] != self.c_out or not _FROZEN_WEIGHT_NODE:
+            return self.quant(w).y  # quant() says what is wrong
+        return _frozen_weight_y(self, w, self.frozen_bits, self.ch_axis)  # quant(w).y, less work per step
 
 
 class FrozenActivationQuantizer(_ClipHolder):
