@@ -27,10 +27,16 @@ def rows(folder: Path) -> tuple[list[dict], dict]:
     return [r for e in data["experiments"] for r in e["rows"]], data["meta"]
 
 
+def _span(seeds: list[int]) -> str:
+    if seeds and seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
 def main(here: Path = HERE) -> None:
     out = ["| task | budget | pipeline (search + QAT epochs) | test acc (sd) | x W8 | train s | job wall s "
            "| train time / sequential's | per seed: acc - sequential's |", "|---|---|---|---|---|---|---|---|---|"]
-    sources = []
+    sources, seeds = [], set()
     for task in TASKS:
         groups: dict[str, dict[int, dict]] = {}
         for folder in sorted(here.glob(f"{task}-*")):
@@ -44,6 +50,7 @@ def main(here: Path = HERE) -> None:
                 budget = label.split("=", 1)[-1]
                 name = f"{label.split()[0]} ({'12 + 6 per stage' if label.startswith('sequential') else epochs})"
                 groups.setdefault(f"{name} {budget}", {})[int(r["seed"])] = {**r, "budget": budget, "name": name}
+        seeds.update(s for g in groups.values() for s in g)
         seq = next((g for k, g in groups.items() if k.startswith("sequential")), None)
         seq_t = statistics.mean(r["train_s"] for r in seq.values()) if seq else None
         for name in sorted(groups, key=lambda k: (not k.startswith("sequential"), k)):
@@ -60,7 +67,7 @@ def main(here: Path = HERE) -> None:
             out.append(f"| {task} | {first['budget']} | {first['name']} | {statistics.mean(acc):.2f} +- {sd:.2f} "
                        f"| {size:.3f} | {train:.1f} | {wall:.1f} | {ratio} | {per} |")
     print("Joint (gradient strategy, budget recipe) vs the sequential pipeline at the budget each row names, one job "
-          "at a time, seeds 0-2 (train s: search + QAT of every stage, mean over seeds):\n")
+          f"at a time, seeds {_span(sorted(seeds))} (train s: search + QAT of every stage, mean over seeds):\n")
     print("\n".join(out))
     print("\nSources:\n")
     print("\n".join(sources))
