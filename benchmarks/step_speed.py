@@ -22,7 +22,7 @@ process's peak RSS; and the 1-minute load average before and after (the machine 
     python benchmarks/step_speed.py --out benchmarks/results/step-speed-cpu/LABEL
 
 ``--ab-frozen-node`` times only the QAT step with the frozen weight quantizers' one-node path off and
-on (stop 27). ``--act-bits 8`` searches with fixed 8-bit activations (the pareto benchmark's ``act_bits=(8,)``;
+on, ``--ab-native`` only the search step with the activation mixture eager or compiled (stop 27). ``--act-bits 8`` searches with fixed 8-bit activations (the pareto benchmark's ``act_bits=(8,)``;
 default: the SearchConfig default, searched 2/4/8). ``--ab-speedups`` / ``--ab-cost-acts`` /
 ``--ab-weight-batch`` / ``--ab-step25`` time only the search step with earlier speed-ups off and
 on, interleaved in one process.
@@ -197,6 +197,8 @@ def measure(name: str, path: Path, x: np.ndarray, y: np.ndarray, args) -> dict:
         return _ab_cost_acts(name, runner, search_step, batches, args, fp32_step)
     if args.ab_weight_batch:
         return _ab_weight_batch(name, search_step, batches, args, fp32_step)
+    if args.ab_native:
+        return _ab_native(name, search_step, batches, args, fp32)
     if args.ab_frozen_node:
         return _ab_frozen_node(name, prepared, config, space, net, batches, args, fp32)
     if args.ab_step25:  # beside the FP32 step with torch's fused Adam too
@@ -453,6 +455,44 @@ def _ab_step25(name: str, runner, search_step, batches, args, fp32_step, fp32_fu
 _FROZEN_KINDS = ("fp32", "off", "on")
 
 
+def _ab_native(name: str, search_step, batches, args, fp32) -> dict:
+    """Stop 27's search-step change, interleaved in one process: the searched activation mixture
+    as the eager node (``off``, as before) and as the compiled kernel (``on``,
+    ``plugin.engine.native``, ``quantizers._NATIVE_MIXTURE``), beside the FP32 step under fused
+    Adam (the search's weight optimiser): CPU ms per step and per-round ratios."""
+    from plugin.engine import native
+    from plugin.engine import quantizers as qz
+    from plugin.engine.batches import task_loss
+    from plugin.engine.optimisers import adam
+
+    if native.kernel() is None:
+        raise SystemExit("the compiled activation mixture is not available here (no C compiler?)")
+    fp32_opt = adam(fp32.parameters(), lr=1e-3)
+
+    def fp32_step(batch) -> None:
+        _, (inputs, labels) = batch
+        loss = task_loss("cross_entropy", fp32(*inputs), None, labels)
+        fp32_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        fp32_opt.step()
+
+    saved = qz._NATIVE_MIXTURE
+    runs: dict[str, list[float]] = {k: [] for k in _FROZEN_KINDS}
+    try:
+        for _ in range(args.repeats):
+            for kind in runs:
+                qz._NATIVE_MIXTURE = kind == "on"
+                step = fp32_step if kind == "fp32" else search_step
+                runs[kind].append(1000 * _timed(step, batches, args.warmup, args.steps)[1])
+    finally:
+        qz._NATIVE_MIXTURE = saved
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"model": name, "cpu_ms": med, "runs_ms": runs,
+            "on_over_off": statistics.median(a / b for a, b in zip(runs["on"], runs["off"])),
+            "paired_over_fp32": {k: statistics.median(a / b for a, b in zip(runs[k], runs["fp32"]))
+                                 for k in ("off", "on")}}
+
+
 def _ab_frozen_node(name: str, prepared, config, space, net, batches, args, fp32) -> dict:
     """Stop 27's QAT change, interleaved in one process: fine-tuning's step (the supernet's first
     plan frozen, its teacher outputs read from a per-batch cache as training.py's TeacherCache
@@ -540,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the search step with torch's default Adam (off, as before stop 25) and with fused "
                          "Adam (on, plugin.engine.optimisers), interleaved in one process with the FP32 step under "
                          "default Adam (fp32) and under fused Adam (fp32_fused)")
+    ap.add_argument("--ab-native", action="store_true",
+                    help="only the search step with the searched activation mixture as the eager node (off, as "
+                         "before stop 27) and as the compiled kernel (on, plugin.engine.native), interleaved in one "
+                         "process with the FP32 step (fused Adam)")
     ap.add_argument("--ab-frozen-node", action="store_true",
                     help="only the QAT step (teacher outputs cached, fused Adam, as fine-tuning runs it) with the "
                          "frozen weight quantizers through quantize_weight_per_channel (off, as before stop 27) and "
@@ -621,6 +665,17 @@ def main(argv: list[str] | None = None) -> int:
                             f"FP32 step (fused Adam): off {r['paired_over_fp32_fused']['off']:.2f}x, on "
                             f"{r['paired_over_fp32_fused']['on']:.2f}x" for r in rows])
         return _print_and_record(args, text, rows, "ab-step25", load_before, load_after)
+    if args.ab_native:
+        text = "\n".join([f"search step CPU ms with the searched activation mixture as the eager node (off, as "
+                          f"before stop 27) and as the compiled kernel (on), interleaved in one process with the "
+                          f"FP32 step (fused Adam), median of {args.repeats} x {args.steps} steps; activations "
+                          f"{args.act_bits or 'SearchConfig default'}; load average before "
+                          f"{'/'.join(f'{v:.2f}' for v in load_before)}, after "
+                          f"{'/'.join(f'{v:.2f}' for v in load_after)}", ""]
+                         + [f"- {r['model']}: " + ", ".join(f"{k} {r['cpu_ms'][k]:.2f}" for k in _FROZEN_KINDS)
+                            + f" ms; per round: on / off {r['on_over_off']:.3f}; search / FP32: off "
+                            f"{r['paired_over_fp32']['off']:.2f}x, on {r['paired_over_fp32']['on']:.2f}x" for r in rows])
+        return _print_and_record(args, text, rows, "ab-native", load_before, load_after)
     if args.ab_frozen_node:
         text = "\n".join([f"QAT step CPU ms (teacher cached, fused Adam) with the frozen weight quantizers through "
                           f"quantize_weight_per_channel (off, as before stop 27) and their one-node path (on), "

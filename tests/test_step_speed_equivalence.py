@@ -39,6 +39,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- references
 
 
+
+@pytest.fixture(autouse=True)
+def _eager_activation_mixture(monkeypatch):
+    """These tests compare the eager nodes' variants bit for bit; the compiled activation
+    mixture (plugin.engine.native) sums in another order and has its own tests
+    (tests/test_native_mixture.py)."""
+    monkeypatch.setattr(q, "_NATIVE_MIXTURE", False)
+
+
 def _per_width_weight_mixture(w, theta, scale, qmax, clipped=None):
     """The graph before _WeightMixtureSTE: the STE over all widths, times theta, summed narrowest first."""
     weighted = theta * q._SymmetricRoundSTE.apply(w.unsqueeze(0), scale, qmax)

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
+from plugin.engine import native as _native  # noqa: E402
 from plugin.space import DEFAULT_ACTIVATION_PRECISIONS, DEFAULT_WEIGHT_PRECISIONS  # noqa: E402
 DEFAULT_INIT_CLIP = 6.0
 MAX_BITS = 16
@@ -667,6 +668,19 @@ class _ActivationMixtureSTE(torch.autograd.Function):
     def forward(ctx, x: Tensor, clip: Tensor, theta: Tensor, levels: tuple[int, ...],  # type: ignore[override]
                 signed: bool) -> Tensor:
         clip = _floored(clip)
+        ctx.native = None
+        if _NATIVE_MIXTURE and x.device.type == "cpu" and _FLOAT_MASKS_ON_CPU and _native.usable(x, len(levels)):
+            clip_value = float(clip)
+            if signed or _subnormal_bound_holds(_LOWEST_FLOAT32, torch.float32):
+                # the compiled loops (plugin.engine.native): the same y, no [K, *x.shape] buffer;
+                # each scale is clip / n rounded to float32 once, as torch's 0-d division computes it
+                c = np.float32(clip_value)
+                scale = torch.tensor([float(c / np.float32(n)) for n in levels], dtype=torch.float32)
+                below_clip = float(np.nextafter(c, np.float32(-np.inf)))
+                ctx.native = (scale, -clip_value if signed else _LOWEST_FLOAT32, clip_value, below_clip)
+                ctx.signed, ctx.clip_shape, ctx.levels = signed, clip.shape, levels
+                ctx.save_for_backward(x, theta)
+                return _native.forward(x, scale, theta, levels, signed)
         stacked = x.new_empty((len(levels), *x.shape))  # every Q_j(x): the logits' gradient
         y = term = None
         for j, n in enumerate(levels):
@@ -695,6 +709,14 @@ class _ActivationMixtureSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
+        if ctx.native is not None:
+            x, theta = ctx.saved_tensors
+            scale, lower, clip_value, below_clip = ctx.native
+            total = theta.sum()
+            grad_x, edge, grad_theta = _native.backward(x, grad, scale, ctx.levels, ctx.signed, lower, clip_value,
+                                                        below_clip, float(total))
+            grad_clip = (total * edge).reshape(ctx.clip_shape)
+            return grad_x, grad_clip, grad_theta.to(theta.dtype), None, None
         if ctx.fast:
             x, stacked, theta = ctx.saved_tensors
             inside, edge = _masked_gradients(grad, x, ctx.clip_value, ctx.signed)
@@ -735,6 +757,8 @@ class _OneWidthMixtureSTE(torch.autograd.Function):
 
 _FLOAT_MASKS_ON_CPU = True  # False: the boolean masks on CPU too (tests compare the two)
 _SINGLE_WIDTH_SHORTCUT = True  # False: a one-width activation site runs the mixture node too (tests, benchmarks)
+_LOWEST_FLOAT32 = -float(torch.finfo(torch.float32).tiny) * float(torch.finfo(torch.float32).eps)  # -(smallest subnormal)
+_NATIVE_MIXTURE = True  # False: the eager mixture node even where the compiled kernel is available (tests, benchmarks)
 _FROZEN_WEIGHT_NODE = True  # False: frozen weight quantizers' forward runs quantize_weight_per_channel (tests, benchmarks)
 
 
