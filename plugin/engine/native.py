@@ -125,6 +125,7 @@ _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-f
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
+_UNSET = object()
 
 
 def _cache_dir() -> Path:
@@ -173,6 +174,9 @@ def kernel() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use (None: unavailable or turned off)."""
     if os.environ.get(NATIVE_ENV, "1") == "0":
         return None
+    lib = _STATE.get("lib", _UNSET)
+    if lib is not _UNSET:  # built (or found unavailable) already: no lock per call
+        return lib  # type: ignore[return-value]
     with _LOCK:
         if "lib" not in _STATE:
             try:
@@ -202,7 +206,7 @@ def _params(scale: Tensor, levels: tuple[int, ...], signed: bool) -> tuple[Tenso
 
 def forward(x: Tensor, scale: Tensor, theta: Tensor, levels: tuple[int, ...], signed: bool) -> Tensor:
     """``sum_j theta_j * Q_j(x)``; ``scale`` ``[K]`` float32 (``clip / n_j`` as torch computes it)."""
-    lib = kernel()
+    lib = _STATE["lib"]  # usable() built it
     s, lo, hi = _params(scale, levels, signed)
     th = theta.detach().to(torch.float32).contiguous()
     y = torch.empty_like(x)
@@ -214,7 +218,7 @@ def forward(x: Tensor, scale: Tensor, theta: Tensor, levels: tuple[int, ...], si
 def backward(x: Tensor, grad: Tensor, scale: Tensor, levels: tuple[int, ...], signed: bool, lower: float,
              clip: float, below_clip: float, total: float) -> tuple[Tensor, float, Tensor]:
     """(the gradient of x, the clip's edge sum before the factor ``total``, the logits' ``[K]``)."""
-    lib = kernel()
+    lib = _STATE["lib"]  # usable() built it
     s, lo, hi = _params(scale, levels, signed)
     g = grad.contiguous()
     gx = torch.empty_like(x)
