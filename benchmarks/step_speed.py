@@ -452,40 +452,41 @@ def _ab_step25(name: str, runner, search_step, batches, args, fp32_step, fp32_fu
             "paired_over_fp32_fused": to_fused, "fp32_fused_over_fp32": fused_fp32}
 
 
-_FROZEN_KINDS = ("fp32", "off", "on")
+_FLAG_KINDS = ("fp32", "off", "on")
 
 
-def _ab_native(name: str, search_step, batches, args, fp32) -> dict:
-    """Stop 27's search-step change, interleaved in one process: the searched activation mixture
-    as the eager node (``off``, as before) and as the compiled kernel (``on``,
-    ``plugin.engine.native``, ``quantizers._NATIVE_MIXTURE``), beside the FP32 step under fused
-    Adam (the search's weight optimiser): CPU ms per step and per-round ratios."""
-    from plugin.engine import native
-    from plugin.engine import quantizers as qz
+def _fused_fp32_step(fp32):
+    """The plain FP32 step (cross-entropy, backward) under fused Adam, the optimiser the search and
+    QAT use."""
     from plugin.engine.batches import task_loss
     from plugin.engine.optimisers import adam
 
-    if native.kernel() is None:
-        raise SystemExit("the compiled activation mixture is not available here (no C compiler?)")
-    fp32_opt = adam(fp32.parameters(), lr=1e-3)
+    opt = adam(fp32.parameters(), lr=1e-3)
 
     def fp32_step(batch) -> None:
         _, (inputs, labels) = batch
         loss = task_loss("cross_entropy", fp32(*inputs), None, labels)
-        fp32_opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        fp32_opt.step()
+        opt.step()
+    return fp32_step
 
-    saved = qz._NATIVE_MIXTURE
-    runs: dict[str, list[float]] = {k: [] for k in _FROZEN_KINDS}
+
+def _ab_flag(name: str, flag: str, step, fp32_step, batches, args) -> dict:
+    """``step`` with ``plugin.engine.quantizers.<flag>`` False (``off``) and True (``on``),
+    interleaved in one process with ``fp32_step``: CPU ms per step and per-round ratios."""
+    from plugin.engine import quantizers as qz
+
+    saved = getattr(qz, flag)
+    runs: dict[str, list[float]] = {k: [] for k in _FLAG_KINDS}
     try:
         for _ in range(args.repeats):
             for kind in runs:
-                qz._NATIVE_MIXTURE = kind == "on"
-                step = fp32_step if kind == "fp32" else search_step
-                runs[kind].append(1000 * _timed(step, batches, args.warmup, args.steps)[1])
+                setattr(qz, flag, kind == "on")
+                runs[kind].append(1000 * _timed(fp32_step if kind == "fp32" else step, batches, args.warmup,
+                                                args.steps)[1])
     finally:
-        qz._NATIVE_MIXTURE = saved
+        setattr(qz, flag, saved)
     med = {k: statistics.median(v) for k, v in runs.items()}
     return {"model": name, "cpu_ms": med, "runs_ms": runs,
             "on_over_off": statistics.median(a / b for a, b in zip(runs["on"], runs["off"])),
@@ -493,13 +494,25 @@ def _ab_native(name: str, search_step, batches, args, fp32) -> dict:
                                  for k in ("off", "on")}}
 
 
+def _ab_native(name: str, search_step, batches, args, fp32) -> dict:
+    """Stop 27's search-step change: the searched activation mixture as the eager node (``off``,
+    as before) and as the compiled kernel (``on``, ``plugin.engine.native``,
+    ``quantizers._NATIVE_MIXTURE``), beside the FP32 step under fused Adam (the search's weight
+    optimiser)."""
+    from plugin.engine import native
+
+    if native.kernel() is None:
+        raise SystemExit("the compiled activation mixture is not available here (no C compiler?)")
+    return _ab_flag(name, "_NATIVE_MIXTURE", search_step, _fused_fp32_step(fp32), batches, args)
+
+
 def _ab_frozen_node(name: str, prepared, config, space, net, batches, args, fp32) -> dict:
-    """Stop 27's QAT change, interleaved in one process: fine-tuning's step (the supernet's first
-    plan frozen, its teacher outputs read from a per-batch cache as training.py's TeacherCache
-    serves them, the distillation loss, backward, fused Adam as training.py builds it) with the
-    frozen weight quantizers' forward through ``quantize_weight_per_channel`` (``off``, as before)
-    and through the one-node path (``on``, ``quantizers._FROZEN_WEIGHT_NODE``), beside the FP32
-    step under the same fused Adam: CPU ms per step and per-round ratios."""
+    """Stop 27's QAT change: fine-tuning's step (the supernet's first plan frozen, its teacher
+    outputs read from a per-batch cache as training.py's TeacherCache serves them, the
+    distillation loss, backward, fused Adam as training.py builds it) with the frozen weight
+    quantizers' forward through ``quantize_weight_per_channel`` (``off``, as before) and through
+    the one-node path (``on``, ``quantizers._FROZEN_WEIGHT_NODE``), beside the FP32 step under the
+    same fused Adam."""
     from plugin.engine import quantizers as qz
     from plugin.engine.batches import task_loss
     from plugin.engine.fakequant import FakeQuantModel
@@ -508,7 +521,6 @@ def _ab_frozen_node(name: str, prepared, config, space, net, batches, args, fp32
     qat = FakeQuantModel.build(prepared.model, config, space=space)
     qat.freeze(net.discretise())
     opt = adam(qz.net_param_groups(qat, config.weight_decay), lr=1e-4)
-    fp32_opt = adam(fp32.parameters(), lr=1e-3)
     with torch.no_grad():
         teachers = {id(b): qat.teacher_outputs(*b[1][0]) for b in batches}
 
@@ -519,28 +531,19 @@ def _ab_frozen_node(name: str, prepared, config, space, net, batches, args, fp32
         loss.backward()
         opt.step()
 
-    def fp32_step(batch) -> None:
-        _, (inputs, labels) = batch
-        loss = task_loss("cross_entropy", fp32(*inputs), None, labels)
-        fp32_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        fp32_opt.step()
+    return _ab_flag(name, "_FROZEN_WEIGHT_NODE", qat_step, _fused_fp32_step(fp32), batches, args)
 
-    saved = qz._FROZEN_WEIGHT_NODE
-    runs: dict[str, list[float]] = {k: [] for k in _FROZEN_KINDS}
-    try:
-        for _ in range(args.repeats):
-            for kind in runs:
-                qz._FROZEN_WEIGHT_NODE = kind == "on"
-                step = fp32_step if kind == "fp32" else qat_step
-                runs[kind].append(1000 * _timed(step, batches, args.warmup, args.steps)[1])
-    finally:
-        qz._FROZEN_WEIGHT_NODE = saved
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    return {"model": name, "cpu_ms": med, "runs_ms": runs,
-            "on_over_off": statistics.median(a / b for a, b in zip(runs["on"], runs["off"])),
-            "paired_over_fp32": {k: statistics.median(a / b for a, b in zip(runs[k], runs["fp32"]))
-                                 for k in ("off", "on")}}
+
+def _flag_text(what: str, step: str, args, rows: list, load_before, load_after) -> str:
+    """The text of an ``_ab_flag`` mode: ``what`` says what off and on are."""
+    return "\n".join([f"{step} step CPU ms {what}, interleaved in one process with the FP32 step (fused Adam), "
+                      f"median of {args.repeats} x {args.steps} steps; activations "
+                      f"{args.act_bits or 'SearchConfig default'}; load average before "
+                      f"{'/'.join(f'{v:.2f}' for v in load_before)}, after "
+                      f"{'/'.join(f'{v:.2f}' for v in load_after)}", ""]
+                     + [f"- {r['model']}: " + ", ".join(f"{k} {r['cpu_ms'][k]:.2f}" for k in _FLAG_KINDS)
+                        + f" ms; per round: on / off {r['on_over_off']:.3f}; {step} / FP32: off "
+                        f"{r['paired_over_fp32']['off']:.2f}x, on {r['paired_over_fp32']['on']:.2f}x" for r in rows])
 
 
 def _print_and_record(args, text: str, rows: list, label: str, load_before, load_after) -> int:
@@ -666,25 +669,13 @@ def main(argv: list[str] | None = None) -> int:
                             f"{r['paired_over_fp32_fused']['on']:.2f}x" for r in rows])
         return _print_and_record(args, text, rows, "ab-step25", load_before, load_after)
     if args.ab_native:
-        text = "\n".join([f"search step CPU ms with the searched activation mixture as the eager node (off, as "
-                          f"before stop 27) and as the compiled kernel (on), interleaved in one process with the "
-                          f"FP32 step (fused Adam), median of {args.repeats} x {args.steps} steps; activations "
-                          f"{args.act_bits or 'SearchConfig default'}; load average before "
-                          f"{'/'.join(f'{v:.2f}' for v in load_before)}, after "
-                          f"{'/'.join(f'{v:.2f}' for v in load_after)}", ""]
-                         + [f"- {r['model']}: " + ", ".join(f"{k} {r['cpu_ms'][k]:.2f}" for k in _FROZEN_KINDS)
-                            + f" ms; per round: on / off {r['on_over_off']:.3f}; search / FP32: off "
-                            f"{r['paired_over_fp32']['off']:.2f}x, on {r['paired_over_fp32']['on']:.2f}x" for r in rows])
+        text = _flag_text("with the searched activation mixture as the eager node (off, as before stop 27) and as "
+                          "the compiled kernel (on)", "search", args, rows, load_before, load_after)
         return _print_and_record(args, text, rows, "ab-native", load_before, load_after)
     if args.ab_frozen_node:
-        text = "\n".join([f"QAT step CPU ms (teacher cached, fused Adam) with the frozen weight quantizers through "
-                          f"quantize_weight_per_channel (off, as before stop 27) and their one-node path (on), "
-                          f"interleaved in one process with the FP32 step (fused Adam), median of {args.repeats} x "
-                          f"{args.steps} steps; load average before {'/'.join(f'{v:.2f}' for v in load_before)}, "
-                          f"after {'/'.join(f'{v:.2f}' for v in load_after)}", ""]
-                         + [f"- {r['model']}: " + ", ".join(f"{k} {r['cpu_ms'][k]:.2f}" for k in _FROZEN_KINDS)
-                            + f" ms; per round: on / off {r['on_over_off']:.3f}; QAT / FP32: off "
-                            f"{r['paired_over_fp32']['off']:.2f}x, on {r['paired_over_fp32']['on']:.2f}x" for r in rows])
+        text = _flag_text("(teacher cached, fused Adam) with the frozen weight quantizers through "
+                          "quantize_weight_per_channel (off, as before stop 27) and their one-node path (on)",
+                          "QAT", args, rows, load_before, load_after)
         return _print_and_record(args, text, rows, "ab-frozen-node", load_before, load_after)
     if args.ab_forward:
         text = "\n".join([f"search step CPU ms, quantizer forward as quant(x).y vs now, median of {args.repeats} x "
