@@ -7,16 +7,12 @@ CI installs a C compiler (.ci/run), so there the kernel must build."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from plugin.engine import native
 from plugin.engine import quantizers as q
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,25 +104,12 @@ def test_no_compiler_falls_back(monkeypatch, tmp_path) -> None:
 
 
 def _digits_search(use_native: bool, monkeypatch):
-    from graph_passes.prepare import prepare_model
-    from plugin.data import Dataset
-    from plugin.engine import supernet as sn
-    from plugin.engine.config import SearchConfig
-    from plugin.space import Precisions, SearchSpace
+    """tests/test_step_speed_equivalence.py's 2-epoch digits search (every speed-up on), with the
+    kernel on or off."""
+    from tests.test_step_speed_equivalence import _digits_search as search
 
     monkeypatch.setattr(q, "_NATIVE_MIXTURE", use_native)
-    torch.manual_seed(0)
-    prepared = prepare_model(str(ROOT / "samples/digits/model.onnx"))
-    z = np.load(ROOT / "samples/digits/train.npz")
-    name = prepared.model.graph.input[0].name
-    data = Dataset({name: z["input"][:256].astype(np.float32)}, None)
-    config = SearchConfig(batch_size=64, progress=False, seed=0, lam=300.0, epochs=2)
-    space = SearchSpace(prepared.analysis, Precisions(config.weight_precisions, config.site_precisions))
-    net = sn.Supernet.build(prepared.model, config, space=space)
-    runner = sn.SearchRunner(net, data, config)
-    losses = [runner.run_epoch(config.lam).task_loss for _ in range(config.epochs)]
-    plan = net.discretise(with_scales=False)
-    return losses, {k: tuple(v.bits) for k, v in plan.layers.items()} | {k: v.bits for k, v in plan.activations.items()}
+    return search(True, monkeypatch)
 
 
 def test_digits_search_same_plan_with_the_kernel(monkeypatch) -> None:
