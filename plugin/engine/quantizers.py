@@ -218,6 +218,11 @@ def _bits_tensor(bits: int | Sequence[int] | Tensor, n_channels: int, device: to
     return out
 
 
+def _top_integers(bit_width: Tensor, kept: Tensor, dtype: torch.dtype) -> Tensor:
+    """Each channel's top integer ``2^(b-1) - 1`` (1 for a pruned channel), in ``dtype``."""
+    return torch.where(kept, 2 ** (bit_width - 1).clamp_min(1) - 1, 1).to(dtype)
+
+
 def quantize_weight_per_channel(
     w: Tensor, bits: int | Sequence[int] | Tensor, ch_axis: int = 0
 ) -> QuantOutput:
@@ -232,7 +237,7 @@ def quantize_weight_per_channel(
     n_channels = w.shape[ch_axis]
     bit_width = _bits_tensor(bits, n_channels, w.device)
     kept = bit_width > 0
-    qmax = torch.where(kept, 2 ** (bit_width - 1).clamp_min(1) - 1, 1).to(w.dtype)
+    qmax = _top_integers(bit_width, kept, w.dtype)
     scale = _per_channel_absmax(w, ch_axis) / qmax
     scale = torch.where(kept & (scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
     view = _channel_view_shape(w.ndim, ch_axis, n_channels)
@@ -282,7 +287,7 @@ def _frozen_weight_y(owner: nn.Module, w: Tensor, bits: Tensor, ch_axis: int) ->
     if cached is None or cached[0] != key or cached[1] is not bits:
         bit_width = _bits_tensor(bits, w.shape[ch], w.device)
         kept = bit_width > 0
-        qmax = torch.where(kept, 2 ** (bit_width - 1).clamp_min(1) - 1, 1).to(w.dtype)
+        qmax = _top_integers(bit_width, kept, w.dtype)
         view = _channel_view_shape(w.ndim, ch, w.shape[ch])
         bound = torch.where(kept, qmax, math.inf)  # a pruned channel's values are zeroed: any fits
         cached = (key, bits, qmax, bound, None if bool(kept.all()) else kept, kept.reshape(view), view)
