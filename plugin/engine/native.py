@@ -15,8 +15,12 @@ system's C compiler, the first time they are needed, into a per-user cache
   the same values (a zero's sign may differ where torch's vectorised clamp turns ``-0`` into ``0``);
 - backward, one pass: the pass-through gradient ``g * sum(theta)`` inside the clip range (exactly the
   eager node's value), and the clip's and the logits' gradients as sums, recomputing each
-  ``Q_j(x)`` instead of saving them, accumulated in 16 float32 lanes and added in float64: the
-  same sums as the eager node's in another order.
+  ``Q_j(x)`` instead of saving them, accumulated in 16 float32 lanes and added in float64 (then
+  rounded to float32): the same sums as the eager node's in another order.
+
+The kernels take the clip as a float and the widths' top integers as a C array made once per
+width set, and derive the scales, the integer bounds and the clip masks' thresholds themselves:
+a call makes no small tensors (stop 29: those made up much of a site's Python time).
 
 Nothing is needed for correctness: where there is no compiler, the build fails, the tensors are not
 contiguous float32 on CPU, or ``PRUNEQUANT_NATIVE=0``, the eager node runs (logged once).
@@ -56,9 +60,24 @@ static inline float quantize(float x, float scale, float lo, float hi) {
     return q * scale;
 }
 
+/* the widths' parameters as the eager node computes them: scale_j = clip / n_j (one float32
+   division), integers [-n_j, n_j] signed or [0, n_j] unsigned */
+static inline int params(float clip, const int *levels, int k, int is_signed, float *scale, float *lo,
+                         float *hi) {
+    if (k > MAXK) k = MAXK;
+    for (int j = 0; j < k; j++) {
+        hi[j] = (float)levels[j];
+        lo[j] = is_signed ? -hi[j] : 0.0f;
+        scale[j] = clip / hi[j];
+    }
+    return k;
+}
+
 /* one pass over x: per element the widths in order, y = Q_0 t_0, then y + Q_j t_j */
-void pq_mixture_forward(const float *x, float *y, int64_t n, const float *scale, const float *lo,
-                        const float *hi, const float *theta, int k) {
+void pq_mixture_forward(const float *x, float *y, int64_t n, float clip, const int *levels,
+                        const float *theta, int k, int is_signed) {
+    float scale[MAXK], lo[MAXK], hi[MAXK];
+    k = params(clip, levels, k, is_signed, scale, lo, hi);
     int64_t blocks = n / LANES;
     for (int64_t b = 0; b < blocks; b++) {
         const float *xb = x + b * LANES;
@@ -75,11 +94,16 @@ void pq_mixture_forward(const float *x, float *y, int64_t n, const float *scale,
     }
 }
 
-/* one pass: gx = g * total inside the clip range (else 0); out[0] = sum of g where x >= clip
-   (minus where x <= -clip, signed); out[1 + j] = sum Q_j(x) g, Q_j recomputed */
-void pq_mixture_backward(const float *x, const float *g, float *gx, int64_t n, float lower, float clip,
-                         float below_clip, int is_signed, float total, const float *scale,
-                         const float *lo, const float *hi, int k, double *out) {
+/* one pass: gx = g * total inside the clip range (-clip, clip) signed, [0, clip) unsigned, else 0;
+   out[0] = total * (sum of g where x >= clip, minus where x <= -clip if signed);
+   out[1 + j] = sum Q_j(x) g, Q_j recomputed. x >= clip is x > nextafter(clip, -inf) and x >= 0 is
+   x > -(smallest subnormal), as the eager node's float masks; NaN passes. */
+void pq_mixture_backward(const float *x, const float *g, float *gx, int64_t n, float clip, int is_signed,
+                         float total, const int *levels, int k, float *out) {
+    float scale[MAXK], lo[MAXK], hi[MAXK];
+    k = params(clip, levels, k, is_signed, scale, lo, hi);
+    const float lower = is_signed ? -clip : -0x1p-149f;
+    const float below_clip = nextafterf(clip, -INFINITY);
     float edge[LANES], dot[MAXK][LANES];
     for (int l = 0; l < LANES; l++) {
         edge[l] = 0.0f;
@@ -115,8 +139,8 @@ void pq_mixture_backward(const float *x, const float *g, float *gx, int64_t n, f
         e_sum += edge[l];
         for (int j = 0; j < k; j++) d_sum[j] += dot[j][l];
     }
-    out[0] = e_sum;
-    for (int j = 0; j < k; j++) out[1 + j] = d_sum[j];
+    out[0] = (float)(e_sum * (double)total);
+    for (int j = 0; j < k; j++) out[1 + j] = (float)d_sum[j];
 }
 """
 
@@ -161,10 +185,10 @@ def _build() -> ctypes.CDLL | None:
                 return None
             os.replace(built, target)  # atomic: another process sees the whole file or none
     lib = ctypes.CDLL(str(target))
-    f, i64, i32, fl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.pq_mixture_forward.argtypes = [f, f, i64, f, f, f, f, i32]
+    f, i64, i32, fl, ints = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.POINTER(ctypes.c_int)
+    lib.pq_mixture_forward.argtypes = [f, f, i64, fl, ints, f, i32, i32]
     lib.pq_mixture_forward.restype = None
-    lib.pq_mixture_backward.argtypes = [f, f, f, i64, fl, fl, fl, i32, fl, f, f, f, i32, f]
+    lib.pq_mixture_backward.argtypes = [f, f, f, i64, fl, i32, fl, ints, i32, f]
     lib.pq_mixture_backward.restype = None
     logger.debug("activation mixture kernel: %s", target)
     return lib
@@ -193,37 +217,37 @@ def usable(x: Tensor, k: int) -> bool:
             and kernel() is not None)
 
 
-_BOUNDS: dict[tuple[tuple[int, ...], bool], tuple[Tensor, Tensor]] = {}
+_LEVELS: dict[tuple[int, ...], ctypes.Array] = {}
 
 
-def _params(scale: Tensor, levels: tuple[int, ...], signed: bool) -> tuple[Tensor, Tensor, Tensor]:
-    bounds = _BOUNDS.get((levels, signed))
-    if bounds is None:
-        hi = torch.tensor(levels, dtype=torch.float32)
-        bounds = _BOUNDS[(levels, signed)] = ((-hi if signed else torch.zeros_like(hi)), hi)
-    return scale, bounds[0], bounds[1]
+def _levels(levels: tuple[int, ...]) -> ctypes.Array:
+    """The widths' top integers as a C array (one per tuple, kept: the kernels read them every call)."""
+    arr = _LEVELS.get(levels)
+    if arr is None:
+        arr = _LEVELS[levels] = (ctypes.c_int * len(levels))(*levels)
+    return arr
 
 
-def forward(x: Tensor, scale: Tensor, theta: Tensor, levels: tuple[int, ...], signed: bool) -> Tensor:
-    """``sum_j theta_j * Q_j(x)``; ``scale`` ``[K]`` float32 (``clip / n_j`` as torch computes it)."""
+def forward(x: Tensor, clip: float, theta: Tensor, levels: tuple[int, ...], signed: bool) -> Tensor:
+    """``sum_j theta_j * Q_j(x)``; ``clip`` the (floored) clip as a float32 value: the kernel takes
+    each scale ``clip / n_j`` as torch's 0-d float32 division computes it."""
     lib = _STATE["lib"]  # usable() built it
-    s, lo, hi = _params(scale, levels, signed)
-    th = theta.detach().to(torch.float32).contiguous()
+    if theta.dtype != torch.float32 or not theta.is_contiguous():
+        theta = theta.detach().to(torch.float32).contiguous()
     y = torch.empty_like(x)
-    lib.pq_mixture_forward(x.data_ptr(), y.data_ptr(), x.numel(), s.data_ptr(), lo.data_ptr(), hi.data_ptr(),
-                           th.data_ptr(), len(levels))
+    lib.pq_mixture_forward(x.data_ptr(), y.data_ptr(), x.numel(), clip, _levels(levels), theta.data_ptr(),
+                           len(levels), signed)
     return y
 
 
-def backward(x: Tensor, grad: Tensor, scale: Tensor, levels: tuple[int, ...], signed: bool, lower: float,
-             clip: float, below_clip: float, total: float) -> tuple[Tensor, float, Tensor]:
-    """(the gradient of x, the clip's edge sum before the factor ``total``, the logits' ``[K]``)."""
+def backward(x: Tensor, grad: Tensor, clip: float, total: float, levels: tuple[int, ...],
+             signed: bool) -> tuple[Tensor, Tensor]:
+    """(the gradient of x, a float32 ``[1 + K]``: the clip's gradient ``total * edge sum``, then the
+    logits' ``[K]``); ``total`` is ``sum(theta)`` (``d y / d x`` inside the clip range)."""
     lib = _STATE["lib"]  # usable() built it
-    s, lo, hi = _params(scale, levels, signed)
-    g = grad.contiguous()
+    grad = grad.contiguous()
     gx = torch.empty_like(x)
-    out = torch.zeros(1 + len(levels), dtype=torch.float64)
-    lib.pq_mixture_backward(x.data_ptr(), g.data_ptr(), gx.data_ptr(), x.numel(), lower, clip, below_clip,
-                            int(signed), total, s.data_ptr(), lo.data_ptr(), hi.data_ptr(), len(levels),
-                            out.data_ptr())
-    return gx, float(out[0]), out[1:]
+    out = torch.empty(1 + len(levels), dtype=torch.float32)
+    lib.pq_mixture_backward(x.data_ptr(), grad.data_ptr(), gx.data_ptr(), x.numel(), clip, signed, total,
+                            _levels(levels), len(levels), out.data_ptr())
+    return gx, out

@@ -672,20 +672,16 @@ class _ActivationMixtureSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, clip: Tensor, theta: Tensor, levels: tuple[int, ...],  # type: ignore[override]
                 signed: bool) -> Tensor:
-        clip = _floored(clip)
+        clip, clip_value = _floored_value(clip)
         ctx.native = None
-        if _NATIVE_MIXTURE and x.device.type == "cpu" and _FLOAT_MASKS_ON_CPU and _native.usable(x, len(levels)):
-            clip_value = float(clip)
-            if signed or _subnormal_bound_holds(_LOWEST_FLOAT32, torch.float32):
-                # the compiled loops (plugin.engine.native): the same y, no [K, *x.shape] buffer;
-                # each scale is clip / n rounded to float32 once, as torch's 0-d division computes it
-                c = np.float32(clip_value)
-                scale = torch.tensor([float(c / np.float32(n)) for n in levels], dtype=torch.float32)
-                below_clip = float(np.nextafter(c, np.float32(-np.inf)))
-                ctx.native = (scale, -clip_value if signed else _LOWEST_FLOAT32, clip_value, below_clip)
-                ctx.signed, ctx.clip_shape, ctx.levels = signed, clip.shape, levels
-                ctx.save_for_backward(x, theta)
-                return _native.forward(x, scale, theta, levels, signed)
+        if _NATIVE_MIXTURE and _FLOAT_MASKS_ON_CPU and _native.usable(x, len(levels)) and (
+                signed or _subnormal_bound_holds(_LOWEST_FLOAT32, torch.float32)):
+            # the compiled loops (plugin.engine.native): the same y, no [K, *x.shape] buffer; the
+            # kernel takes each scale clip / n as torch's 0-d float32 division computes it
+            ctx.native = clip_value
+            ctx.signed, ctx.clip_shape, ctx.levels = signed, clip.shape, levels
+            ctx.save_for_backward(x, theta)
+            return _native.forward(x, clip_value, theta, levels, signed)
         stacked = x.new_empty((len(levels), *x.shape))  # every Q_j(x): the logits' gradient
         y = term = None
         for j, n in enumerate(levels):
@@ -702,7 +698,7 @@ class _ActivationMixtureSTE(torch.autograd.Function):
         ctx.clip_shape = clip.shape
         ctx.fast = x.device.type == "cpu" and _FLOAT_MASKS_ON_CPU
         if ctx.fast:
-            ctx.clip_value = float(clip)
+            ctx.clip_value = clip_value
             ctx.save_for_backward(x, stacked, theta)
         elif signed:
             above, below = x >= clip, x <= -clip
@@ -716,12 +712,9 @@ class _ActivationMixtureSTE(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
         if ctx.native is not None:
             x, theta = ctx.saved_tensors
-            scale, lower, clip_value, below_clip = ctx.native
-            total = theta.sum()
-            grad_x, edge, grad_theta = _native.backward(x, grad, scale, ctx.levels, ctx.signed, lower, clip_value,
-                                                        below_clip, float(total))
-            grad_clip = (total * edge).reshape(ctx.clip_shape)
-            return grad_x, grad_clip, grad_theta.to(theta.dtype), None, None
+            grad_x, out = _native.backward(x, grad, ctx.native, float(theta.sum()), ctx.levels, ctx.signed)
+            grad_theta = out[1:] if theta.dtype == torch.float32 else out[1:].to(theta.dtype)
+            return grad_x, out[0].reshape(ctx.clip_shape), grad_theta, None, None
         if ctx.fast:
             x, stacked, theta = ctx.saved_tensors
             inside, edge = _masked_gradients(grad, x, ctx.clip_value, ctx.signed)
@@ -813,9 +806,16 @@ def _floored(clip: Tensor) -> Tensor:
     """The clip the activation quantizers use, applied inside their autograd functions (so their
     gradient reaches the raw clip unchanged, no graph): ``clip`` itself when >= _MIN_CLIP, else
     ``clip + (max(clip, _MIN_CLIP) - clip)``."""
-    if float(clip) >= _MIN_CLIP:
-        return clip
-    return clip + (clip.clamp_min(_MIN_CLIP) - clip)
+    return _floored_value(clip)[0]
+
+
+def _floored_value(clip: Tensor) -> tuple[Tensor, float]:
+    """:func:`_floored` and its value as a float (one read of the tensor where the clip is not floored)."""
+    value = float(clip)
+    if value >= _MIN_CLIP:
+        return clip, value
+    clip = clip + (clip.clamp_min(_MIN_CLIP) - clip)
+    return clip, float(clip)
 
 
 def _levels(bits: int, signed: bool) -> int:
