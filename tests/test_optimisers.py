@@ -44,3 +44,15 @@ def test_default_implementation_where_fused_cannot_run() -> None:
     assert not fusable([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
     opt = adam([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], lr=1e-3)
     assert not opt.defaults.get("fused")
+
+
+def test_logits_sgd_foreach_bit_identical_to_the_loop(monkeypatch) -> None:
+    opt = optimisers.sgd(_params(), lr=0.1, momentum=0.9)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["foreach"]
+    batched = _train(lambda groups: optimisers.sgd(groups, lr=0.05, momentum=0.9))
+    loop = _train(lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9, foreach=False))
+    assert min(float((b - p.detach()).abs().max()) for b, p in zip(batched, _params())) > 0.01
+    for b, p in zip(batched, loop):
+        assert torch.equal(b, p)  # the same element-wise operations: the same bits
+    monkeypatch.setattr(optimisers, "FUSED", False)
+    assert not optimisers.sgd(_params(), lr=0.1, momentum=0.9).defaults.get("foreach")

@@ -297,6 +297,22 @@ def test_shared_alpha_gives_identical_theta_and_one_parameter() -> None:
     assert len(nas_parameters(nn.ModuleList([first, second]))) == 1
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.37, 5.0 / 3.0, 1e-3])
+def test_shared_alpha_theta_same_bits_as_dividing_by_the_float(temperature: float) -> None:
+    torch.manual_seed(0)
+    shared = SharedAlpha((0, 2, 4, 8), 7)
+    with torch.no_grad():
+        shared.alpha.normal_()
+    weights = torch.randn(4, 7)
+    theta = shared.theta(temperature)
+    (theta * weights).sum().backward()
+    ours = shared.alpha.grad.clone()
+    shared.alpha.grad = None
+    reference = torch.softmax(shared.alpha / temperature, dim=0)
+    (reference * weights).sum().backward()
+    assert torch.equal(theta, reference) and torch.equal(ours, shared.alpha.grad)
+
+
 def test_channel_to_group_index() -> None:
     shared = SharedAlpha((0, 4, 8), 2)
     layer = SearchableWeightQuantizer(4, (0, 4, 8), alpha=shared, channel_to_group_index=torch.tensor([0, 0, 1, 1]))

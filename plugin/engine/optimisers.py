@@ -10,6 +10,10 @@ same expressions in another order: measured 2e-7 apart after 50 steps). Where th
 fused kernel is not available (another device, a parameter of another dtype, an older torch),
 the default implementation is used, so the choice never changes what is computed beyond
 rounding.
+
+The logits' SGD (with momentum) runs torch's ``foreach`` implementation: the same element-wise
+operations as the per-parameter loop, batched over the parameters (the same values, bit for bit;
+about half the time on the ~15 logit tensors of a small CNN's search).
 """
 
 from __future__ import annotations
@@ -58,3 +62,12 @@ def adam(groups: Iterable[Any], *, lr: float) -> torch.optim.Adam:
         except (RuntimeError, TypeError, ValueError) as exc:  # a torch without this device's kernel
             logger.debug("fused Adam unavailable (%s); using the default implementation", exc)
     return torch.optim.Adam(groups, lr=lr)
+
+
+def sgd(groups: Iterable[Any], *, lr: float, momentum: float) -> torch.optim.SGD:
+    """``torch.optim.SGD(groups, lr=lr, momentum=momentum)``, with ``foreach=True`` where every
+    parameter is a floating-point CPU or CUDA tensor (and :data:`FUSED`): bit-identical results."""
+    groups = list(groups)
+    if FUSED and fusable(_params(groups)):
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)

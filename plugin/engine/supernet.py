@@ -44,7 +44,7 @@ from plugin.engine.quantizers import (
     theta_cache,
 )
 from plugin.engine.batches import Batch, TeacherCache, count_batches, indexed_batches, iterate_batches, task_loss
-from plugin.engine.optimisers import adam
+from plugin.engine.optimisers import adam, sgd
 from plugin.engine.weight_batch import WeightMixtureBatch
 from plugin.plan import CompressionPlan
 from plugin.space import LayerInfo
@@ -806,7 +806,7 @@ class SearchRunner:
         if cfg.logit_steps == "adam":
             opt: torch.optim.Optimizer = adam(params, lr=cfg.alpha_lr)
         else:
-            opt = torch.optim.SGD(params, lr=cfg.alpha_lr, momentum=cfg.alpha_momentum)
+            opt = sgd(params, lr=cfg.alpha_lr, momentum=cfg.alpha_momentum)
         if cfg.zero_logit_lr != 1.0:
             self._scale_zero_logits(opt, cfg.zero_logit_lr)
         if cfg.logit_steps == "adam":
