@@ -18,3 +18,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
   --seeds 0,1,2 --jobs 2 --threads 1 --no-progress --resume --qat-schedule cosine --methods none \
   --strategies gradient --targets size=80%,70%,60% -S gradient.start=8 \
   --out benchmarks/results/fp32-accuracy-cpu/mnist1d-wider-start8
+# and with the paper's argmax discretisation on top
+.ci/env python benchmarks/pareto.py --tasks mnist1d:dscnn --costs size --epochs 12 --finetune-epochs 6 \
+  --seeds 0,1,2 --jobs 2 --threads 1 --no-progress --resume --qat-schedule cosine --methods none \
+  --strategies gradient --targets size=80%,70%,60% -S gradient.start=8 -S gradient.discretisation=argmax \
+  --out benchmarks/results/fp32-accuracy-cpu/mnist1d-wider-start8-argmax
