@@ -743,6 +743,7 @@ def _report(prepared, space, plan, exported, gate_report, quality, timer, config
         "groups_pruned": {g: len(ch) for g, ch in exported.removal.items()},
         "cost_before_8bit": before,
         "cost_after": after,
+        "budget": _budget_report(plan, after),
         "file": _file_accounting(exported, fp32_weight_bytes),
         "quality": quality,
         "gate": gate_report.to_json(),
@@ -772,6 +773,21 @@ def _file_accounting(exported, fp32_weight_bytes: int) -> dict:
         "fp32_weight_bytes": fp32_weight_bytes,
         **_weight_zeros(exported.model),
     }
+
+
+def _budget_report(plan: CompressionPlan, after: dict[str, float]) -> dict | None:
+    """The budget the search was steered to (``plugin.budget``: the plan's metadata), its absolute
+    value in the cost model's unit and the share of it the plan uses; None without one."""
+    from .targets import parse_target
+
+    text, absolute = plan.metadata.get("budget"), plan.metadata.get("budget_absolute")
+    if not text or not absolute:
+        return None
+    name = parse_target(str(text)).cost_model
+    if name not in after:
+        return None
+    return {"target": str(text), "cost_model": name, "absolute": float(absolute),
+            "used": float(after[name]) / float(absolute)}
 
 
 def _weight_zeros(model: onnx.ModelProto) -> dict:
@@ -811,6 +827,15 @@ def summary_table(report: dict) -> str:
         rows.append(("mpic latency (cycles)", f"{b['mpic']:.3g}", f"{a['mpic']:.3g}"))
     if "mpic_energy" in b and "mpic_energy" in a:
         rows.append(("mpic energy (uJ)", f"{b['mpic_energy']:.3g}", f"{a['mpic_energy']:.3g}"))
+    budget = report.get("budget") or {}
+    if budget.get("absolute"):
+        from cost_models import get_cost_model
+
+        from .targets import format_cost
+
+        shown = (f"{budget['absolute'] / 8:,.0f} B" if get_cost_model(budget["cost_model"]).unit == "bit"
+                 else format_cost(budget["cost_model"], budget["absolute"]))
+        rows.append((f"budget ({budget['target']})", shown, f"{100 * budget['used']:.0f}% of it used"))
     if q.get("accuracy_before") is not None:
         rows.append(("accuracy (held out)", f"{100 * q['accuracy_before']:.2f}%", f"{100 * q['accuracy_after']:.2f}%"))
     if q.get("top1_agreement_with_original") is not None:

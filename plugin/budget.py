@@ -316,4 +316,24 @@ def _result(searchable: Supernet, runner: SearchRunner, budget: Budget, absolute
         plan = _completed_plan(searchable, mu, costs, ref, metadata, with_scales=True)
         plan = searchable.space.with_costs(plan, None)
     logger.info("budget %s met: %s", budget.text, searchable.describe_plan(plan, budget.cost_model))
+    _warn_if_loose(searchable, plan, budget, absolute)
     return BudgetResult(plan, budget, absolute, lam, len(runner.history), trace)
+
+
+#: below this share of the budget, a met budget is reported as one with room to spare
+LOOSE_BUDGET_SHARE = 0.75
+
+
+def _warn_if_loose(searchable: Supernet, plan: CompressionPlan, budget: Budget, absolute: float) -> None:
+    """Say so when the plan uses less than ``LOOSE_BUDGET_SHARE`` of the budget: a user who asked
+    for ``size=80%`` should know the search stopped far below it (at loose budgets the budget
+    recipe's 4-bit start already meets them and settling does not widen channels; README,
+    benchmarks/results/fp32-accuracy-cpu)."""
+    if absolute <= 0:
+        return
+    cost = searchable.cost_of_plan(plan, budget.cost_model)
+    if cost < LOOSE_BUDGET_SHARE * absolute:
+        logger.warning("budget %s met with room to spare: the plan costs %s, %.0f%% of the budget (%s); the "
+                       "search did not widen channels to use the rest", budget.text,
+                       format_cost(budget.cost_model, cost), 100 * cost / absolute,
+                       format_cost(budget.cost_model, absolute))

@@ -92,6 +92,7 @@ def test_compress_digits_end_to_end(tmp_path):
     assert abs(file["prediction_error"]) <= 0.05, file  # packed weights vs the size cost model
     assert file["overhead_bytes"] == file["bytes"] - file["packed_weight_bytes"]
     assert file["size_model_bytes"] == pytest.approx(report["cost_after"]["size"] / 8)
+    assert report["budget"] is None  # --lambda: no budget steered the search
     plan = json.loads((tmp_path / "digits_pq.plan.json").read_text())
     assert plan["format"] == "prunequant.plan"
     # export --plan reproduces a valid model from the plan without searching
@@ -132,6 +133,13 @@ def test_python_api_is_seeded_and_deterministic():
     assert first.model.SerializeToString() == second.model.SerializeToString()
     assert first.report["cost_after"]["size"] <= 0.4 * first.report["cost_before_8bit"]["size"]
     assert first.output is None
+    # the report and the CLI table say which budget steered the search and how much of it is used
+    budget = first.report["budget"]
+    assert budget["target"] == "size=40%" and budget["cost_model"] == "size"
+    assert budget["absolute"] == pytest.approx(0.4 * first.report["cost_before_8bit"]["size"])
+    assert budget["used"] == pytest.approx(first.report["cost_after"]["size"] / budget["absolute"])
+    row = next(line for line in plugin.api.summary_table(first.report).splitlines() if line.startswith("budget"))
+    assert "budget (size=40%)" in row and f"{100 * budget['used']:.0f}% of it used" in row
 
 
 BAD_FLAGS = [

@@ -176,3 +176,27 @@ def test_start_option_needs_a_budget_or_a_width() -> None:
         _start(Net(), "3", 2.0, None)
     with pytest.raises(ConfigError, match="use default, budget or a weight width"):
         _start(Net(), "wide", 2.0, None)
+
+
+def test_a_budget_met_far_below_says_so(digits: PreparedModel, train: Dataset, caplog) -> None:
+    """A start at 4 bits meets size=90% at once and settling does not widen it to 90%: the
+    controller warns that the plan uses a small share of the budget; a tight budget does not."""
+    import logging
+
+    from plugin.engine.search_start import start_at_width
+
+    sm = _searchable(digits, seed=1, epochs=2, budget_settle=True)
+    start_at_width(sm, 4, 2.0)
+    with caplog.at_level(logging.WARNING, logger="plugin.budget"):
+        result = search_to_budget(sm, train, "size=90%", sm.config, BudgetConfig(check_every=1, max_rounds=2))
+    share = result.plan.cost_after["size"] / result.target
+    assert share < 0.75
+    loose = [r.getMessage() for r in caplog.records if "room to spare" in r.getMessage()]
+    assert len(loose) == 1 and f"{100 * share:.0f}% of the budget" in loose[0] and "size=90%" in loose[0]
+    caplog.clear()
+    tight = _searchable(digits, seed=1)
+    with caplog.at_level(logging.WARNING, logger="plugin.budget"):
+        result = search_to_budget(tight, train, "size=50%", tight.config,
+                                  BudgetConfig(lam_start=1000.0, lam_factor=2.0, check_every=1, max_rounds=6))
+    assert result.plan.cost_after["size"] >= 0.75 * result.target
+    assert not [r for r in caplog.records if "room to spare" in r.getMessage()]
