@@ -163,6 +163,7 @@ class RunOptions:
     sequential_configs: int | None = None  # --sequential-configs N: only the first N sequential pairs of each task
     qat_schedule: str = DEFAULT_QAT_SCHEDULE  # --qat-schedule: every compress job's QAT learning-rate schedule
     keep_best_qat: bool = False  # --keep-best-qat: every compress job's QAT ends on its best held-out epoch
+    weight_bits: tuple[int, ...] = (0, 2, 4, 8)  # --weight-bits: the widths the --strategies jobs search
 
 
 def _method_of(strategy: str) -> str:
@@ -205,7 +206,7 @@ def compress_jobs(settings: dict, costs: list[str], methods: tuple[str, ...], ru
         for strategy in run.strategies:
             for target in run.targets:
                 add(sweep.job_id(strategy, target, seed)[:-len(f"_s{seed}")], strategy, seed,
-                    {"weight_precisions": (0, 2, 4, 8),
+                    {"weight_precisions": tuple(run.weight_bits),
                      "strategy_options": dict(run.strategy_options.get(strategy, {}))},
                     {"method": _method_of(strategy), "label": f"{strategy} {target}",
                      "cost_model": target.partition("=")[0]}, target=target)
@@ -973,6 +974,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-best-qat", action="store_true",
                         help="every compress job's QAT ends on its best held-out epoch (CompressConfig.keep_best_qat)")
     parser.add_argument("--act-bits", default="8", help="activation widths of every compress job (default 8: wXa8)")
+    parser.add_argument("--weight-bits", default="0,2,4,8",
+                        help="weight widths the --strategies jobs search, 0 = pruned (compress --weight-bits; "
+                             "default 0,2,4,8)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (Ray CPUs) per job (default 1)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="CPUs of the local Ray: compress jobs at once (default: the machine's CPUs)")
@@ -1006,6 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
                      seeds=tuple(sweep.parse_seeds(args.seeds)) if args.seeds else (args.seed,),
                      strategy_options=sweep.parse_job_options(args.strategy_options, strategies),
                      act_bits=Precisions.parse(None, args.act_bits).activations,
+                     weight_bits=Precisions.parse(args.weight_bits, None).weights,
                      address=args.address, num_cpus=None if args.address else args.jobs,
                      cpus_per_job=float(args.threads), resume=args.resume, progress=not args.no_progress,
                      labels=not args.no_labels, sequential_configs=args.sequential_configs,
@@ -1026,7 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device, "ray_address": args.address, "seconds": time.perf_counter() - start,
             "command": command_line(), "commit": made_at, "versions": versions("ray"),
             "cpu_count": os.cpu_count(), "labels": run.labels, "qat_schedule": run.qat_schedule,
-            "keep_best_qat": run.keep_best_qat,
+            "keep_best_qat": run.keep_best_qat, "strategy_weight_bits": list(run.weight_bits),
             "activations": f"act_bits={tuple(run.act_bits)} for every compress job"}
     paths = write_outputs(results, meta, args.out)
     log(f"\ntotal {meta['seconds']:.0f}s; wrote " + ", ".join(str(p) for p in paths.values()))

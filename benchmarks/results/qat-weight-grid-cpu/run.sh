@@ -29,3 +29,6 @@ run proj8 PQ_PROJECT=1 -- --methods none --targets size=45%
 run lr3e4 PQ_QAT_LR=3e-4 -- --methods none --targets size=45%
 run lsq4 PQ_LSQ=4 -- --methods none --targets size=45%
 run w4 PQ_NONE=1 -- --methods uniform --uniform-bits 4 --targets size=55%
+# the plan side, with the library itself (no patch): the search without 2-bit weights
+.ci/env python benchmarks/pareto.py "${common[@]}" --methods none --targets size=45% --weight-bits 0,4,8 \
+  --out "$here/w048"
