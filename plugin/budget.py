@@ -334,6 +334,6 @@ def _warn_if_loose(searchable: Supernet, plan: CompressionPlan, budget: Budget, 
     cost = searchable.cost_of_plan(plan, budget.cost_model)
     if cost < LOOSE_BUDGET_SHARE * absolute:
         logger.warning("budget %s met with room to spare: the plan costs %s, %.0f%% of the budget (%s); the "
-                       "search did not widen channels to use the rest", budget.text,
+                       "search did not keep or widen channels to use the rest", budget.text,
                        format_cost(budget.cost_model, cost), 100 * cost / absolute,
                        format_cost(budget.cost_model, absolute))
